@@ -1,0 +1,396 @@
+//! `turnpike serve`: turns a validated config into a running server — resolves addresses, builds the
+//! core configuration, starts one shard per core, and handles signals.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
+use crate::io::relay::Reservations;
+use crate::io::shard::{self, ShardReport, ShardSetup};
+use crate::io::udp::bind_udp;
+use crate::proto::auth::{mint_rest_credential, Authenticator, RestConfig, StaticUser};
+use crate::proto::policy::{canonical_ip, PeerPolicy, PolicyConfig};
+use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot bind {what}: {source}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long a quick-start credential printed at start stays valid.
+const QUICKSTART_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], DaemonError> {
+    let mut b = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| DaemonError::Setup("the system random number generator failed".into()))?;
+    Ok(b)
+}
+
+/// The first global-scope IPv4 address of an interface that is up, else the first private one.
+fn primary_ipv4() -> Option<Ipv4Addr> {
+    let mut found: Vec<Ipv4Addr> = Vec::new();
+    // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return None;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+            if up && !ifa.ifa_addr.is_null() && (*ifa.ifa_addr).sa_family == libc::AF_INET as u16 {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    let usable = |ip: &&Ipv4Addr| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified();
+    found
+        .iter()
+        .filter(usable)
+        .find(|ip| !ip.is_private() && !is_shared(ip))
+        .or_else(|| found.iter().find(usable))
+        .copied()
+}
+
+fn is_shared(ip: &Ipv4Addr) -> bool {
+    let o = ip.octets();
+    o[0] == 100 && (64..128).contains(&o[1])
+}
+
+fn is_non_public(ip: IpAddr) -> bool {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => {
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || is_shared(&v4)
+                || v4.is_unspecified()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Where relay sockets bind and what they advertise, per family.
+pub struct ResolvedRelays {
+    pub v4: Option<RelayAddress>,
+    pub v6: Option<RelayAddress>,
+}
+
+pub fn resolve_relays(config: &Config) -> Result<ResolvedRelays, DaemonError> {
+    let local_v4 = match config.relay.address {
+        RelayAddressConfig::Ip(ip) => ip,
+        RelayAddressConfig::Auto => primary_ipv4().unwrap_or_else(|| {
+            tracing::warn!("no non-loopback IPv4 interface found: relaying on 127.0.0.1, reachable from this host only");
+            Ipv4Addr::LOCALHOST
+        }),
+    };
+    let v4 = RelayAddress {
+        local: IpAddr::V4(local_v4),
+        advertised: IpAddr::V4(config.relay.external_address.unwrap_or(local_v4)),
+    };
+    let v6 = config.relay.address_v6.map(|local| RelayAddress {
+        local: IpAddr::V6(local),
+        advertised: IpAddr::V6(config.relay.external_address_v6.unwrap_or(local)),
+    });
+    for r in std::iter::once(&v4).chain(v6.as_ref()) {
+        if is_non_public(r.advertised) {
+            tracing::warn!(
+                relay = %r.advertised,
+                "the advertised relay address is private or loopback: clients outside this network cannot reach it; \
+                 set relay.external_address to the public address"
+            );
+        }
+    }
+    Ok(ResolvedRelays { v4: Some(v4), v6 })
+}
+
+/// Builds the core's view of the configuration. `rest_secrets` are already loaded.
+pub fn core_config(
+    config: &Config,
+    relays: &ResolvedRelays,
+    rest_secrets: Vec<Vec<u8>>,
+    listeners: &[SocketAddr],
+) -> Result<CoreConfig, DaemonError> {
+    let mut users = HashMap::new();
+    for u in &config.auth.users {
+        let user =
+            match &u.secret {
+                UserSecret::Password(p) => StaticUser::Password(p.clone()),
+                other => StaticUser::Md5Key(other.md5_key().ok_or_else(|| {
+                    DaemonError::Setup(format!("auth.users {}: bad key", u.name))
+                })?),
+            };
+        users.insert(u.name.clone(), user);
+    }
+    let rest = (!rest_secrets.is_empty()).then_some(RestConfig {
+        secrets: rest_secrets,
+        separator: config.auth.rest_separator,
+        max_ttl_secs: config.auth.rest_max_ttl_secs,
+    });
+    let auth = Authenticator::new(config.realm.clone(), users, rest);
+    let relay_ips: Vec<IpAddr> = relays
+        .v4
+        .iter()
+        .chain(relays.v6.iter())
+        .map(|r| r.local)
+        .collect();
+    let external_ips = relays
+        .v4
+        .iter()
+        .chain(relays.v6.iter())
+        .filter(|r| r.advertised != r.local)
+        .map(|r| (r.advertised, r.local))
+        .collect();
+    let policy = PeerPolicy::new(PolicyConfig {
+        allow: config.peers.allow.clone(),
+        deny: config.peers.deny.clone(),
+        allow_loopback: config.peers.allow_loopback_peers,
+        relay_ips,
+        external_ips,
+        relay_ports: (config.relay.port_min, config.relay.port_max),
+        service_endpoints: listeners.to_vec(),
+    });
+    let l = &config.limits;
+    let limits = Limits {
+        allocations_per_user: l.allocations_per_user,
+        total_allocations: l.total_allocations,
+        permissions_per_allocation: l.permissions_per_allocation as usize,
+        channels_per_allocation: l.channels_per_allocation as usize,
+        default_lifetime: Duration::from_secs(l.default_lifetime_secs),
+        max_lifetime: Duration::from_secs(l.max_lifetime_secs),
+        permission_lifetime: Duration::from_secs(l.permission_lifetime_secs),
+        channel_lifetime: Duration::from_secs(l.channel_lifetime_secs),
+        bandwidth_bytes_per_sec: l.allocation_bandwidth_bytes_per_sec,
+        unauth_replies_per_sec: l.unauth_replies_per_sec,
+        unauth_replies_burst: l.unauth_replies_burst,
+    };
+    Ok(CoreConfig {
+        software: (!config.software.is_empty()).then(|| config.software.clone()),
+        auth,
+        policy,
+        limits,
+        relay_v4: relays.v4,
+        relay_v6: relays.v6,
+    })
+}
+
+/// Binds port-0 listeners once to learn their port, so every shard binds the same one.
+fn concrete_listeners(
+    listen: &[SocketAddr],
+) -> Result<(Vec<SocketAddr>, Vec<socket2::Socket>), DaemonError> {
+    let mut addrs = Vec::new();
+    let mut holders = Vec::new();
+    for addr in listen {
+        if addr.port() != 0 {
+            addrs.push(*addr);
+            continue;
+        }
+        let s = bind_udp(*addr, true).map_err(|source| DaemonError::Bind {
+            what: format!("udp listener {addr}"),
+            source,
+        })?;
+        let bound = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| DaemonError::Setup(format!("udp listener {addr}: no local address")))?;
+        addrs.push(bound);
+        holders.push(s);
+    }
+    Ok((addrs, holders))
+}
+
+/// The quick-start output when no credentials are configured: an ephemeral secret, one credential,
+/// and the `iceServers` JSON for `new RTCPeerConnection(...)`.
+fn quickstart(secret: &[u8], config: &Config, relays: &ResolvedRelays, listeners: &[SocketAddr]) {
+    let host = relays
+        .v4
+        .map(|r| r.advertised)
+        .or_else(|| listeners.first().map(|l| l.ip()))
+        .map(|ip| match ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = listeners.first().map_or(3478, |l| l.port());
+    let ttl = QUICKSTART_TTL.as_secs().min(config.auth.rest_max_ttl_secs);
+    let (username, credential) = mint_rest_credential(
+        secret,
+        "quickstart",
+        unix_now() + ttl,
+        config.auth.rest_separator,
+    );
+    let ice = serde_json::json!({
+        "iceServers": [{
+            "urls": [format!("stun:{host}:{port}"), format!("turn:{host}:{port}?transport=udp")],
+            "username": username,
+            "credential": credential,
+        }]
+    });
+    tracing::warn!(
+        "NO CREDENTIALS CONFIGURED: generated an EPHEMERAL REST secret for this run only; \
+         credentials minted from it stop working when the daemon restarts. \
+         Set auth.secret_file or auth.secret_env (or add [[auth.users]]) for production."
+    );
+    println!("turnpike quick-start credential (valid {} h):", ttl / 3600);
+    println!("  username: {username}");
+    println!("  password: {credential}");
+    println!("iceServers for new RTCPeerConnection(...):");
+    println!("{ice}");
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn serve(config: Config) -> Result<(), DaemonError> {
+    let mut rest_secrets = config.load_rest_secrets()?;
+    let relays = resolve_relays(&config)?;
+    let (listeners, holders) = concrete_listeners(&config.listen)?;
+    let ephemeral = rest_secrets.is_empty() && config.auth.users.is_empty();
+    if ephemeral {
+        let secret = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random_bytes::<24>()?);
+        rest_secrets.push(secret.into_bytes());
+    }
+    let quickstart_secret = ephemeral.then(|| rest_secrets[0].clone());
+    let core = Arc::new(core_config(&config, &relays, rest_secrets, &listeners)?);
+    let shared = Arc::new(Shared::new(
+        random_bytes::<32>()?,
+        config.auth.nonce_lifetime_secs,
+        Instant::now(),
+        unix_now(),
+    ));
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let reservations = Arc::new(Reservations::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut handles = Vec::new();
+    let mut reports = Vec::new();
+    for index in 0..threads {
+        let report = Arc::new(Mutex::new(ShardReport::default()));
+        reports.push(Arc::clone(&report));
+        let setup = ShardSetup {
+            index,
+            listen: listeners.clone(),
+            config: Arc::clone(&core),
+            shared: Arc::clone(&shared),
+            relay_ports: (config.relay.port_min, config.relay.port_max),
+            reservations: Arc::clone(&reservations),
+            shutdown: shutdown_rx.clone(),
+            report,
+            seed: u64::from_le_bytes(random_bytes::<8>()?),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(format!("turnpike-shard-{index}"))
+            .spawn(move || shard::run(setup, tx))
+            .map_err(|e| DaemonError::Setup(format!("cannot start shard thread: {e}")))?;
+        match rx.recv() {
+            Ok(Ok(_)) => handles.push(handle),
+            Ok(Err(source)) => {
+                let _ = shutdown_tx.send(true);
+                return Err(DaemonError::Bind {
+                    what: format!("shard {index}"),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(DaemonError::Setup(format!(
+                    "shard {index} died while starting"
+                )))
+            }
+        }
+    }
+    // Every shard holds the port now; the placeholders must not take a share of the traffic.
+    drop(holders);
+    for l in &listeners {
+        tracing::info!(addr = %l, transport = "udp", "listening");
+    }
+    tracing::info!(
+        threads,
+        relay_v4 = %relays.v4.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
+        relay_v6 = %relays.v6.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
+        ports = %format!("{}-{}", config.relay.port_min, config.relay.port_max),
+        realm = %config.realm,
+        "turnpike ready"
+    );
+    if let Some(secret) = quickstart_secret {
+        quickstart(&secret, &config, &relays, &listeners);
+    }
+
+    wait_for_shutdown_signal()?;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut total = ShardReport::default();
+    for r in &reports {
+        let r = *r.lock().unwrap_or_else(|e| e.into_inner());
+        total.core.allocations_created += r.core.allocations_created;
+        total.core.to_peer_packets += r.core.to_peer_packets;
+        total.core.to_client_packets += r.core.to_client_packets;
+        total.send_errors += r.send_errors;
+    }
+    tracing::info!(
+        allocations = total.core.allocations_created,
+        to_peer_packets = total.core.to_peer_packets,
+        to_client_packets = total.core.to_client_packets,
+        send_errors = total.send_errors,
+        "stopped"
+    );
+    Ok(())
+}
+
+fn wait_for_shutdown_signal() -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Setup(format!("signal runtime: {e}")))?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; restart to apply changes"),
+            }
+        }
+    })
+    .map_err(|e: std::io::Error| DaemonError::Setup(format!("signal handler: {e}")))
+}

@@ -1,0 +1,5 @@
+//! Sockets and threads. Knows nothing of STUN beyond "hand bytes to the core".
+
+pub mod relay;
+pub mod shard;
+pub mod udp;

@@ -1,0 +1,239 @@
+//! Relay sockets: bound on demand from the configured port range, owned by the shard whose core
+//! created the allocation, and looked up by slot index on the packet path (no hashing, no lock).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use super::udp::bind_udp;
+use crate::proto::allocation::RelayId;
+use crate::proto::server::{OpenedRelay, RelayOpenError, RelayProvider, RelayRequest};
+
+/// RFC 8656 §7.2: a reserved port is held for about 30 seconds.
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Random probes before falling back to a linear scan of the range.
+const RANDOM_PROBES: usize = 32;
+
+/// Ports reserved by EVEN-PORT R=1, claimable from any shard with their token.
+#[derive(Default)]
+pub struct Reservations {
+    held: Mutex<HashMap<u64, (std::net::UdpSocket, Instant)>>,
+}
+
+impl Reservations {
+    fn put(&self, token: u64, socket: std::net::UdpSocket, now: Instant) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(token, (socket, now + RESERVATION_LIFETIME));
+    }
+
+    fn take(&self, token: u64, now: Instant) -> Option<std::net::UdpSocket> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&token)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(s, _)| s)
+    }
+
+    /// Drops reservations nobody claimed in time, freeing their ports.
+    pub fn sweep(&self, now: Instant) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, (_, expires)| *expires > now);
+    }
+}
+
+struct Entry {
+    gen: u32,
+    socket: Rc<UdpSocket>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub struct ShardRelays {
+    ports: (u16, u16),
+    /// Indexed by allocation slot, then [IPv4, IPv6].
+    table: Vec<[Option<Entry>; 2]>,
+    /// Sockets opened during a core call; the shard spawns their receive tasks right after.
+    pending: Vec<(RelayId, Rc<UdpSocket>)>,
+    reservations: Arc<Reservations>,
+    rng: SystemRandom,
+    open_count: usize,
+}
+
+impl ShardRelays {
+    pub fn new(ports: (u16, u16), reservations: Arc<Reservations>) -> Self {
+        ShardRelays {
+            ports,
+            table: Vec::new(),
+            pending: Vec::new(),
+            reservations,
+            rng: SystemRandom::new(),
+            open_count: 0,
+        }
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open_count
+    }
+
+    /// The socket for sending to a peer, if the relay still exists.
+    pub fn socket(&self, id: RelayId) -> Option<&UdpSocket> {
+        self.table
+            .get(id.slot as usize)
+            .and_then(|e| e[id.v6 as usize].as_ref())
+            .filter(|e| e.gen == id.gen)
+            .map(|e| &*e.socket)
+    }
+
+    pub fn take_pending(&mut self) -> Vec<(RelayId, Rc<UdpSocket>)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    pub fn set_task(&mut self, id: RelayId, task: JoinHandle<()>) {
+        match self.entry_mut(id) {
+            Some(e) => e.task = Some(task),
+            // Closed before its task started.
+            None => task.abort(),
+        }
+    }
+
+    fn entry_mut(&mut self, id: RelayId) -> Option<&mut Entry> {
+        self.table
+            .get_mut(id.slot as usize)
+            .and_then(|e| e[id.v6 as usize].as_mut())
+            .filter(|e| e.gen == id.gen)
+    }
+
+    fn random_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        // SystemRandom only fails if the OS RNG is unavailable; a zero token is still unique per map.
+        let _ = self.rng.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn install(&mut self, id: RelayId, socket: std::net::UdpSocket) -> io::Result<SocketAddr> {
+        let local = socket.local_addr()?;
+        let socket = Rc::new(UdpSocket::from_std(socket)?);
+        let slot = id.slot as usize;
+        if self.table.len() <= slot {
+            self.table.resize_with(slot + 1, || [None, None]);
+        }
+        self.pending.push((id, Rc::clone(&socket)));
+        self.table[slot][id.v6 as usize] = Some(Entry {
+            gen: id.gen,
+            socket,
+            task: None,
+        });
+        self.open_count += 1;
+        Ok(local)
+    }
+
+    /// Binds a port from the range: random probes first (unpredictable ports, few collisions),
+    /// then a scan so a nearly full range still finds its last free ports.
+    fn bind_in_range(
+        &self,
+        ip: IpAddr,
+        even: bool,
+        with_next: bool,
+    ) -> Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)> {
+        let (lo, hi) = self.ports;
+        let span = (hi - lo) as u64 + 1;
+        let try_port = |port: u16| -> Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)> {
+            if (even && port % 2 != 0)
+                || (with_next && port == u16::MAX)
+                || (with_next && port + 1 > hi)
+            {
+                return None;
+            }
+            let first = bind_udp(SocketAddr::new(ip, port), false).ok()?;
+            let next = if with_next {
+                Some(bind_udp(SocketAddr::new(ip, port + 1), false).ok()?)
+            } else {
+                None
+            };
+            Some((first.into(), next.map(Into::into)))
+        };
+        for _ in 0..RANDOM_PROBES {
+            let port = lo + (self.random_u64() % span) as u16;
+            let port = if even { port & !1 } else { port };
+            if port < lo {
+                continue;
+            }
+            if let Some(found) = try_port(port) {
+                return Some(found);
+            }
+        }
+        let start = self.random_u64() % span;
+        (0..span)
+            .map(|i| lo + ((start + i) % span) as u16)
+            .find_map(try_port)
+    }
+}
+
+fn set_dont_fragment(socket: &std::net::UdpSocket) {
+    let fd = socket.as_raw_fd();
+    let value: i32 = libc::IP_PMTUDISC_DO;
+    // SAFETY: valid fd and a pointer to an int of the advertised size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+    }
+}
+
+impl RelayProvider for ShardRelays {
+    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
+        let (socket, next) = self
+            .bind_in_range(req.ip, req.even_port, req.reserve_next)
+            .ok_or(RelayOpenError::NoPort)?;
+        if req.dont_fragment && req.ip.is_ipv4() {
+            set_dont_fragment(&socket);
+        }
+        let reservation_token = next.map(|next| {
+            let token = self.random_u64();
+            self.reservations.put(token, next, Instant::now());
+            token
+        });
+        let local = self.install(req.id, socket).map_err(|e| {
+            tracing::warn!(error = %e, "relay socket registration failed");
+            RelayOpenError::NoPort
+        })?;
+        Ok(OpenedRelay {
+            local,
+            reservation_token,
+        })
+    }
+
+    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
+        let socket = self
+            .reservations
+            .take(token, Instant::now())
+            .ok_or(RelayOpenError::UnknownToken)?;
+        self.install(id, socket).map_err(|_| RelayOpenError::NoPort)
+    }
+
+    fn close(&mut self, id: RelayId) {
+        let Some(slot) = self.table.get_mut(id.slot as usize) else {
+            return;
+        };
+        let entry = &mut slot[id.v6 as usize];
+        if entry.as_ref().is_some_and(|e| e.gen == id.gen) {
+            if let Some(e) = entry.take() {
+                if let Some(task) = e.task {
+                    task.abort();
+                }
+                self.open_count -= 1;
+            }
+        }
+        self.pending.retain(|(p, _)| *p != id);
+    }
+}

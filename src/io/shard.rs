@@ -1,0 +1,277 @@
+//! One shard: a thread with a current-thread tokio runtime, its own SO_REUSEPORT listeners, the
+//! relay sockets of the allocations it created, and one protocol core. Nothing on the packet path
+//! leaves the thread or takes a lock.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use super::relay::{Reservations, ShardRelays};
+use super::udp::{Listener, RecvBatch, MAX_DATAGRAM};
+use crate::proto::allocation::RelayId;
+use crate::proto::codec::{HEADROOM, TAILROOM};
+use crate::proto::server::{ClientAction, Core, CoreConfig, PeerAction, Shared, Stats};
+use crate::proto::{FiveTuple, Transport};
+
+/// Datagrams handled per wake-up before yielding, so one busy socket cannot starve the others.
+const BUDGET_PER_WAKE: usize = 256;
+
+/// What a shard reports to the control plane about itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardReport {
+    pub core: Stats,
+    pub allocations: usize,
+    pub relay_sockets: usize,
+    pub send_errors: u64,
+}
+
+pub struct ShardSetup {
+    pub index: usize,
+    pub listen: Vec<SocketAddr>,
+    pub config: Arc<CoreConfig>,
+    pub shared: Arc<Shared>,
+    pub relay_ports: (u16, u16),
+    pub reservations: Arc<Reservations>,
+    pub shutdown: watch::Receiver<bool>,
+    pub report: Arc<Mutex<ShardReport>>,
+    pub seed: u64,
+}
+
+struct ShardState {
+    core: Core<ShardRelays>,
+    listeners: Vec<Rc<Listener>>,
+    reply: Vec<u8>,
+    /// One receive buffer for every relay socket of the shard: with one thread only one is in use
+    /// at a time, so ten thousand allocations do not cost ten thousand 64 KiB buffers.
+    peer_buf: Box<[u8]>,
+    send_errors: u64,
+}
+
+impl ShardState {
+    /// Sends the frame the core wrote into the peer buffer.
+    fn send_frame_to_client(&mut self, to: &FiveTuple, start: usize, end: usize) {
+        let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
+            return;
+        };
+        if let Err(e) = listener.try_send(&self.peer_buf[start..end], to.client, to.local) {
+            self.send_errors += 1;
+            tracing::trace!(error = %e, client = %to.client, "send to client failed");
+        }
+    }
+
+    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, payload: &[u8]) {
+        let Some(socket) = self.core.relays().socket(relay) else {
+            return;
+        };
+        // An unreachable peer (ICMP, ENETUNREACH, a full buffer) costs this datagram, never the allocation.
+        if let Err(e) = socket.try_send_to(payload, peer) {
+            self.send_errors += 1;
+            tracing::trace!(error = %e, peer = %peer, "send to peer failed");
+        }
+    }
+
+    fn report(&mut self) -> ShardReport {
+        ShardReport {
+            core: *self.core.stats(),
+            allocations: self.core.allocation_count(),
+            relay_sockets: self.core.relays().open_count(),
+            send_errors: self.send_errors,
+        }
+    }
+}
+
+type Shard = Rc<RefCell<ShardState>>;
+
+/// Binds the listeners and runs the shard until shutdown. Reports binding errors before serving
+/// through `bound`, so the daemon can refuse to start instead of running half-bound.
+pub fn run(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = bound.send(Err(e));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(setup, bound));
+}
+
+async fn serve(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>) {
+    let mut listeners = Vec::new();
+    for addr in &setup.listen {
+        match Listener::bind(*addr) {
+            Ok(l) => listeners.push(Rc::new(l)),
+            Err(e) => {
+                let _ = bound.send(Err(io::Error::new(
+                    e.kind(),
+                    format!("udp listener {addr}: {e}"),
+                )));
+                return;
+            }
+        }
+    }
+    let _ = bound.send(Ok(listeners.iter().map(|l| l.bound).collect()));
+
+    let relays = ShardRelays::new(setup.relay_ports, Arc::clone(&setup.reservations));
+    let core = Core::new(setup.config, setup.shared, relays, setup.seed);
+    let state: Shard = Rc::new(RefCell::new(ShardState {
+        core,
+        listeners: listeners.clone(),
+        reply: Vec::with_capacity(1500),
+        peer_buf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
+        send_errors: 0,
+    }));
+    for listener in listeners {
+        tokio::task::spawn_local(listen(Rc::clone(&state), listener));
+    }
+    tokio::task::spawn_local(timers(
+        Rc::clone(&state),
+        setup.reservations,
+        setup.report.clone(),
+        setup.index,
+    ));
+
+    let mut shutdown = setup.shutdown;
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    let mut st = state.borrow_mut();
+    st.core.close_all(Instant::now(), "server shutdown");
+    let report = st.report();
+    *setup.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
+}
+
+async fn listen(state: Shard, listener: Rc<Listener>) {
+    let mut batch = RecvBatch::new();
+    loop {
+        if listener.socket.readable().await.is_err() {
+            return;
+        }
+        let mut handled = 0;
+        while handled < BUDGET_PER_WAKE {
+            let n = match listener.try_recv_batch(&mut batch) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "listener receive error");
+                    continue;
+                }
+            };
+            handled += n;
+            let now = Instant::now();
+            let mut guard = state.borrow_mut();
+            let st = &mut *guard;
+            for i in 0..n {
+                let meta = &batch.meta[i];
+                let ft = FiveTuple {
+                    transport: Transport::Udp,
+                    client: meta.addr,
+                    local: listener.local_for(meta),
+                };
+                let data = batch.datagram(i);
+                let mut reply = std::mem::take(&mut st.reply);
+                match st.core.handle_client(now, &ft, data, &mut reply) {
+                    ClientAction::Drop => {}
+                    ClientAction::Reply => {
+                        if let Err(e) = listener.try_send(&reply, ft.client, ft.local) {
+                            st.send_errors += 1;
+                            tracing::trace!(error = %e, "reply send failed");
+                        }
+                    }
+                    ClientAction::ToPeer {
+                        relay,
+                        peer,
+                        start,
+                        end,
+                    } => st.send_to_peer(relay, peer, &data[start..end]),
+                }
+                st.reply = reply;
+            }
+            spawn_relay_tasks(&state, st);
+        }
+        if handled >= BUDGET_PER_WAKE {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Starts the receive task of every relay socket the core opened during the last calls.
+fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
+    for (id, socket) in st.core.relays().take_pending() {
+        let task = tokio::task::spawn_local(relay(Rc::clone(state), id, socket));
+        st.core.relays().set_task(id, task);
+    }
+}
+
+async fn relay(state: Shard, id: RelayId, socket: Rc<UdpSocket>) {
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let mut handled = 0;
+        while handled < BUDGET_PER_WAKE {
+            let mut guard = state.borrow_mut();
+            let st = &mut *guard;
+            let received =
+                socket.try_recv_from(&mut st.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]);
+            let (n, from) = match received {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors surface here on some kernels; they never end the allocation.
+                    tracing::trace!(error = %e, "relay receive error");
+                    handled += 1;
+                    continue;
+                }
+            };
+            handled += 1;
+            let action = st.core.handle_peer(
+                Instant::now(),
+                id,
+                from,
+                &mut st.peer_buf,
+                HEADROOM,
+                HEADROOM + n,
+            );
+            if let PeerAction::ToClient { to, start, end } = action {
+                st.send_frame_to_client(&to, start, end);
+            }
+        }
+        if handled >= BUDGET_PER_WAKE {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn timers(
+    state: Shard,
+    reservations: Arc<Reservations>,
+    report: Arc<Mutex<ShardReport>>,
+    index: usize,
+) {
+    loop {
+        let next = state.borrow().core.poll_timeout();
+        let cap = Instant::now() + Duration::from_secs(1);
+        let wake = next.map_or(cap, |t| t.min(cap));
+        tokio::time::sleep_until(wake.into()).await;
+        let now = Instant::now();
+        let mut st = state.borrow_mut();
+        st.core.handle_timeout(now);
+        if index == 0 {
+            reservations.sweep(now);
+        }
+        let r = st.report();
+        *report.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+}

@@ -1,0 +1,9 @@
+//! turnpike: a STUN/TURN relay daemon.
+//!
+//! `proto` is the sans-IO protocol core; `io` moves bytes between sockets and the core;
+//! `daemon` wires configuration, shards and signals together.
+
+pub mod config;
+pub mod daemon;
+pub mod io;
+pub mod proto;

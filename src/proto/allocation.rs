@@ -1,0 +1,292 @@
+//! Allocation state (RFC 8656 §5): relay addresses, permissions, channels and their lifetimes.
+//!
+//! Permissions and channels live in small vectors scanned linearly: quotas keep them to a few dozen
+//! entries and a real call uses one or two, where a scan beats hashing. Expired entries are ignored
+//! by every look-up and swept when a new entry needs the room, so no timer exists per entry.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::FiveTuple;
+
+/// Names one relay socket. The I/O layer stores sockets by (slot, v6) and checks `gen`, so a
+/// packet that races an allocation's end never reaches the slot's next occupant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelayId {
+    pub slot: u32,
+    pub gen: u32,
+    pub v6: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub id: RelayId,
+    /// The socket's bound address.
+    pub local: SocketAddr,
+    /// What XOR-RELAYED-ADDRESS tells the client (the external address behind 1:1 NAT).
+    pub advertised: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Permission {
+    pub ip: IpAddr,
+    pub expires: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Channel {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub expires: Instant,
+}
+
+/// Traffic through one allocation, reported when it ends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+    pub dropped_packets: u64,
+}
+
+/// A byte budget refilled at a fixed rate, with one second of burst.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBucket {
+    rate: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(bytes_per_sec: u64, now: Instant) -> Self {
+        TokenBucket {
+            rate: bytes_per_sec,
+            tokens: bytes_per_sec,
+            last: now,
+        }
+    }
+
+    pub fn take(&mut self, bytes: usize, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        if elapsed >= Duration::from_millis(1) {
+            let refill = (self.rate as u128 * elapsed.as_micros() / 1_000_000) as u64;
+            self.tokens = (self.tokens + refill).min(self.rate);
+            self.last = now;
+        }
+        match self.tokens.checked_sub(bytes as u64) {
+            Some(left) => {
+                self.tokens = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// The channel number is bound to another peer, or the peer to another channel number.
+    Conflict,
+    /// The allocation holds its quota of channels.
+    Full,
+}
+
+pub struct Allocation {
+    pub five_tuple: FiveTuple,
+    pub username: Box<str>,
+    /// The name the per-user quota counts by (the user part of a REST username).
+    pub quota_user: Box<str>,
+    pub created: Instant,
+    pub expires: Instant,
+    /// Index 0 is the IPv4 relay, 1 the IPv6 relay (RFC 8656 dual allocation).
+    pub relays: [Option<Relay>; 2],
+    pub permissions: Vec<Permission>,
+    pub channels: Vec<Channel>,
+    /// The last request's transaction id and our answer, so a retransmission gets the same answer.
+    pub last_txid: [u8; 12],
+    pub last_response: Vec<u8>,
+    pub counters: Counters,
+    pub to_peer_budget: Option<TokenBucket>,
+    pub to_client_budget: Option<TokenBucket>,
+}
+
+impl Allocation {
+    pub fn relay_for(&self, peer: &SocketAddr) -> Option<&Relay> {
+        self.relays[peer.is_ipv6() as usize].as_ref()
+    }
+
+    pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && p.expires > now)
+    }
+
+    /// Installs or refreshes a permission; `false` when the quota is full of live entries.
+    pub fn permit(&mut self, ip: IpAddr, expires: Instant, now: Instant, limit: usize) -> bool {
+        if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = expires;
+            return true;
+        }
+        self.permissions.retain(|p| p.expires > now);
+        if self.permissions.len() >= limit {
+            return false;
+        }
+        self.permissions.push(Permission { ip, expires });
+        true
+    }
+
+    /// Whether `permit` would succeed for every ip in `ips` (CreatePermission is all or nothing).
+    pub fn can_permit_all(&self, ips: &[IpAddr], now: Instant, limit: usize) -> bool {
+        let live = self.permissions.iter().filter(|p| p.expires > now).count();
+        let new = ips
+            .iter()
+            .enumerate()
+            .filter(|(i, ip)| !ips[..*i].contains(ip) && !self.has_entry(**ip))
+            .count();
+        live + new <= limit
+    }
+
+    fn has_entry(&self, ip: IpAddr) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip)
+    }
+
+    pub fn channel(&self, number: u16, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+    }
+
+    pub fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+    }
+
+    /// Checks a ChannelBind without changing anything (RFC 8656 §11.2 rules).
+    pub fn check_bind(
+        &self,
+        number: u16,
+        peer: SocketAddr,
+        now: Instant,
+        limit: usize,
+    ) -> Result<(), BindError> {
+        let mut exact = false;
+        for c in self.channels.iter().filter(|c| c.expires > now) {
+            match (c.number == number, c.peer == peer) {
+                (true, true) => exact = true,
+                (true, false) | (false, true) => return Err(BindError::Conflict),
+                _ => {}
+            }
+        }
+        let live = self.channels.iter().filter(|c| c.expires > now).count();
+        if !exact && live >= limit {
+            return Err(BindError::Full);
+        }
+        Ok(())
+    }
+
+    /// Binds or refreshes a channel already accepted by `check_bind`.
+    pub fn bind(&mut self, number: u16, peer: SocketAddr, expires: Instant, now: Instant) {
+        if let Some(c) = self
+            .channels
+            .iter_mut()
+            .find(|c| c.number == number && c.peer == peer)
+        {
+            c.expires = expires;
+            return;
+        }
+        self.channels.retain(|c| c.expires > now);
+        self.channels.push(Channel {
+            number,
+            peer,
+            expires,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Transport;
+
+    fn alloc(now: Instant) -> Allocation {
+        Allocation {
+            five_tuple: FiveTuple {
+                transport: Transport::Udp,
+                client: "192.0.2.1:1000".parse().unwrap(),
+                local: "192.0.2.2:3478".parse().unwrap(),
+            },
+            username: "u".into(),
+            quota_user: "u".into(),
+            created: now,
+            expires: now + Duration::from_secs(600),
+            relays: [None, None],
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            last_txid: [0; 12],
+            last_response: Vec::new(),
+            counters: Counters::default(),
+            to_peer_budget: None,
+            to_client_budget: None,
+        }
+    }
+
+    #[test]
+    fn permissions_expire_and_make_room() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let ip1: IpAddr = "198.51.100.1".parse().unwrap();
+        let ip2: IpAddr = "198.51.100.2".parse().unwrap();
+        assert!(a.permit(ip1, t0 + Duration::from_secs(300), t0, 1));
+        assert!(a.has_permission(ip1, t0 + Duration::from_secs(299)));
+        assert!(!a.has_permission(ip1, t0 + Duration::from_secs(300)));
+        assert!(!a.permit(ip2, t0 + Duration::from_secs(300), t0, 1));
+        let later = t0 + Duration::from_secs(301);
+        assert!(a.permit(ip2, later + Duration::from_secs(300), later, 1));
+        assert!(a.has_permission(ip2, later));
+        assert!(!a.has_permission(ip1, later));
+    }
+
+    #[test]
+    fn can_permit_all_counts_duplicates_once() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let ip1: IpAddr = "198.51.100.1".parse().unwrap();
+        let ip2: IpAddr = "198.51.100.2".parse().unwrap();
+        a.permit(ip1, t0 + Duration::from_secs(300), t0, 2);
+        assert!(a.can_permit_all(&[ip1, ip2, ip2], t0, 2));
+        assert!(!a.can_permit_all(&[ip2, "198.51.100.3".parse().unwrap()], t0, 2));
+    }
+
+    #[test]
+    fn channel_rules() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let p1: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        let p2: SocketAddr = "198.51.100.1:5001".parse().unwrap();
+        let exp = t0 + Duration::from_secs(600);
+        assert_eq!(a.check_bind(0x4000, p1, t0, 1), Ok(()));
+        a.bind(0x4000, p1, exp, t0);
+        // Refresh of the same binding is fine even at the quota.
+        assert_eq!(a.check_bind(0x4000, p1, t0, 1), Ok(()));
+        assert_eq!(a.check_bind(0x4000, p2, t0, 1), Err(BindError::Conflict));
+        assert_eq!(a.check_bind(0x4001, p1, t0, 1), Err(BindError::Conflict));
+        assert_eq!(a.check_bind(0x4001, p2, t0, 1), Err(BindError::Full));
+        assert_eq!(a.channel(0x4000, t0).unwrap().peer, p1);
+        assert!(a.channel(0x4000, exp).is_none());
+        // After expiry the number may go to another peer.
+        assert_eq!(a.check_bind(0x4000, p2, exp, 1), Ok(()));
+    }
+
+    #[test]
+    fn token_bucket_limits_and_refills() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000, t0);
+        assert!(b.take(600, t0));
+        assert!(!b.take(600, t0));
+        assert!(b.take(400, t0));
+        assert!(b.take(500, t0 + Duration::from_millis(500)));
+        assert!(!b.take(1, t0 + Duration::from_millis(500)));
+    }
+}

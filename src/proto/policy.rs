@@ -1,0 +1,1370 @@
+//! Peer address policy: which peer transport addresses a TURN allocation may reach.
+//!
+//! A TURN server relays for anyone who holds a credential, and credentials are handed
+//! to browsers. Without a policy it is an open proxy into the server's own network:
+//! cloud metadata (169.254.169.254), services on loopback, RFC 1918 neighbours, and
+//! the server's own SSH or admin API. This module is the single place that decides,
+//! and it runs on every path that reaches a peer (CreatePermission, ChannelBind,
+//! Send, ChannelData), so it is allocation-free and reads no clock.
+//!
+//! # Embedded IPv4 spellings
+//!
+//! The same IPv4 host can be written as an IPv6 address: IPv4-mapped
+//! (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 well-known prefix
+//! (`64:ff9b::a.b.c.d`) and 6to4 (`2002:AABB:CCDD::/48`). Depending on the host's
+//! stack and routes (dual-stack sockets, a `sit` tunnel, a NAT64 gateway) a packet
+//! sent to such a spelling reaches the IPv4 host, so a check on the IPv6 form alone
+//! is bypassable. [`canonical_ip`] reduces them, and every range check runs on both
+//! the canonical address and the original spelling.
+//!
+//! # Decision order in [`PeerPolicy::check`]
+//!
+//! 1. Port 0 → `Deny(PortZero)`: never a valid destination.
+//! 2. Never-open, whatever the configuration: unspecified (0.0.0.0/8, `::`),
+//!    link-local (169.254.0.0/16 including cloud metadata, fe80::/10), multicast
+//!    (224.0.0.0/4, ff00::/8) and broadcast 255.255.255.255. Checked on the canonical
+//!    IP and on the original spelling. No configuration can reach these: not the
+//!    allow list, not `allow_loopback`, not the relay addresses.
+//! 3. External → local translation: a peer whose canonical IP is one of our advertised
+//!    external addresses (1:1 NAT) is translated to the local relay address it maps
+//!    to, so relay-to-relay traffic never depends on the cloud NAT hairpinning.
+//! 4. Our own relay addresses (`relay_ips`, plus the local side of every external
+//!    mapping): port inside `relay_ports` → `Allow` (relay to relay, the most common
+//!    call, allowed even when the relay IP is private or loopback); any other port →
+//!    `Deny(ServerOwn)` so the relay can never reach, say, the server's SSH, unless
+//!    the relay address is loopback and `allow_loopback` is on (a single-host test
+//!    rig): then steps 5-9 decide. A port that is also a service endpoint's port is denied even inside the relay range
+//!    (a misconfiguration; the deny wins).
+//! 5. Service endpoints (our listeners, HTTP API, metrics): same port and the same IP,
+//!    or an unspecified endpoint IP (bound on all addresses) and a peer IP that is
+//!    loopback, a relay IP or an external IP → `Deny(ServerOwn)`. These never open,
+//!    not even with `allow_loopback`.
+//! 6. Operator deny list, matched on the canonical IP and the original spelling →
+//!    `Deny(Configured)`. It wins over the allow list and over `allow_loopback`.
+//! 7. Loopback (127.0.0.0/8, `::1`, and every embedded spelling of them) → `Allow`
+//!    only with `allow_loopback`, else `Deny(Loopback)`. The allow list cannot open
+//!    loopback: an entry such as `0.0.0.0/0` must not silently expose local services.
+//! 8. Default-denied ranges (see `DEFAULT_DENIED_V4` / `DEFAULT_DENIED_V6`): private,
+//!    shared address space, documentation, benchmarking, reserved, 6to4 relay anycast,
+//!    ULA, site-local, Teredo, 6to4, NAT64 local-use, discard-only, ORCHID and SIIT
+//!    IPv4-translated (`::ffff:0:0:0/96`). A range hit is re-opened by the operator
+//!    allow list, with one tightening: a hit on the canonical IPv4 is re-opened only by
+//!    an allow entry containing that IPv4. An IPv6 entry such as `::/0`,
+//!    `::ffff:0:0/96`, `64:ff9b::/96` or `2002::/16` therefore never opens 10.0.0.1
+//!    through one of its IPv6 spellings; write IPv4 ranges in IPv4 form. A hit on the
+//!    IPv6 spelling itself (e.g. 6to4 `2002::/16`) is re-opened by an allow entry
+//!    containing either the spelling or its canonical IPv4.
+//! 9. Otherwise `Allow`.
+//!
+//! `send_to` is the peer address as given, except after translation (step 3), where it
+//! is the local relay address with the peer's port, written in the peer's address
+//! family where possible (an IPv4 local is written IPv4-mapped for an IPv6 peer).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+use DenyReason as R;
+
+/// Operator-facing peer policy settings, as parsed from the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Re-opens default-denied ranges (private, CGNAT, documentation, benchmarking,
+    /// ULA, site-local, reserved, Teredo, 6to4, ...). Cannot open loopback or the
+    /// never-open ranges. IPv4 ranges must be written in IPv4 form to cover embedded
+    /// spellings (see the module documentation, step 8).
+    pub allow: Vec<IpNet>,
+    /// Always wins over `allow` and `allow_loopback`; matched on the canonical IP and
+    /// the original spelling.
+    pub deny: Vec<IpNet>,
+    /// The only way to open 127.0.0.0/8 and `::1` (the allow list cannot).
+    pub allow_loopback: bool,
+    /// Local addresses relay sockets are bound on. Must be concrete addresses: an
+    /// unspecified entry matches no peer (unspecified peers are never-open anyway).
+    pub relay_ips: Vec<IpAddr>,
+    /// (advertised external address, local relay address it maps to): 1:1 NAT, e.g.
+    /// cloud VMs. The local side counts as a relay address even if absent from
+    /// `relay_ips`.
+    pub external_ips: Vec<(IpAddr, IpAddr)>,
+    /// Inclusive relay port range. A range with start > end is empty.
+    pub relay_ports: (u16, u16),
+    /// Our own listeners and control-plane (HTTP API, metrics) sockets. The IP may be
+    /// unspecified (0.0.0.0 / `::`), meaning any of our addresses.
+    pub service_endpoints: Vec<SocketAddr>,
+}
+
+/// The outcome of a peer check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Relaying is allowed; send to `send_to`, which differs from the peer only after
+    /// external → local translation.
+    Allow { send_to: SocketAddr },
+    /// Relaying is refused; the reason is for logs and metrics (the client gets 403).
+    Deny(DenyReason),
+}
+
+impl Verdict {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Verdict::Allow { .. })
+    }
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    Unspecified,
+    Loopback,
+    LinkLocal,
+    Multicast,
+    Broadcast,
+    Private,
+    /// 100.64.0.0/10 (carrier-grade NAT).
+    SharedAddressSpace,
+    Documentation,
+    Benchmarking,
+    Reserved,
+    UniqueLocal,
+    SiteLocal,
+    Teredo,
+    SixToFour,
+    Nat64LocalUse,
+    Discard,
+    /// One of the server's own addresses outside the relay port range, or a service
+    /// endpoint (listener, HTTP API, metrics).
+    ServerOwn,
+    /// The operator deny list.
+    Configured,
+    PortZero,
+}
+
+impl DenyReason {
+    /// Stable snake_case label: used as a metrics label value and in logs, so renaming
+    /// a variant must not change it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DenyReason::Unspecified => "unspecified",
+            DenyReason::Loopback => "loopback",
+            DenyReason::LinkLocal => "link_local",
+            DenyReason::Multicast => "multicast",
+            DenyReason::Broadcast => "broadcast",
+            DenyReason::Private => "private",
+            DenyReason::SharedAddressSpace => "shared_address_space",
+            DenyReason::Documentation => "documentation",
+            DenyReason::Benchmarking => "benchmarking",
+            DenyReason::Reserved => "reserved",
+            DenyReason::UniqueLocal => "unique_local",
+            DenyReason::SiteLocal => "site_local",
+            DenyReason::Teredo => "teredo",
+            DenyReason::SixToFour => "six_to_four",
+            DenyReason::Nat64LocalUse => "nat64_local_use",
+            DenyReason::Discard => "discard",
+            DenyReason::ServerOwn => "server_own",
+            DenyReason::Configured => "configured",
+            DenyReason::PortZero => "port_zero",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reduces IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, but not `::`
+/// or `::1`), NAT64 well-known prefix (`64:ff9b::/96`) and 6to4
+/// (`2002:AABB:CCDD::/48` → A.B.C.D) spellings to the IPv4 address; other addresses
+/// are returned unchanged.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
+    }
+}
+
+const NAT64_WKP_TOP96: u128 = 0x0064_ff9b_0000_0000_0000_0000;
+
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(v6);
+    let low32 = bits as u32;
+    match bits >> 32 {
+        0xffff => Some(Ipv4Addr::from(low32)),
+        // `::` and `::1` share the IPv4-compatible prefix but are IPv6's own
+        // unspecified and loopback addresses, not 0.0.0.0 and 0.0.0.1.
+        0 if low32 > 1 => Some(Ipv4Addr::from(low32)),
+        NAT64_WKP_TOP96 => Some(Ipv4Addr::from(low32)),
+        _ if bits >> 112 == 0x2002 => Some(Ipv4Addr::from((bits >> 80) as u32)),
+        _ => None,
+    }
+}
+
+/// A built-in IPv4 range, pre-masked so a lookup is one AND and one compare.
+#[derive(Clone, Copy)]
+struct V4Range {
+    net: u32,
+    mask: u32,
+    reason: DenyReason,
+}
+
+#[derive(Clone, Copy)]
+struct V6Range {
+    net: u128,
+    mask: u128,
+    reason: DenyReason,
+}
+
+// The tables are consts, so these asserts turn a typo in a range (host bits set, which
+// would make the entry never match) into a compile error.
+const fn v4(addr: Ipv4Addr, len: u32, reason: DenyReason) -> V4Range {
+    assert!(len <= 32);
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let net = u32::from_be_bytes(addr.octets());
+    assert!(net & !mask == 0, "host bits set in a built-in IPv4 range");
+    V4Range { net, mask, reason }
+}
+
+const fn v6(addr: Ipv6Addr, len: u32, reason: DenyReason) -> V6Range {
+    assert!(len <= 128);
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    let net = u128::from_be_bytes(addr.octets());
+    assert!(net & !mask == 0, "host bits set in a built-in IPv6 range");
+    V6Range { net, mask, reason }
+}
+
+const fn a4(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(a, b, c, d)
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn a6(a: u16, b: u16, c: u16, d: u16, e: u16, f: u16, g: u16, h: u16) -> Ipv6Addr {
+    Ipv6Addr::new(a, b, c, d, e, f, g, h)
+}
+
+/// Step 2: no configuration opens these.
+const NEVER_OPEN_V4: &[V4Range] = &[
+    v4(a4(0, 0, 0, 0), 8, R::Unspecified),
+    v4(a4(169, 254, 0, 0), 16, R::LinkLocal),
+    v4(a4(224, 0, 0, 0), 4, R::Multicast),
+    v4(a4(255, 255, 255, 255), 32, R::Broadcast),
+];
+
+const NEVER_OPEN_V6: &[V6Range] = &[
+    v6(Ipv6Addr::UNSPECIFIED, 128, R::Unspecified),
+    v6(a6(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10, R::LinkLocal),
+    v6(a6(0xff00, 0, 0, 0, 0, 0, 0, 0), 8, R::Multicast),
+];
+
+/// Step 7: only `allow_loopback` opens these.
+const LOOPBACK_V4: &[V4Range] = &[v4(a4(127, 0, 0, 0), 8, R::Loopback)];
+const LOOPBACK_V6: &[V6Range] = &[v6(Ipv6Addr::LOCALHOST, 128, R::Loopback)];
+
+/// Step 8: denied unless the operator allow list re-opens them.
+const DEFAULT_DENIED_V4: &[V4Range] = &[
+    v4(a4(10, 0, 0, 0), 8, R::Private),
+    v4(a4(172, 16, 0, 0), 12, R::Private),
+    v4(a4(192, 168, 0, 0), 16, R::Private),
+    v4(a4(100, 64, 0, 0), 10, R::SharedAddressSpace),
+    v4(a4(192, 0, 0, 0), 24, R::Reserved),
+    v4(a4(192, 0, 2, 0), 24, R::Documentation),
+    v4(a4(198, 51, 100, 0), 24, R::Documentation),
+    v4(a4(203, 0, 113, 0), 24, R::Documentation),
+    v4(a4(198, 18, 0, 0), 15, R::Benchmarking),
+    v4(a4(192, 88, 99, 0), 24, R::SixToFour),
+    v4(a4(240, 0, 0, 0), 4, R::Reserved),
+];
+
+const DEFAULT_DENIED_V6: &[V6Range] = &[
+    v6(a6(0x2001, 0x0db8, 0, 0, 0, 0, 0, 0), 32, R::Documentation),
+    v6(a6(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20, R::Documentation),
+    v6(a6(0x2001, 0x0002, 0, 0, 0, 0, 0, 0), 48, R::Benchmarking),
+    v6(a6(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7, R::UniqueLocal),
+    v6(a6(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10, R::SiteLocal),
+    v6(a6(0x2001, 0, 0, 0, 0, 0, 0, 0), 32, R::Teredo),
+    v6(a6(0x2002, 0, 0, 0, 0, 0, 0, 0), 16, R::SixToFour),
+    v6(
+        a6(0x0064, 0xff9b, 0x0001, 0, 0, 0, 0, 0),
+        48,
+        R::Nat64LocalUse,
+    ),
+    v6(a6(0x0100, 0, 0, 0, 0, 0, 0, 0), 64, R::Discard),
+    // IPv4-translated `::ffff:0:a.b.c.d` (RFC 2765 SIIT): one more IPv4 spelling, which a
+    // translator on the path would deliver to the IPv4 host; not reduced, so deny it.
+    v6(a6(0, 0, 0, 0, 0xffff, 0, 0, 0), 96, R::Reserved),
+    // ORCHID (RFC 4843, deprecated) and ORCHIDv2 (RFC 7343): identifiers, not routable.
+    v6(a6(0x2001, 0x0010, 0, 0, 0, 0, 0, 0), 28, R::Reserved),
+    v6(a6(0x2001, 0x0020, 0, 0, 0, 0, 0, 0), 28, R::Reserved),
+];
+
+fn lookup(ip: IpAddr, t4: &[V4Range], t6: &[V6Range]) -> Option<DenyReason> {
+    match ip {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            t4.iter().find(|r| bits & r.mask == r.net).map(|r| r.reason)
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            t6.iter().find(|r| bits & r.mask == r.net).map(|r| r.reason)
+        }
+    }
+}
+
+/// Looks `ip` up on its canonical form first (the reason a human expects for
+/// `::ffff:10.0.0.1` is "private"), then on the original spelling.
+fn lookup_both(canon: IpAddr, orig: IpAddr, t4: &[V4Range], t6: &[V6Range]) -> Option<DenyReason> {
+    lookup(canon, t4, t6).or_else(|| {
+        if orig != canon {
+            lookup(orig, t4, t6)
+        } else {
+            None
+        }
+    })
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    lookup(ip, LOOPBACK_V4, LOOPBACK_V6).is_some()
+}
+
+fn in_list(list: &[IpNet], ip: IpAddr) -> bool {
+    list.iter().any(|net| net.contains(&ip))
+}
+
+/// Writes `ip` in `like`'s family where that is possible, so a peer given as IPv6 gets
+/// an IPv6 `send_to` and the relay socket chosen for it can still send.
+fn in_family_of(ip: IpAddr, like: IpAddr) -> IpAddr {
+    match (ip, like) {
+        (IpAddr::V4(v4), IpAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        _ => ip,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NatMapping {
+    /// Canonical forms, for matching.
+    external: IpAddr,
+    local: IpAddr,
+    /// As configured, for the addresses we hand out.
+    external_configured: IpAddr,
+    local_configured: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ServiceEndpoint {
+    /// Canonical IP; `None` when bound on all addresses.
+    ip: Option<IpAddr>,
+    port: u16,
+}
+
+/// The compiled peer policy. Build once per configuration (and again on reload);
+/// [`PeerPolicy::check`] is then allocation-free.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    allow_loopback: bool,
+    /// Canonical relay IPs, including the local side of every NAT mapping.
+    relay_ips: Vec<IpAddr>,
+    nat: Vec<NatMapping>,
+    relay_ports: (u16, u16),
+    services: Vec<ServiceEndpoint>,
+}
+
+impl PeerPolicy {
+    pub fn new(cfg: PolicyConfig) -> Self {
+        let nat: Vec<NatMapping> = cfg
+            .external_ips
+            .iter()
+            .map(|&(external, local)| NatMapping {
+                external: canonical_ip(external),
+                local: canonical_ip(local),
+                external_configured: external,
+                local_configured: local,
+            })
+            .collect();
+        let mut relay_ips: Vec<IpAddr> = cfg.relay_ips.iter().map(|&ip| canonical_ip(ip)).collect();
+        // A NAT mapping's local side is by definition where relay sockets live; without
+        // this a translated peer would fall through to the range checks and be denied.
+        for m in &nat {
+            if !relay_ips.contains(&m.local) {
+                relay_ips.push(m.local);
+            }
+        }
+        let services = cfg
+            .service_endpoints
+            .iter()
+            .map(|ep| ServiceEndpoint {
+                ip: if ep.ip().is_unspecified() {
+                    None
+                } else {
+                    Some(canonical_ip(ep.ip()))
+                },
+                port: ep.port(),
+            })
+            .collect();
+        PeerPolicy {
+            allow: cfg.allow,
+            deny: cfg.deny,
+            allow_loopback: cfg.allow_loopback,
+            relay_ips,
+            nat,
+            relay_ports: cfg.relay_ports,
+            services,
+        }
+    }
+
+    /// The decision for one peer transport address. Called on CreatePermission,
+    /// ChannelBind, Send and ChannelData paths: cheap and allocation-free. See the
+    /// module documentation for the decision order.
+    pub fn check(&self, peer: SocketAddr) -> Verdict {
+        let port = peer.port();
+        if port == 0 {
+            return Verdict::Deny(DenyReason::PortZero);
+        }
+        let orig = peer.ip();
+        let canon = canonical_ip(orig);
+
+        if let Some(reason) = lookup_both(canon, orig, NEVER_OPEN_V4, NEVER_OPEN_V6) {
+            return Verdict::Deny(reason);
+        }
+
+        let translated = self.translate(canon);
+        let target = translated.map_or(canon, |m| m.local);
+
+        if self.relay_ips.contains(&target) {
+            if self.is_service(target, port) {
+                return Verdict::Deny(DenyReason::ServerOwn);
+            }
+            if self.in_relay_range(port) {
+                let send_to = match translated {
+                    Some(m) => SocketAddr::new(in_family_of(m.local_configured, orig), port),
+                    None => peer,
+                };
+                return Verdict::Allow { send_to };
+            }
+            // Another port on our own relay address is the server itself (its SSH, say),
+            // unless it is loopback and the operator opened loopback explicitly (a test rig
+            // on one host). A broad allow-list entry never opens it.
+            if !(is_loopback(target) && self.allow_loopback) {
+                return Verdict::Deny(DenyReason::ServerOwn);
+            }
+        }
+
+        if self.is_service(canon, port) {
+            return Verdict::Deny(DenyReason::ServerOwn);
+        }
+
+        if in_list(&self.deny, canon) || (orig != canon && in_list(&self.deny, orig)) {
+            return Verdict::Deny(DenyReason::Configured);
+        }
+
+        if is_loopback(canon) || is_loopback(orig) {
+            return if self.allow_loopback {
+                Verdict::Allow { send_to: peer }
+            } else {
+                Verdict::Deny(DenyReason::Loopback)
+            };
+        }
+
+        if let Some(reason) = lookup(canon, DEFAULT_DENIED_V4, DEFAULT_DENIED_V6) {
+            // Only an entry covering the canonical IPv4 may re-open it: otherwise `::/0`
+            // in the allow list would open all of RFC 1918 through `::ffff:` spellings.
+            if !in_list(&self.allow, canon) {
+                return Verdict::Deny(reason);
+            }
+        }
+        if orig != canon {
+            if let Some(reason) = lookup(orig, DEFAULT_DENIED_V4, DEFAULT_DENIED_V6) {
+                if !in_list(&self.allow, orig) && !in_list(&self.allow, canon) {
+                    return Verdict::Deny(reason);
+                }
+            }
+        }
+
+        Verdict::Allow { send_to: peer }
+    }
+
+    /// The address permissions are keyed by: embedded-IPv4 spellings reduced (see
+    /// [`canonical_ip`]) and an advertised external relay IP translated to its local
+    /// relay IP, so that one peer written several ways holds one permission.
+    pub fn permission_key(&self, ip: IpAddr) -> IpAddr {
+        let canon = canonical_ip(ip);
+        self.translate(canon).map_or(canon, |m| m.local)
+    }
+
+    /// Inverse translation for showing a source to a client: a local relay IP that has
+    /// an external address is shown as the external one (the client only knows the
+    /// advertised address); anything else is returned unchanged.
+    pub fn present(&self, addr: SocketAddr) -> SocketAddr {
+        let canon = canonical_ip(addr.ip());
+        match self.nat.iter().find(|m| m.local == canon) {
+            Some(m) => SocketAddr::new(in_family_of(m.external_configured, addr.ip()), addr.port()),
+            None => addr,
+        }
+    }
+
+    fn translate(&self, canon: IpAddr) -> Option<&NatMapping> {
+        self.nat.iter().find(|m| m.external == canon)
+    }
+
+    fn in_relay_range(&self, port: u16) -> bool {
+        let (lo, hi) = self.relay_ports;
+        lo <= port && port <= hi
+    }
+
+    /// `ip` must be canonical.
+    fn is_service(&self, ip: IpAddr, port: u16) -> bool {
+        self.services.iter().any(|s| {
+            s.port == port
+                && match s.ip {
+                    Some(sip) => sip == ip,
+                    None => self.is_own_ip(ip),
+                }
+        })
+    }
+
+    /// Addresses a socket bound on 0.0.0.0 / `::` is reachable on, as far as we know
+    /// them. `ip` must be canonical.
+    fn is_own_ip(&self, ip: IpAddr) -> bool {
+        is_loopback(ip) || self.relay_ips.contains(&ip) || self.nat.iter().any(|m| m.external == ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("test socket address")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test ip")
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("test net")
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| net(s)).collect()
+    }
+
+    fn default_policy() -> PeerPolicy {
+        PeerPolicy::new(PolicyConfig {
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        })
+    }
+
+    /// Everything opened that may be opened: loopback, allow-all in both families.
+    fn wide_open() -> PeerPolicy {
+        PeerPolicy::new(PolicyConfig {
+            allow: nets(&["0.0.0.0/0", "::/0"]),
+            allow_loopback: true,
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        })
+    }
+
+    fn allowed(p: &PeerPolicy, peer: &str) -> bool {
+        p.check(sa(peer)).is_allow()
+    }
+
+    fn denied_for(p: &PeerPolicy, peer: &str) -> Option<DenyReason> {
+        match p.check(sa(peer)) {
+            Verdict::Deny(r) => Some(r),
+            Verdict::Allow { .. } => None,
+        }
+    }
+
+    fn allow_to(peer: &str) -> Verdict {
+        Verdict::Allow { send_to: sa(peer) }
+    }
+
+    // ---- canonical_ip -------------------------------------------------------------
+
+    #[test]
+    fn canonical_reduces_every_embedded_spelling() {
+        let cases = [
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("::127.0.0.1", "127.0.0.1"),
+            ("64:ff9b::7f00:1", "127.0.0.1"),
+            ("2002:7f00:1::", "127.0.0.1"),
+            ("2002:7f00:1:1234:5678::9", "127.0.0.1"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("2002:0a00:0001::", "10.0.0.1"),
+            ("::ffff:0.0.0.0", "0.0.0.0"),
+            ("::0.0.0.2", "0.0.0.2"),
+            ("64:ff9b::8.8.8.8", "8.8.8.8"),
+            ("2002:a9fe:a9fe::", "169.254.169.254"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(canonical_ip(ip(input)), ip(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn canonical_leaves_other_addresses_alone() {
+        for s in [
+            "::",
+            "::1",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "64:ff9b:1::a00:1", // local-use NAT64 prefix: not the well-known /96
+            "::ffff:0:a00:1",   // IPv4-translated (SIIT), not a spelling we reduce
+            "2001::1",
+            "fe80::1",
+            "2003::1",
+        ] {
+            assert_eq!(canonical_ip(ip(s)), ip(s), "{s}");
+        }
+    }
+
+    // ---- never-open ---------------------------------------------------------------
+
+    #[test]
+    fn issue_addresses_denied_by_default() {
+        let p = default_policy();
+        let cases = [
+            ("0.0.0.0:80", DenyReason::Unspecified),
+            ("[::]:80", DenyReason::Unspecified),
+            ("[::ffff:127.0.0.1]:80", DenyReason::Loopback),
+            ("[::127.0.0.1]:80", DenyReason::Loopback),
+            ("[64:ff9b::7f00:1]:80", DenyReason::Loopback),
+            ("[2002:7f00:1::]:80", DenyReason::Loopback),
+            ("169.254.169.254:80", DenyReason::LinkLocal),
+            ("[fe80::1]:80", DenyReason::LinkLocal),
+            ("127.0.0.1:80", DenyReason::Loopback),
+            ("[::1]:80", DenyReason::Loopback),
+        ];
+        for (peer, reason) in cases {
+            assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
+        }
+    }
+
+    #[test]
+    fn loopback_spellings_open_only_with_allow_loopback() {
+        let p = PeerPolicy::new(PolicyConfig {
+            allow_loopback: true,
+            ..PolicyConfig::default()
+        });
+        for peer in [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::127.0.0.1]:80",
+            "[64:ff9b::7f00:1]:80",
+            "[2002:7f00:1::]:80",
+        ] {
+            assert_eq!(p.check(sa(peer)), allow_to(peer), "{peer}");
+        }
+    }
+
+    #[test]
+    fn never_open_stays_closed_with_everything_opened() {
+        let p = wide_open();
+        let cases = [
+            ("0.0.0.0:80", DenyReason::Unspecified),
+            ("0.1.2.3:80", DenyReason::Unspecified),
+            ("[::]:80", DenyReason::Unspecified),
+            ("[::ffff:0.0.0.0]:80", DenyReason::Unspecified),
+            ("[::0.0.0.2]:80", DenyReason::Unspecified),
+            ("169.254.169.254:80", DenyReason::LinkLocal),
+            ("[::ffff:169.254.169.254]:80", DenyReason::LinkLocal),
+            ("[64:ff9b::a9fe:a9fe]:80", DenyReason::LinkLocal),
+            ("[2002:a9fe:a9fe::]:80", DenyReason::LinkLocal),
+            ("[fe80::1]:80", DenyReason::LinkLocal),
+            ("[febf:ffff::1]:80", DenyReason::LinkLocal),
+            ("224.0.0.1:80", DenyReason::Multicast),
+            ("239.255.255.250:1900", DenyReason::Multicast),
+            ("[::ffff:224.0.0.251]:5353", DenyReason::Multicast),
+            ("[ff02::1]:80", DenyReason::Multicast),
+            ("255.255.255.255:80", DenyReason::Broadcast),
+        ];
+        for (peer, reason) in cases {
+            assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
+        }
+    }
+
+    #[test]
+    fn never_open_beats_relay_addresses() {
+        // A relay bound on a link-local address must still not make metadata reachable.
+        let p = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("169.254.169.254"), ip("0.0.0.0")],
+            relay_ports: (1, 65535),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "169.254.169.254:80"),
+            Some(DenyReason::LinkLocal)
+        );
+        assert_eq!(
+            denied_for(&p, "0.0.0.0:50000"),
+            Some(DenyReason::Unspecified)
+        );
+    }
+
+    #[test]
+    fn port_zero_denied() {
+        let p = wide_open();
+        assert_eq!(denied_for(&p, "8.8.8.8:0"), Some(DenyReason::PortZero));
+        assert_eq!(
+            denied_for(&p, "[2606:4700::1111]:0"),
+            Some(DenyReason::PortZero)
+        );
+        let relay = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("10.0.0.5")],
+            relay_ports: (0, 65535),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(denied_for(&relay, "10.0.0.5:0"), Some(DenyReason::PortZero));
+    }
+
+    // ---- public and default-denied ranges -----------------------------------------
+
+    #[test]
+    fn public_addresses_allowed() {
+        let p = default_policy();
+        for peer in [
+            "8.8.8.8:53",
+            "1.1.1.1:3478",
+            "[2606:4700::1111]:443",
+            "[2a00:1450::1]:19302",
+            "[::ffff:8.8.8.8]:53",
+            "[64:ff9b::808:808]:53",
+            "100.63.255.255:80",
+            "100.128.0.0:80",
+            "172.15.255.255:80",
+            "172.32.0.0:80",
+            "192.167.255.255:80",
+            "198.17.255.255:80",
+            "198.20.0.0:80",
+            "223.255.255.255:80",
+        ] {
+            assert_eq!(p.check(sa(peer)), allow_to(peer), "{peer}");
+        }
+    }
+
+    #[test]
+    fn default_denied_ranges_with_reasons() {
+        let p = default_policy();
+        let cases = [
+            ("10.0.0.1:80", DenyReason::Private),
+            ("10.255.255.255:80", DenyReason::Private),
+            ("172.16.0.1:80", DenyReason::Private),
+            ("172.31.255.254:80", DenyReason::Private),
+            ("192.168.1.1:80", DenyReason::Private),
+            ("100.64.0.1:80", DenyReason::SharedAddressSpace),
+            ("100.127.255.255:80", DenyReason::SharedAddressSpace),
+            ("192.0.0.8:80", DenyReason::Reserved),
+            ("240.0.0.1:80", DenyReason::Reserved),
+            ("255.255.255.254:80", DenyReason::Reserved),
+            ("192.0.2.1:80", DenyReason::Documentation),
+            ("198.51.100.7:80", DenyReason::Documentation),
+            ("203.0.113.5:80", DenyReason::Documentation),
+            ("198.18.0.1:80", DenyReason::Benchmarking),
+            ("198.19.255.255:80", DenyReason::Benchmarking),
+            ("192.88.99.1:80", DenyReason::SixToFour),
+            ("[2001:db8::1]:80", DenyReason::Documentation),
+            ("[3fff::1]:80", DenyReason::Documentation),
+            ("[3fff:0fff::1]:80", DenyReason::Documentation),
+            ("[2001:2::1]:80", DenyReason::Benchmarking),
+            ("[fc00::1]:80", DenyReason::UniqueLocal),
+            ("[fd12:3456::1]:80", DenyReason::UniqueLocal),
+            ("[fec0::1]:80", DenyReason::SiteLocal),
+            ("[2001:0::1]:80", DenyReason::Teredo),
+            (
+                "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80",
+                DenyReason::Teredo,
+            ),
+            ("[2002:808:808::1]:80", DenyReason::SixToFour),
+            ("[64:ff9b:1::a00:1]:80", DenyReason::Nat64LocalUse),
+            ("[100::1]:80", DenyReason::Discard),
+            ("[2001:10::1]:80", DenyReason::Reserved),
+            ("[2001:20::1]:80", DenyReason::Reserved),
+            ("[::ffff:0:a00:1]:80", DenyReason::Reserved),
+        ];
+        for (peer, reason) in cases {
+            assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
+        }
+    }
+
+    #[test]
+    fn range_edges_are_exact() {
+        let p = default_policy();
+        assert!(allowed(&p, "[3fff:1000::1]:80")); // just past 3fff::/20
+        assert!(allowed(&p, "[2001:2:1::1]:80")); // just past 2001:2::/48
+        assert!(allowed(&p, "[2001:1::1]:80")); // between Teredo and benchmarking
+        assert!(allowed(&p, "[100:0:0:1::1]:80")); // past 100::/64
+        assert!(allowed(&p, "[fe00::1]:80")); // between ULA and link-local
+        assert!(allowed(&p, "[2001:30::1]:80")); // past ORCHIDv2
+        assert!(allowed(&p, "192.88.98.255:80"));
+        assert!(allowed(&p, "192.0.1.1:80"));
+    }
+
+    #[test]
+    fn embedded_private_treated_like_ipv4() {
+        let p = default_policy();
+        assert_eq!(
+            denied_for(&p, "[::ffff:10.0.0.1]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(denied_for(&p, "[::10.0.0.1]:80"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "[64:ff9b::a00:1]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(
+            denied_for(&p, "[2002:0a00:0001::]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(
+            denied_for(&p, "[2002:0a00:0001:ffff::1]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(
+            denied_for(&p, "[::ffff:100.64.0.1]:80"),
+            Some(DenyReason::SharedAddressSpace)
+        );
+    }
+
+    #[test]
+    fn allow_list_reopens_private_ranges() {
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&[
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "fc00::/7",
+            ]),
+            ..PolicyConfig::default()
+        });
+        for peer in [
+            "10.0.0.1:80",
+            "172.20.1.1:80",
+            "192.168.1.1:80",
+            "100.64.0.1:80",
+            "[fd00::1]:80",
+            "[::ffff:10.0.0.1]:80",
+            "[64:ff9b::a00:1]:80",
+        ] {
+            assert_eq!(p.check(sa(peer)), allow_to(peer), "{peer}");
+        }
+        // Outside the allowed nets nothing changed.
+        assert_eq!(
+            denied_for(&p, "203.0.113.5:80"),
+            Some(DenyReason::Documentation)
+        );
+        assert_eq!(denied_for(&p, "[fec0::1]:80"), Some(DenyReason::SiteLocal));
+        // 6to4 of an allowed IPv4 is re-opened too: the canonical address is allowed.
+        assert!(allowed(&p, "[2002:0a00:0001::]:80"));
+    }
+
+    #[test]
+    fn allow_list_narrow_entry_reopens_only_its_net() {
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["10.1.0.0/16"]),
+            ..PolicyConfig::default()
+        });
+        assert!(allowed(&p, "10.1.2.3:80"));
+        assert_eq!(denied_for(&p, "10.2.0.1:80"), Some(DenyReason::Private));
+    }
+
+    #[test]
+    fn nat_test_ranges_reopened() {
+        let p = default_policy();
+        assert_eq!(
+            denied_for(&p, "203.0.113.5:40000"),
+            Some(DenyReason::Documentation)
+        );
+        assert_eq!(
+            denied_for(&p, "198.18.0.1:40000"),
+            Some(DenyReason::Benchmarking)
+        );
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["203.0.113.0/24", "198.18.0.0/15"]),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            p.check(sa("203.0.113.5:40000")),
+            allow_to("203.0.113.5:40000")
+        );
+        assert_eq!(
+            p.check(sa("198.18.0.1:40000")),
+            allow_to("198.18.0.1:40000")
+        );
+        assert_eq!(
+            p.check(sa("198.19.1.1:40000")),
+            allow_to("198.19.1.1:40000")
+        );
+    }
+
+    #[test]
+    fn ipv6_allow_entries_never_open_ipv4_through_spellings() {
+        // `::/0` means "all IPv6"; it must not open RFC 1918 written as ::ffff:10.0.0.1.
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["::/0", "::ffff:0:0/96", "64:ff9b::/96", "2002::/16"]),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "[::ffff:10.0.0.1]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(denied_for(&p, "[::10.0.0.1]:80"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "[64:ff9b::a00:1]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(
+            denied_for(&p, "[2002:0a00:0001::]:80"),
+            Some(DenyReason::Private)
+        );
+        assert_eq!(
+            denied_for(&p, "[::ffff:203.0.113.5]:80"),
+            Some(DenyReason::Documentation)
+        );
+        // ...while IPv6's own ranges and 6to4 of public IPv4 do open.
+        assert!(allowed(&p, "[fd00::1]:80"));
+        assert!(allowed(&p, "[2001:db8::1]:80"));
+        assert!(allowed(&p, "[2002:808:808::1]:80"));
+        assert!(allowed(&p, "[::ffff:8.8.8.8]:80"));
+    }
+
+    #[test]
+    fn allow_all_reopens_every_default_range_but_not_loopback() {
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["0.0.0.0/0", "::/0"]),
+            ..PolicyConfig::default()
+        });
+        for peer in [
+            "10.0.0.1:80",
+            "100.64.0.1:80",
+            "192.0.2.1:80",
+            "198.18.0.1:80",
+            "240.0.0.1:80",
+            "192.88.99.1:80",
+            "[fd00::1]:80",
+            "[fec0::1]:80",
+            "[2001::1]:80",
+            "[2002:a00:1::]:80",
+            "[64:ff9b:1::1]:80",
+            "[100::1]:80",
+            "[2001:10::1]:80",
+            "[::ffff:10.0.0.1]:80",
+        ] {
+            assert!(allowed(&p, peer), "{peer}");
+        }
+        for peer in [
+            "127.0.0.1:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[2002:7f00:1::]:80",
+        ] {
+            assert_eq!(denied_for(&p, peer), Some(DenyReason::Loopback), "{peer}");
+        }
+    }
+
+    // ---- deny list ----------------------------------------------------------------
+
+    #[test]
+    fn deny_list_beats_allow_list() {
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["10.0.0.0/8"]),
+            deny: nets(&["10.0.5.0/24"]),
+            ..PolicyConfig::default()
+        });
+        assert!(allowed(&p, "10.0.4.1:80"));
+        assert_eq!(denied_for(&p, "10.0.5.1:80"), Some(DenyReason::Configured));
+        assert_eq!(
+            denied_for(&p, "[::ffff:10.0.5.1]:80"),
+            Some(DenyReason::Configured)
+        );
+        assert_eq!(
+            denied_for(&p, "[2002:a00:501::]:80"),
+            Some(DenyReason::Configured)
+        );
+    }
+
+    #[test]
+    fn deny_list_applies_to_public_and_loopback() {
+        let p = PeerPolicy::new(PolicyConfig {
+            deny: nets(&["8.8.8.0/24", "2606:4700::/32", "127.0.0.0/8"]),
+            allow_loopback: true,
+            ..PolicyConfig::default()
+        });
+        assert_eq!(denied_for(&p, "8.8.8.8:53"), Some(DenyReason::Configured));
+        assert_eq!(
+            denied_for(&p, "[::ffff:8.8.8.8]:53"),
+            Some(DenyReason::Configured)
+        );
+        assert_eq!(
+            denied_for(&p, "[2606:4700::1111]:53"),
+            Some(DenyReason::Configured)
+        );
+        assert_eq!(denied_for(&p, "127.0.0.1:53"), Some(DenyReason::Configured));
+        assert!(allowed(&p, "[::1]:53"));
+        assert!(allowed(&p, "8.8.4.4:53"));
+    }
+
+    #[test]
+    fn deny_list_matches_original_spelling() {
+        let p = PeerPolicy::new(PolicyConfig {
+            deny: nets(&["2002::/16", "::ffff:0:0/96"]),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "[2002:808:808::1]:53"),
+            Some(DenyReason::Configured)
+        );
+        assert_eq!(
+            denied_for(&p, "[::ffff:8.8.8.8]:53"),
+            Some(DenyReason::Configured)
+        );
+        assert!(allowed(&p, "8.8.8.8:53"));
+    }
+
+    // ---- relay addresses ----------------------------------------------------------
+
+    fn relay_policy(relay: &str) -> PeerPolicy {
+        PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip(relay)],
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        })
+    }
+
+    #[test]
+    fn relay_to_relay_on_loopback() {
+        let p = relay_policy("127.0.0.1");
+        assert_eq!(p.check(sa("127.0.0.1:49152")), allow_to("127.0.0.1:49152"));
+        assert_eq!(p.check(sa("127.0.0.1:65535")), allow_to("127.0.0.1:65535"));
+        assert_eq!(
+            p.check(sa("[::ffff:127.0.0.1]:50000")),
+            allow_to("[::ffff:127.0.0.1]:50000")
+        );
+        assert_eq!(
+            denied_for(&p, "127.0.0.1:49151"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(denied_for(&p, "127.0.0.1:22"), Some(DenyReason::ServerOwn));
+        // With loopback opened explicitly, other ports of a loopback relay address are
+        // ordinary loopback peers (test rigs); service endpoints stay closed.
+        let open = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("127.0.0.1")],
+            relay_ports: (49152, 65535),
+            allow_loopback: true,
+            service_endpoints: vec![sa("127.0.0.1:3478")],
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            open.check(sa("127.0.0.1:34790")),
+            allow_to("127.0.0.1:34790")
+        );
+        assert_eq!(
+            denied_for(&open, "127.0.0.1:3478"),
+            Some(DenyReason::ServerOwn)
+        );
+        // Other loopback addresses are not our relay: plain loopback rules apply.
+        assert_eq!(
+            denied_for(&p, "127.0.0.2:50000"),
+            Some(DenyReason::Loopback)
+        );
+    }
+
+    #[test]
+    fn relay_to_relay_on_private_address() {
+        let p = relay_policy("10.0.0.5");
+        assert_eq!(p.check(sa("10.0.0.5:50000")), allow_to("10.0.0.5:50000"));
+        assert_eq!(denied_for(&p, "10.0.0.5:22"), Some(DenyReason::ServerOwn));
+        assert_eq!(denied_for(&p, "10.0.0.5:3478"), Some(DenyReason::ServerOwn));
+        assert_eq!(denied_for(&p, "10.0.0.6:50000"), Some(DenyReason::Private));
+        // Spelled as 6to4 or mapped: still our relay.
+        assert!(allowed(&p, "[2002:a00:5::]:50000"));
+        assert_eq!(
+            denied_for(&p, "[::ffff:10.0.0.5]:22"),
+            Some(DenyReason::ServerOwn)
+        );
+    }
+
+    #[test]
+    fn relay_ip_is_protected_even_when_public_and_allowed() {
+        let p = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("198.51.100.10"), ip("2001:db8::10")],
+            allow: nets(&["0.0.0.0/0", "::/0"]),
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "198.51.100.10:22"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(
+            denied_for(&p, "[2001:db8::10]:22"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert!(allowed(&p, "[2001:db8::10]:60000"));
+        assert!(allowed(&p, "198.51.100.11:22"));
+    }
+
+    #[test]
+    fn relay_to_relay_beats_deny_list() {
+        let p = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("10.0.0.5")],
+            deny: nets(&["10.0.0.0/8"]),
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        });
+        assert!(allowed(&p, "10.0.0.5:50000"));
+        assert_eq!(denied_for(&p, "10.0.0.5:80"), Some(DenyReason::ServerOwn));
+    }
+
+    #[test]
+    fn empty_relay_range_allows_no_relay_port() {
+        let p = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("10.0.0.5")],
+            relay_ports: (60000, 50000),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "10.0.0.5:55000"),
+            Some(DenyReason::ServerOwn)
+        );
+    }
+
+    // ---- 1:1 NAT ------------------------------------------------------------------
+
+    fn nat_policy() -> PeerPolicy {
+        PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("10.0.0.5")],
+            external_ips: vec![(ip("203.0.113.7"), ip("10.0.0.5"))],
+            relay_ports: (49152, 65535),
+            service_endpoints: vec![sa("0.0.0.0:3478")],
+            ..PolicyConfig::default()
+        })
+    }
+
+    #[test]
+    fn nat_external_address_translated_to_local_relay() {
+        let p = nat_policy();
+        assert_eq!(p.check(sa("203.0.113.7:50000")), allow_to("10.0.0.5:50000"));
+        assert_eq!(p.check(sa("10.0.0.5:50000")), allow_to("10.0.0.5:50000"));
+        // Mapped spelling: translated, and the answer stays in the peer's family.
+        assert_eq!(
+            p.check(sa("[::ffff:203.0.113.7]:50001")),
+            allow_to("[::ffff:10.0.0.5]:50001")
+        );
+        assert_eq!(
+            denied_for(&p, "203.0.113.7:22"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(
+            denied_for(&p, "203.0.113.7:3478"),
+            Some(DenyReason::ServerOwn)
+        );
+        // Another host in the same documentation net is still default-denied.
+        assert_eq!(
+            denied_for(&p, "203.0.113.8:50000"),
+            Some(DenyReason::Documentation)
+        );
+    }
+
+    #[test]
+    fn nat_local_side_is_a_relay_address_without_relay_ips() {
+        let p = PeerPolicy::new(PolicyConfig {
+            external_ips: vec![(ip("198.51.100.1"), ip("172.31.0.9"))],
+            relay_ports: (40000, 40100),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            p.check(sa("198.51.100.1:40050")),
+            allow_to("172.31.0.9:40050")
+        );
+        assert_eq!(
+            p.check(sa("172.31.0.9:40050")),
+            allow_to("172.31.0.9:40050")
+        );
+        assert_eq!(
+            denied_for(&p, "198.51.100.1:40101"),
+            Some(DenyReason::ServerOwn)
+        );
+    }
+
+    #[test]
+    fn nat_present_maps_back() {
+        let p = nat_policy();
+        assert_eq!(p.present(sa("10.0.0.5:50000")), sa("203.0.113.7:50000"));
+        assert_eq!(
+            p.present(sa("[::ffff:10.0.0.5]:50000")),
+            sa("[::ffff:203.0.113.7]:50000")
+        );
+        assert_eq!(p.present(sa("8.8.8.8:53")), sa("8.8.8.8:53"));
+        assert_eq!(p.present(sa("203.0.113.7:50000")), sa("203.0.113.7:50000"));
+        // Round trip: what check() sends to, present() shows as the advertised address.
+        if let Verdict::Allow { send_to } = p.check(sa("203.0.113.7:50000")) {
+            assert_eq!(p.present(send_to), sa("203.0.113.7:50000"));
+        } else {
+            panic!("external relay address must be allowed");
+        }
+    }
+
+    #[test]
+    fn permission_key_is_canonical_and_translated() {
+        let p = nat_policy();
+        assert_eq!(p.permission_key(ip("203.0.113.7")), ip("10.0.0.5"));
+        assert_eq!(p.permission_key(ip("::ffff:203.0.113.7")), ip("10.0.0.5"));
+        assert_eq!(p.permission_key(ip("10.0.0.5")), ip("10.0.0.5"));
+        assert_eq!(p.permission_key(ip("::ffff:8.8.8.8")), ip("8.8.8.8"));
+        assert_eq!(p.permission_key(ip("2002:808:808::1")), ip("8.8.8.8"));
+        assert_eq!(p.permission_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
+        assert_eq!(
+            p.permission_key(ip("2606:4700::1111")),
+            ip("2606:4700::1111")
+        );
+        assert_eq!(p.permission_key(ip("::1")), ip("::1"));
+    }
+
+    #[test]
+    fn ipv6_nat_mapping() {
+        let p = PeerPolicy::new(PolicyConfig {
+            external_ips: vec![(ip("2001:db8::7"), ip("fd00::7"))],
+            relay_ports: (49152, 65535),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            p.check(sa("[2001:db8::7]:50000")),
+            allow_to("[fd00::7]:50000")
+        );
+        assert_eq!(p.present(sa("[fd00::7]:50000")), sa("[2001:db8::7]:50000"));
+        assert_eq!(denied_for(&p, "[fd00::7]:22"), Some(DenyReason::ServerOwn));
+    }
+
+    // ---- service endpoints --------------------------------------------------------
+
+    fn service_policy() -> PeerPolicy {
+        PeerPolicy::new(PolicyConfig {
+            allow: nets(&["0.0.0.0/0", "::/0"]),
+            allow_loopback: true,
+            relay_ips: vec![ip("10.0.0.5")],
+            relay_ports: (49152, 65535),
+            service_endpoints: vec![sa("0.0.0.0:3478"), sa("127.0.0.1:9090"), sa("[::]:5349")],
+            ..PolicyConfig::default()
+        })
+    }
+
+    #[test]
+    fn service_endpoints_never_open() {
+        let p = service_policy();
+        for peer in [
+            "127.0.0.1:3478",
+            "127.9.9.9:3478",
+            "[::1]:3478",
+            "[::ffff:127.0.0.1]:3478",
+            "10.0.0.5:3478",
+            "127.0.0.1:9090",
+            "[::ffff:127.0.0.1]:9090",
+            "[2002:7f00:1::]:9090",
+            "127.0.0.1:5349",
+            "10.0.0.5:5349",
+        ] {
+            assert_eq!(denied_for(&p, peer), Some(DenyReason::ServerOwn), "{peer}");
+        }
+        // Same ports on hosts that are not ours are ordinary peers.
+        assert!(allowed(&p, "8.8.8.8:3478"));
+        assert!(allowed(&p, "10.0.0.6:3478"));
+        // 9090 is bound on 127.0.0.1 only; another loopback address is not that socket.
+        assert!(allowed(&p, "127.0.0.2:9090"));
+        assert!(allowed(&p, "[::1]:9090"));
+        // Loopback itself stays open on other ports.
+        assert!(allowed(&p, "127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn service_port_inside_relay_range_still_denied() {
+        let p = PeerPolicy::new(PolicyConfig {
+            relay_ips: vec![ip("10.0.0.5")],
+            relay_ports: (1024, 65535),
+            service_endpoints: vec![sa("0.0.0.0:9090")],
+            ..PolicyConfig::default()
+        });
+        assert_eq!(denied_for(&p, "10.0.0.5:9090"), Some(DenyReason::ServerOwn));
+        assert!(allowed(&p, "10.0.0.5:9091"));
+    }
+
+    #[test]
+    fn service_on_specific_public_ip() {
+        let p = PeerPolicy::new(PolicyConfig {
+            service_endpoints: vec![sa("198.51.100.20:443"), sa("[2606:4700::20]:443")],
+            allow: nets(&["198.51.100.0/24"]),
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "198.51.100.20:443"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(
+            denied_for(&p, "[::ffff:198.51.100.20]:443"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(
+            denied_for(&p, "[2606:4700::20]:443"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert!(allowed(&p, "198.51.100.21:443"));
+        assert!(allowed(&p, "[2606:4700::21]:443"));
+    }
+
+    #[test]
+    fn unspecified_service_covers_external_address() {
+        let p = PeerPolicy::new(PolicyConfig {
+            external_ips: vec![(ip("203.0.113.7"), ip("10.0.0.5"))],
+            relay_ports: (1024, 65535),
+            service_endpoints: vec![sa("[::]:8443")],
+            ..PolicyConfig::default()
+        });
+        assert_eq!(
+            denied_for(&p, "203.0.113.7:8443"),
+            Some(DenyReason::ServerOwn)
+        );
+        assert_eq!(denied_for(&p, "10.0.0.5:8443"), Some(DenyReason::ServerOwn));
+    }
+
+    // ---- labels -------------------------------------------------------------------
+
+    #[test]
+    fn deny_reason_labels_are_stable_and_unique() {
+        let all = [
+            (DenyReason::Unspecified, "unspecified"),
+            (DenyReason::Loopback, "loopback"),
+            (DenyReason::LinkLocal, "link_local"),
+            (DenyReason::Multicast, "multicast"),
+            (DenyReason::Broadcast, "broadcast"),
+            (DenyReason::Private, "private"),
+            (DenyReason::SharedAddressSpace, "shared_address_space"),
+            (DenyReason::Documentation, "documentation"),
+            (DenyReason::Benchmarking, "benchmarking"),
+            (DenyReason::Reserved, "reserved"),
+            (DenyReason::UniqueLocal, "unique_local"),
+            (DenyReason::SiteLocal, "site_local"),
+            (DenyReason::Teredo, "teredo"),
+            (DenyReason::SixToFour, "six_to_four"),
+            (DenyReason::Nat64LocalUse, "nat64_local_use"),
+            (DenyReason::Discard, "discard"),
+            (DenyReason::ServerOwn, "server_own"),
+            (DenyReason::Configured, "configured"),
+            (DenyReason::PortZero, "port_zero"),
+        ];
+        for (i, (r, label)) in all.iter().enumerate() {
+            assert_eq!(r.as_str(), *label);
+            assert_eq!(r.to_string(), *label);
+            for (other, _) in &all[i + 1..] {
+                assert_ne!(r.as_str(), other.as_str());
+            }
+        }
+    }
+}

@@ -1,0 +1,1293 @@
+//! The TURN server core: bytes and 5-tuples in, actions out.
+//!
+//! One `Core` runs per I/O shard. It owns the allocations of the clients the kernel hashed to that
+//! shard, so the packet path touches no lock. Cross-shard state is limited to what Allocate needs
+//! (per-user and total allocation counts in [`Shared`]) and the nonce key.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::allocation::{Allocation, BindError, Counters, Relay, RelayId, TokenBucket};
+use super::auth::{Authenticator, LongTermKey, NonceIssuer, NonceStatus, PasswordAlgorithm};
+use super::codec::{
+    self, attr, decode_xor_address, frame_channel_data, frame_data_indication, method, Class,
+    Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, HEADROOM,
+};
+use super::policy::{PeerPolicy, Verdict};
+use super::ratelimit::SourceRateLimiter;
+use super::FiveTuple;
+
+/// Limits and lifetimes the core enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// 0 = unlimited.
+    pub allocations_per_user: u32,
+    pub total_allocations: u32,
+    pub permissions_per_allocation: usize,
+    pub channels_per_allocation: usize,
+    pub default_lifetime: Duration,
+    pub max_lifetime: Duration,
+    pub permission_lifetime: Duration,
+    pub channel_lifetime: Duration,
+    /// Per allocation and direction; 0 = unlimited.
+    pub bandwidth_bytes_per_sec: u64,
+    pub unauth_replies_per_sec: u32,
+    pub unauth_replies_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            allocations_per_user: 10,
+            total_allocations: 100_000,
+            permissions_per_allocation: 64,
+            channels_per_allocation: 64,
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            bandwidth_bytes_per_sec: 0,
+            unauth_replies_per_sec: 100,
+            unauth_replies_burst: 200,
+        }
+    }
+}
+
+/// Where relay sockets of one address family live.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayAddress {
+    /// The local address relay sockets bind to.
+    pub local: IpAddr,
+    /// The address XOR-RELAYED-ADDRESS advertises (differs behind 1:1 NAT).
+    pub advertised: IpAddr,
+}
+
+/// Everything reloadable that decides how requests are answered.
+pub struct CoreConfig {
+    pub software: Option<String>,
+    pub auth: Authenticator,
+    pub policy: PeerPolicy,
+    pub limits: Limits,
+    pub relay_v4: Option<RelayAddress>,
+    pub relay_v6: Option<RelayAddress>,
+}
+
+/// State all shards share. Touched only on Allocate and on an allocation's end, never per packet.
+pub struct Shared {
+    nonces: NonceIssuer,
+    anchor: Instant,
+    anchor_unix: u64,
+    users: Mutex<HashMap<Box<str>, u32>>,
+    total: AtomicU32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuotaError {
+    User,
+    Total,
+}
+
+impl Shared {
+    /// `anchor`/`anchor_unix` pin the monotonic clock to wall-clock time once, so the core can check
+    /// REST expiries without reading a clock.
+    pub fn new(
+        nonce_secret: [u8; 32],
+        nonce_lifetime_secs: u64,
+        anchor: Instant,
+        anchor_unix: u64,
+    ) -> Self {
+        Shared {
+            nonces: NonceIssuer::new(nonce_secret, nonce_lifetime_secs),
+            anchor,
+            anchor_unix,
+            users: Mutex::new(HashMap::new()),
+            total: AtomicU32::new(0),
+        }
+    }
+
+    pub fn unix_time(&self, now: Instant) -> u64 {
+        self.anchor_unix + now.saturating_duration_since(self.anchor).as_secs()
+    }
+
+    pub fn total_allocations(&self) -> u32 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, user: &str, limits: &Limits) -> Result<(), QuotaError> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let count = users.get(user).copied().unwrap_or(0);
+        if limits.allocations_per_user != 0 && count >= limits.allocations_per_user {
+            return Err(QuotaError::User);
+        }
+        if self.total.load(Ordering::Relaxed) >= limits.total_allocations {
+            return Err(QuotaError::Total);
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        *users.entry(user.into()).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn release(&self, user: &str) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = users.get_mut(user) {
+            *c -= 1;
+            if *c == 0 {
+                users.remove(user);
+            }
+        }
+        self.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the relay socket layer is asked to do. The I/O layer binds real sockets; tests use a fake.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayRequest {
+    pub id: RelayId,
+    pub ip: IpAddr,
+    pub even_port: bool,
+    /// Also reserve the next port (EVEN-PORT with the R bit) and hand back a token for it.
+    pub reserve_next: bool,
+    pub dont_fragment: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OpenedRelay {
+    pub local: SocketAddr,
+    pub reservation_token: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RelayOpenError {
+    #[error("no free relay port")]
+    NoPort,
+    #[error("unknown or expired reservation token")]
+    UnknownToken,
+}
+
+pub trait RelayProvider {
+    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError>;
+    /// Takes the socket reserved under `token` (any shard may have reserved it).
+    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError>;
+    fn close(&mut self, id: RelayId);
+}
+
+/// What the I/O layer does with a client datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAction {
+    Drop,
+    /// Send the reply buffer back on the same 5-tuple.
+    Reply,
+    /// Send `data[start..end]` from relay socket `relay` to `peer`.
+    ToPeer {
+        relay: RelayId,
+        peer: SocketAddr,
+        start: usize,
+        end: usize,
+    },
+}
+
+/// What the I/O layer does with a datagram a relay socket received from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAction {
+    Drop,
+    /// Send `buf[start..end]` to the client of this 5-tuple.
+    ToClient {
+        to: FiveTuple,
+        start: usize,
+        end: usize,
+    },
+}
+
+/// Per-shard counters; the control plane sums them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub allocations_created: u64,
+    pub allocations_ended: u64,
+    pub binding_requests: u64,
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+    pub dropped_no_permission: u64,
+    pub dropped_bandwidth: u64,
+    pub dropped_malformed: u64,
+    pub denied_peers: u64,
+    pub quota_rejections: u64,
+    pub auth_failures: u64,
+    pub stale_nonces: u64,
+    pub rate_limited: u64,
+}
+
+/// How a response is protected.
+#[derive(Clone, Copy)]
+struct Signer {
+    key: LongTermKey,
+    sha256: bool,
+}
+
+struct Slot {
+    gen: u32,
+    alloc: Option<Allocation>,
+}
+
+pub struct Core<P> {
+    config: Arc<CoreConfig>,
+    shared: Arc<Shared>,
+    relays: P,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    by_client: HashMap<FiveTuple, u32>,
+    /// Allocation expiry times; stale entries (refreshed or ended allocations) are skipped on pop.
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    limiter: SourceRateLimiter,
+    rng: u64,
+    keys: Vec<LongTermKey>,
+    stats: Stats,
+}
+
+/// Comprehension-required attributes the TURN methods understand.
+const TURN_KNOWN: &[u16] = &[
+    attr::USERNAME,
+    attr::MESSAGE_INTEGRITY,
+    attr::ERROR_CODE,
+    attr::CHANNEL_NUMBER,
+    attr::LIFETIME,
+    attr::XOR_PEER_ADDRESS,
+    attr::DATA,
+    attr::REALM,
+    attr::NONCE,
+    attr::REQUESTED_ADDRESS_FAMILY,
+    attr::EVEN_PORT,
+    attr::REQUESTED_TRANSPORT,
+    attr::DONT_FRAGMENT,
+    attr::MESSAGE_INTEGRITY_SHA256,
+    attr::PASSWORD_ALGORITHM,
+    attr::RESERVATION_TOKEN,
+];
+
+/// Binding requests may carry ICE and RFC 5780 attributes we can safely ignore.
+const BINDING_KNOWN: &[u16] = &[
+    attr::USERNAME,
+    attr::MESSAGE_INTEGRITY,
+    attr::MESSAGE_INTEGRITY_SHA256,
+    attr::REALM,
+    attr::NONCE,
+    attr::PRIORITY,
+    attr::USE_CANDIDATE,
+    0x0026, // PADDING (RFC 5780): only inflates the request
+];
+
+const ALGORITHMS: [PasswordAlgorithm; 2] = [PasswordAlgorithm::Md5, PasswordAlgorithm::Sha256];
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        400 => "Bad Request",
+        401 => "Unauthenticated",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Error",
+    }
+}
+
+fn password_algorithms_value() -> [u8; 8] {
+    let mut v = [0u8; 8];
+    for (i, a) in ALGORITHMS.iter().enumerate() {
+        v[i * 4..i * 4 + 2].copy_from_slice(&a.code().to_be_bytes());
+    }
+    v
+}
+
+fn family_of(value: &[u8]) -> Option<u8> {
+    (value.len() == 4).then(|| value[0])
+}
+
+impl<P: RelayProvider> Core<P> {
+    pub fn new(config: Arc<CoreConfig>, shared: Arc<Shared>, relays: P, seed: u64) -> Self {
+        let limiter = SourceRateLimiter::new(
+            config.limits.unauth_replies_per_sec,
+            config.limits.unauth_replies_burst,
+            4096,
+            seed ^ 0x5bd1_e995,
+        );
+        Core {
+            config,
+            shared,
+            relays,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_client: HashMap::new(),
+            timers: BinaryHeap::new(),
+            limiter,
+            rng: seed | 1,
+            keys: Vec::with_capacity(4),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Swaps in a reloaded configuration; allocations, permissions and channels stay.
+    pub fn set_config(&mut self, config: Arc<CoreConfig>) {
+        self.config = config;
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn relays(&mut self) -> &mut P {
+        &mut self.relays
+    }
+
+    /// The earliest instant `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Ends every allocation whose lifetime has run out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((t, slot, gen))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let expired = self.slot(slot, gen).is_some_and(|a| a.expires <= now);
+            if expired {
+                self.end_allocation(slot, now, "expired");
+            }
+        }
+    }
+
+    /// Ends every allocation (shutdown).
+    pub fn close_all(&mut self, now: Instant, why: &str) {
+        let slots: Vec<u32> = self.by_client.values().copied().collect();
+        for slot in slots {
+            self.end_allocation(slot, now, why);
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: deterministic under test, unpredictable enough for Data indication ids.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn random_txid(&mut self) -> [u8; 12] {
+        let a = self.next_random().to_le_bytes();
+        let b = self.next_random().to_le_bytes();
+        let mut t = [0u8; 12];
+        t[..8].copy_from_slice(&a);
+        t[8..].copy_from_slice(&b[..4]);
+        t
+    }
+
+    fn slot(&self, slot: u32, gen: u32) -> Option<&Allocation> {
+        self.slots
+            .get(slot as usize)
+            .filter(|s| s.gen == gen)
+            .and_then(|s| s.alloc.as_ref())
+    }
+
+    fn slot_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Allocation> {
+        self.slots
+            .get_mut(slot as usize)
+            .filter(|s| s.gen == gen)
+            .and_then(|s| s.alloc.as_mut())
+    }
+
+    fn alloc_mut(&mut self, slot: u32) -> &mut Allocation {
+        self.slots[slot as usize]
+            .alloc
+            .as_mut()
+            .expect("by_client points at a live slot")
+    }
+
+    // ---------------------------------------------------------------- client side
+
+    /// A datagram from a client. `data` is the whole datagram; a ToPeer range points into it.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        data: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        match data.first().map(|b| b >> 6) {
+            Some(0b01) => self.channel_data(now, ft, data),
+            Some(0b00) => self.stun(now, ft, data, reply),
+            _ => {
+                self.stats.dropped_malformed += 1;
+                ClientAction::Drop
+            }
+        }
+    }
+
+    fn channel_data(&mut self, now: Instant, ft: &FiveTuple, data: &[u8]) -> ClientAction {
+        let Some(cd) = codec::parse_channel_data(data) else {
+            self.stats.dropped_malformed += 1;
+            return ClientAction::Drop;
+        };
+        let Some(&slot) = self.by_client.get(ft) else {
+            return ClientAction::Drop;
+        };
+        let a = self.alloc_mut(slot);
+        let target = a
+            .channel(cd.channel, now)
+            .map(|c| c.peer)
+            .filter(|peer| a.has_permission(peer.ip(), now))
+            .and_then(|peer| a.relay_for(&peer).map(|r| (r.id, peer)));
+        let Some((relay, peer)) = target else {
+            a.counters.dropped_packets += 1;
+            self.stats.dropped_no_permission += 1;
+            return ClientAction::Drop;
+        };
+        self.forward_to_peer(slot, now, relay, peer, cd.start, cd.end)
+    }
+
+    fn forward_to_peer(
+        &mut self,
+        slot: u32,
+        now: Instant,
+        relay: RelayId,
+        peer: SocketAddr,
+        start: usize,
+        end: usize,
+    ) -> ClientAction {
+        let len = end - start;
+        let a = self.alloc_mut(slot);
+        if let Some(b) = a.to_peer_budget.as_mut() {
+            if !b.take(len, now) {
+                a.counters.dropped_packets += 1;
+                self.stats.dropped_bandwidth += 1;
+                return ClientAction::Drop;
+            }
+        }
+        a.counters.to_peer_packets += 1;
+        a.counters.to_peer_bytes += len as u64;
+        self.stats.to_peer_packets += 1;
+        self.stats.to_peer_bytes += len as u64;
+        ClientAction::ToPeer {
+            relay,
+            peer,
+            start,
+            end,
+        }
+    }
+
+    fn stun(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        data: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        let msg = match Message::parse(data) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.dropped_malformed += 1;
+                return ClientAction::Drop;
+            }
+        };
+        match (msg.class, msg.method) {
+            (Class::Request, method::BINDING) => self.binding(now, ft, &msg, reply),
+            (Class::Indication, method::SEND) => self.send_indication(now, ft, &msg),
+            (
+                Class::Request,
+                method::ALLOCATE
+                | method::REFRESH
+                | method::CREATE_PERMISSION
+                | method::CHANNEL_BIND,
+            ) => self.turn_request(now, ft, &msg, reply),
+            (Class::Request, _) => {
+                if !self.limiter.allow(ft.client.ip(), now) {
+                    self.stats.rate_limited += 1;
+                    return ClientAction::Drop;
+                }
+                self.error(reply, &msg, 400, None);
+                ClientAction::Reply
+            }
+            // Binding indications are keepalives; responses and other indications are not ours.
+            _ => ClientAction::Drop,
+        }
+    }
+
+    /// Unknown comprehension-required attributes, up to a handful (enough for a useful 420).
+    fn unknown_attributes(msg: &Message, known: &[u16]) -> ([u16; 8], usize) {
+        let mut out = [0u16; 8];
+        let mut n = 0;
+        for a in msg.attributes() {
+            let ignorable_change_request =
+                a.kind == attr::CHANGE_REQUEST && a.value.iter().all(|b| *b == 0);
+            if attr::is_comprehension_required(a.kind)
+                && !known.contains(&a.kind)
+                && !ignorable_change_request
+                && n < out.len()
+                && !out[..n].contains(&a.kind)
+            {
+                out[n] = a.kind;
+                n += 1;
+            }
+        }
+        (out, n)
+    }
+
+    fn binding(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        self.stats.binding_requests += 1;
+        let (unknown, n) = Self::unknown_attributes(msg, BINDING_KNOWN);
+        if n > 0 {
+            if !self.limiter.allow(ft.client.ip(), now) {
+                self.stats.rate_limited += 1;
+                return ClientAction::Drop;
+            }
+            self.unknown_attribute_error(reply, msg, &unknown[..n], None);
+            return ClientAction::Reply;
+        }
+        let mut w =
+            MessageWriter::new(reply, method::BINDING, Class::Success, msg.transaction_id());
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        self.finish(&mut w, msg, None);
+        ClientAction::Reply
+    }
+
+    fn send_indication(&mut self, now: Instant, ft: &FiveTuple, msg: &Message) -> ClientAction {
+        let Some(&slot) = self.by_client.get(ft) else {
+            return ClientAction::Drop;
+        };
+        let txid = msg.transaction_id();
+        let peer = msg
+            .get(attr::XOR_PEER_ADDRESS)
+            .and_then(|a| decode_xor_address(a.value, &txid));
+        let (Some(peer), Some(data)) = (peer, msg.get(attr::DATA)) else {
+            self.stats.dropped_malformed += 1;
+            return ClientAction::Drop;
+        };
+        let peer = match self.config.policy.check(peer) {
+            Verdict::Allow { send_to } => send_to,
+            Verdict::Deny(_) => {
+                self.stats.denied_peers += 1;
+                return ClientAction::Drop;
+            }
+        };
+        let a = self.alloc_mut(slot);
+        let relay = a.relay_for(&peer).map(|r| r.id);
+        let Some(relay) = relay.filter(|_| a.has_permission(peer.ip(), now)) else {
+            a.counters.dropped_packets += 1;
+            self.stats.dropped_no_permission += 1;
+            return ClientAction::Drop;
+        };
+        let start = data.offset;
+        self.forward_to_peer(slot, now, relay, peer, start, start + data.value.len())
+    }
+
+    /// Allocate, Refresh, CreatePermission, ChannelBind: authenticated, answered, retransmission-safe.
+    fn turn_request(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        let txid = msg.transaction_id();
+        let existing = self.by_client.get(ft).copied();
+        if let Some(slot) = existing {
+            let a = self.alloc_mut(slot);
+            if a.last_txid == txid && !a.last_response.is_empty() {
+                reply.clear();
+                reply.extend_from_slice(&a.last_response);
+                return ClientAction::Reply;
+            }
+        }
+        let signer = match self.authenticate(now, ft, msg, reply) {
+            Ok(s) => s,
+            Err(action) => return action,
+        };
+        let username = msg
+            .get(attr::USERNAME)
+            .and_then(|a| std::str::from_utf8(a.value).ok())
+            .unwrap_or_default();
+        let (unknown, n) = Self::unknown_attributes(msg, TURN_KNOWN);
+        if n > 0 {
+            self.unknown_attribute_error(reply, msg, &unknown[..n], Some(&signer));
+            return ClientAction::Reply;
+        }
+        if let Some(slot) = existing {
+            if msg.method != method::ALLOCATE && *self.alloc_mut(slot).username != *username {
+                self.error(reply, msg, 441, Some(&signer));
+                return ClientAction::Reply;
+            }
+        }
+        match msg.method {
+            method::ALLOCATE => self.allocate(now, ft, msg, username, &signer, existing, reply),
+            method::REFRESH => self.refresh(now, msg, &signer, existing, reply),
+            method::CREATE_PERMISSION => self.create_permission(now, msg, &signer, existing, reply),
+            _ => self.channel_bind(now, msg, &signer, existing, reply),
+        }
+        // Remember the answer for a retransmission of this request on this 5-tuple.
+        if let Some(&slot) = self.by_client.get(ft) {
+            let a = self.alloc_mut(slot);
+            a.last_txid = txid;
+            a.last_response.clear();
+            a.last_response.extend_from_slice(reply);
+        }
+        ClientAction::Reply
+    }
+
+    /// Long-term credential check (RFC 8489 §9.2.4). On failure the reply (401/438/400) or a drop is the action.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        reply: &mut Vec<u8>,
+    ) -> Result<Signer, ClientAction> {
+        let sha256 = msg.has_integrity_sha256();
+        if !msg.has_integrity() && !sha256 {
+            return Err(self.challenge(now, ft, msg, reply, 401));
+        }
+        let username = msg.get(attr::USERNAME).map(|a| a.value);
+        let realm = msg.get(attr::REALM);
+        let nonce = msg.get(attr::NONCE);
+        let (Some(username), Some(_), Some(nonce)) = (username, realm, nonce) else {
+            return Err(self.unauthenticated_error(now, ft, msg, reply, 400));
+        };
+        let Ok(username) = std::str::from_utf8(username) else {
+            return Err(self.unauthenticated_error(now, ft, msg, reply, 400));
+        };
+        let unix = self.shared.unix_time(now);
+        match self
+            .shared
+            .nonces
+            .check(nonce.value, unix, ft.transport.tag(), &ft.client)
+        {
+            NonceStatus::Valid => {}
+            NonceStatus::Stale | NonceStatus::Invalid => {
+                self.stats.stale_nonces += 1;
+                return Err(self.challenge(now, ft, msg, reply, 438));
+            }
+        }
+        let Some(algorithm) = self.password_algorithm(msg, nonce.value) else {
+            return Err(self.unauthenticated_error(now, ft, msg, reply, 400));
+        };
+        let config = Arc::clone(&self.config);
+        let mut keys = std::mem::take(&mut self.keys);
+        let verdict = config
+            .auth
+            .candidate_keys(username, algorithm, unix, &mut keys)
+            .map_err(|why| {
+                tracing::debug!(client = %ft.client, reason = %why, "credentials refused");
+            })
+            .and_then(|()| {
+                keys.iter()
+                    .copied()
+                    .find(|k| {
+                        if sha256 {
+                            msg.verify_integrity_sha256(k.as_bytes())
+                        } else {
+                            msg.verify_integrity(k.as_bytes())
+                        }
+                    })
+                    .ok_or_else(|| {
+                        tracing::debug!(client = %ft.client, "message integrity check failed");
+                    })
+            });
+        self.keys = keys;
+        match verdict {
+            Ok(key) => Ok(Signer { key, sha256 }),
+            Err(()) => {
+                self.stats.auth_failures += 1;
+                Err(self.challenge(now, ft, msg, reply, 401))
+            }
+        }
+    }
+
+    /// PASSWORD-ALGORITHM negotiation (RFC 8489 §9.2.4): absent means MD5; when present it must come
+    /// with the PASSWORD-ALGORITHMS list we sent, unchanged (downgrade protection).
+    fn password_algorithm(&self, msg: &Message, nonce: &[u8]) -> Option<PasswordAlgorithm> {
+        let chosen = msg.get(attr::PASSWORD_ALGORITHM);
+        let offered = msg.get(attr::PASSWORD_ALGORITHMS);
+        match (chosen, offered) {
+            (None, None) => Some(PasswordAlgorithm::Md5),
+            (Some(c), Some(o)) if NonceIssuer::announces_password_algorithms(nonce) => {
+                if o.value != password_algorithms_value() || c.value.len() < 4 {
+                    return None;
+                }
+                let code = u16::from_be_bytes([c.value[0], c.value[1]]);
+                PasswordAlgorithm::from_code(code).filter(|a| ALGORITHMS.contains(a))
+            }
+            _ => None,
+        }
+    }
+
+    /// 401 or 438 with a fresh nonce, rate limited per source.
+    fn challenge(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        reply: &mut Vec<u8>,
+        code: u16,
+    ) -> ClientAction {
+        if !self.limiter.allow(ft.client.ip(), now) {
+            self.stats.rate_limited += 1;
+            return ClientAction::Drop;
+        }
+        let unix = self.shared.unix_time(now);
+        let nonce = self
+            .shared
+            .nonces
+            .issue(unix, ft.transport.tag(), &ft.client);
+        let config = Arc::clone(&self.config);
+        let mut w = MessageWriter::new(reply, msg.method, Class::Error, msg.transaction_id());
+        w.error_code(code, reason(code))
+            .attr(attr::REALM, config.auth.realm().as_bytes())
+            .attr(attr::NONCE, nonce.as_bytes())
+            .attr(attr::PASSWORD_ALGORITHMS, &password_algorithms_value());
+        self.finish(&mut w, msg, None);
+        ClientAction::Reply
+    }
+
+    fn unauthenticated_error(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        reply: &mut Vec<u8>,
+        code: u16,
+    ) -> ClientAction {
+        if !self.limiter.allow(ft.client.ip(), now) {
+            self.stats.rate_limited += 1;
+            return ClientAction::Drop;
+        }
+        self.error(reply, msg, code, None);
+        ClientAction::Reply
+    }
+
+    fn error(&self, reply: &mut Vec<u8>, msg: &Message, code: u16, signer: Option<&Signer>) {
+        let mut w = MessageWriter::new(reply, msg.method, Class::Error, msg.transaction_id());
+        w.error_code(code, reason(code));
+        self.finish(&mut w, msg, signer);
+    }
+
+    fn unknown_attribute_error(
+        &self,
+        reply: &mut Vec<u8>,
+        msg: &Message,
+        unknown: &[u16],
+        signer: Option<&Signer>,
+    ) {
+        let mut list = [0u8; 16];
+        for (i, t) in unknown.iter().enumerate() {
+            list[i * 2..i * 2 + 2].copy_from_slice(&t.to_be_bytes());
+        }
+        let mut w = MessageWriter::new(reply, msg.method, Class::Error, msg.transaction_id());
+        w.error_code(420, reason(420))
+            .attr(attr::UNKNOWN_ATTRIBUTES, &list[..unknown.len() * 2]);
+        self.finish(&mut w, msg, signer);
+    }
+
+    /// SOFTWARE (if configured), integrity matching the request's, FINGERPRINT if the request had one.
+    fn finish(&self, w: &mut MessageWriter, msg: &Message, signer: Option<&Signer>) {
+        if let Some(s) = &self.config.software {
+            w.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        if let Some(s) = signer {
+            if s.sha256 {
+                w.integrity_sha256(s.key.as_bytes());
+            } else {
+                w.integrity(s.key.as_bytes());
+            }
+        }
+        if msg.has_fingerprint() {
+            w.fingerprint();
+        }
+    }
+
+    fn lifetime(&self, msg: &Message) -> Duration {
+        let limits = &self.config.limits;
+        match msg
+            .get(attr::LIFETIME)
+            .filter(|a| a.value.len() == 4)
+            .map(|a| u32::from_be_bytes([a.value[0], a.value[1], a.value[2], a.value[3]]))
+        {
+            Some(0) => Duration::ZERO,
+            Some(secs) => Duration::from_secs(secs as u64)
+                .min(limits.max_lifetime)
+                .max(limits.default_lifetime),
+            None => limits.default_lifetime,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message,
+        username: &str,
+        signer: &Signer,
+        existing: Option<u32>,
+        reply: &mut Vec<u8>,
+    ) {
+        if existing.is_some() {
+            return self.error(reply, msg, 437, Some(signer));
+        }
+        match msg.get(attr::REQUESTED_TRANSPORT).map(|a| a.value) {
+            Some([17, _, _, _]) => {}
+            Some([_, _, _, _]) => return self.error(reply, msg, 442, Some(signer)),
+            _ => return self.error(reply, msg, 400, Some(signer)),
+        }
+        let requested_family = msg
+            .get(attr::REQUESTED_ADDRESS_FAMILY)
+            .map(|a| family_of(a.value));
+        let additional_family = msg
+            .get(attr::ADDITIONAL_ADDRESS_FAMILY)
+            .map(|a| family_of(a.value));
+        let token = msg.get(attr::RESERVATION_TOKEN).map(|a| a.value);
+        let even_port = msg.get(attr::EVEN_PORT).map(|a| a.value);
+        // RFC 8656 §7.2: these combinations are contradictory.
+        let contradictory = (token.is_some()
+            && (even_port.is_some() || requested_family.is_some()))
+            || (additional_family.is_some() && (requested_family.is_some() || token.is_some()));
+        if contradictory {
+            return self.error(reply, msg, 400, Some(signer));
+        }
+        let token = match token {
+            Some(t) if t.len() == 8 => Some(u64::from_be_bytes(t.try_into().unwrap_or_default())),
+            Some(_) => return self.error(reply, msg, 400, Some(signer)),
+            None => None,
+        };
+        let reserve_next = match even_port {
+            Some([flags, ..]) => Some(flags & 0x80 != 0),
+            Some([]) => return self.error(reply, msg, 400, Some(signer)),
+            None => None,
+        };
+        let (want_v4, want_v6) = match (requested_family, additional_family) {
+            (Some(Some(0x01)) | None, None) => (true, false),
+            (Some(Some(0x02)), None) => (false, true),
+            (None, Some(Some(0x02))) => (true, true),
+            (Some(_), None) => return self.error(reply, msg, 440, Some(signer)),
+            (_, Some(_)) => return self.error(reply, msg, 400, Some(signer)),
+        };
+        let config = Arc::clone(&self.config);
+        let v4 = config.relay_v4.filter(|_| want_v4);
+        let v6 = config.relay_v6.filter(|_| want_v6);
+        // A dual request is served with the IPv4 relay alone when IPv6 is unavailable (ADDRESS-ERROR-CODE).
+        if (want_v4 && v4.is_none()) || (want_v6 && !want_v4 && v6.is_none()) {
+            return self.error(reply, msg, 440, Some(signer));
+        }
+        let quota_user = config.auth.quota_user(username);
+        match self.shared.reserve(quota_user, &config.limits) {
+            Ok(()) => {}
+            Err(q) => {
+                self.stats.quota_rejections += 1;
+                let code = if q == QuotaError::User { 486 } else { 508 };
+                return self.error(reply, msg, code, Some(signer));
+            }
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    gen: 0,
+                    alloc: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let gen = self.slots[slot as usize].gen;
+        let dont_fragment = msg.get(attr::DONT_FRAGMENT).is_some();
+        let mut relays = [None, None];
+        let mut reservation = None;
+        let mut failed = false;
+        for (i, family) in [v4, v6].into_iter().enumerate() {
+            let Some(family) = family else { continue };
+            let id = RelayId {
+                slot,
+                gen,
+                v6: i == 1,
+            };
+            let opened = match token {
+                Some(t) => self.relays.open_reserved(id, t).map(|local| (local, None)),
+                None => self
+                    .relays
+                    .open(&RelayRequest {
+                        id,
+                        ip: family.local,
+                        even_port: reserve_next.is_some() && i == 0,
+                        reserve_next: reserve_next == Some(true) && i == 0,
+                        dont_fragment,
+                    })
+                    .map(|o| (o.local, o.reservation_token)),
+            };
+            match opened {
+                Ok((local, tok)) => {
+                    reservation = reservation.or(tok);
+                    let advertised = SocketAddr::new(family.advertised, local.port());
+                    relays[i] = Some(Relay {
+                        id,
+                        local,
+                        advertised,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(client = %ft.client, error = %e, "relay socket unavailable");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            for r in relays.iter().flatten() {
+                self.relays.close(r.id);
+            }
+            self.free_slots.push(slot);
+            self.shared.release(quota_user);
+            return self.error(reply, msg, 508, Some(signer));
+        }
+        let lifetime = self.lifetime(msg).max(Duration::from_secs(1));
+        let bw = config.limits.bandwidth_bytes_per_sec;
+        let budget = (bw > 0).then(|| TokenBucket::new(bw, now));
+        let allocation = Allocation {
+            five_tuple: *ft,
+            username: username.into(),
+            quota_user: quota_user.into(),
+            created: now,
+            expires: now + lifetime,
+            relays,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            last_txid: [0; 12],
+            last_response: Vec::new(),
+            counters: Counters::default(),
+            to_peer_budget: budget,
+            to_client_budget: budget,
+        };
+        self.slots[slot as usize].alloc = Some(allocation);
+        self.by_client.insert(*ft, slot);
+        self.timers.push(Reverse((now + lifetime, slot, gen)));
+        self.stats.allocations_created += 1;
+        tracing::info!(
+            user = username,
+            client = %ft.client,
+            transport = ft.transport.as_str(),
+            relay = %DisplayRelays(&relays),
+            lifetime_secs = lifetime.as_secs(),
+            "allocation created"
+        );
+
+        let mut w = MessageWriter::new(
+            reply,
+            method::ALLOCATE,
+            Class::Success,
+            msg.transaction_id(),
+        );
+        for r in relays.iter().flatten() {
+            w.xor_address(attr::XOR_RELAYED_ADDRESS, r.advertised);
+        }
+        if want_v6 && want_v4 && relays[1].is_none() {
+            // RFC 8656 §7.2: the IPv6 half of a dual allocation failed.
+            let mut v = [0u8; 4 + 28];
+            v[0] = 0x02;
+            v[2] = 4;
+            v[3] = 40;
+            let r = reason(440).as_bytes();
+            v[4..4 + r.len()].copy_from_slice(r);
+            w.attr(attr::ADDRESS_ERROR_CODE, &v[..4 + r.len()]);
+        }
+        w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
+        if let Some(t) = reservation {
+            w.attr(attr::RESERVATION_TOKEN, &t.to_be_bytes());
+        }
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        self.finish(&mut w, msg, Some(signer));
+    }
+
+    fn refresh(
+        &mut self,
+        now: Instant,
+        msg: &Message,
+        signer: &Signer,
+        existing: Option<u32>,
+        reply: &mut Vec<u8>,
+    ) {
+        let Some(slot) = existing else {
+            return self.error(reply, msg, 437, Some(signer));
+        };
+        if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let index = match family_of(f.value) {
+                Some(0x01) => 0,
+                Some(0x02) => 1,
+                _ => return self.error(reply, msg, 440, Some(signer)),
+            };
+            if self.alloc_mut(slot).relays[index].is_none() {
+                return self.error(reply, msg, 443, Some(signer));
+            }
+        }
+        let lifetime = self.lifetime(msg);
+        if lifetime.is_zero() {
+            self.end_allocation(slot, now, "deleted by client");
+        } else {
+            let a = self.alloc_mut(slot);
+            a.expires = now + lifetime;
+            let gen = self.slots[slot as usize].gen;
+            self.timers.push(Reverse((now + lifetime, slot, gen)));
+        }
+        let mut w =
+            MessageWriter::new(reply, method::REFRESH, Class::Success, msg.transaction_id());
+        w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
+        self.finish(&mut w, msg, Some(signer));
+    }
+
+    /// Peer checks shared by CreatePermission and ChannelBind: family (443) and policy (403).
+    fn admit_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<SocketAddr, u16> {
+        let target = match self.config.policy.check(peer) {
+            Verdict::Allow { send_to } => send_to,
+            Verdict::Deny(why) => {
+                self.stats.denied_peers += 1;
+                tracing::debug!(peer = %peer, reason = why.as_str(), "peer denied");
+                return Err(403);
+            }
+        };
+        if self.alloc_mut(slot).relay_for(&target).is_none() {
+            return Err(443);
+        }
+        Ok(target)
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        msg: &Message,
+        signer: &Signer,
+        existing: Option<u32>,
+        reply: &mut Vec<u8>,
+    ) {
+        let Some(slot) = existing else {
+            return self.error(reply, msg, 437, Some(signer));
+        };
+        let txid = msg.transaction_id();
+        let mut ips = [IpAddr::from([0u8; 4]); 32];
+        let mut n = 0;
+        for a in msg
+            .attributes()
+            .filter(|a| a.kind == attr::XOR_PEER_ADDRESS)
+        {
+            let Some(peer) = decode_xor_address(a.value, &txid) else {
+                return self.error(reply, msg, 400, Some(signer));
+            };
+            if n == ips.len() {
+                return self.error(reply, msg, 508, Some(signer));
+            }
+            match self.admit_peer(slot, peer) {
+                Ok(target) => ips[n] = target.ip(),
+                Err(code) => return self.error(reply, msg, code, Some(signer)),
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return self.error(reply, msg, 400, Some(signer));
+        }
+        let limits = &self.config.limits;
+        let (limit, lifetime) = (
+            limits.permissions_per_allocation,
+            limits.permission_lifetime,
+        );
+        let a = self.alloc_mut(slot);
+        if !a.can_permit_all(&ips[..n], now, limit) {
+            self.stats.quota_rejections += 1;
+            return self.error(reply, msg, 508, Some(signer));
+        }
+        for ip in &ips[..n] {
+            a.permit(*ip, now + lifetime, now, limit);
+        }
+        let mut w = MessageWriter::new(reply, method::CREATE_PERMISSION, Class::Success, txid);
+        self.finish(&mut w, msg, Some(signer));
+    }
+
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        msg: &Message,
+        signer: &Signer,
+        existing: Option<u32>,
+        reply: &mut Vec<u8>,
+    ) {
+        let Some(slot) = existing else {
+            return self.error(reply, msg, 437, Some(signer));
+        };
+        let txid = msg.transaction_id();
+        let number = msg
+            .get(attr::CHANNEL_NUMBER)
+            .filter(|a| a.value.len() == 4)
+            .map(|a| u16::from_be_bytes([a.value[0], a.value[1]]));
+        let peer = msg
+            .get(attr::XOR_PEER_ADDRESS)
+            .and_then(|a| decode_xor_address(a.value, &txid));
+        let (Some(number), Some(peer)) = (number, peer) else {
+            return self.error(reply, msg, 400, Some(signer));
+        };
+        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
+            return self.error(reply, msg, 400, Some(signer));
+        }
+        let target = match self.admit_peer(slot, peer) {
+            Ok(t) => t,
+            Err(code) => return self.error(reply, msg, code, Some(signer)),
+        };
+        let limits = &self.config.limits;
+        let (channel_limit, channel_lifetime) =
+            (limits.channels_per_allocation, limits.channel_lifetime);
+        let (permission_limit, permission_lifetime) = (
+            limits.permissions_per_allocation,
+            limits.permission_lifetime,
+        );
+        let a = self.alloc_mut(slot);
+        match a.check_bind(number, target, now, channel_limit) {
+            Ok(()) => {}
+            Err(BindError::Conflict) => return self.error(reply, msg, 400, Some(signer)),
+            Err(BindError::Full) => {
+                self.stats.quota_rejections += 1;
+                return self.error(reply, msg, 508, Some(signer));
+            }
+        }
+        // A channel binding also installs or refreshes the permission (RFC 8656 §12.2).
+        if !a.permit(
+            target.ip(),
+            now + permission_lifetime,
+            now,
+            permission_limit,
+        ) {
+            self.stats.quota_rejections += 1;
+            return self.error(reply, msg, 508, Some(signer));
+        }
+        a.bind(number, target, now + channel_lifetime, now);
+        let mut w = MessageWriter::new(reply, method::CHANNEL_BIND, Class::Success, txid);
+        self.finish(&mut w, msg, Some(signer));
+    }
+
+    fn end_allocation(&mut self, slot: u32, now: Instant, why: &str) {
+        let Some(a) = self.slots[slot as usize].alloc.take() else {
+            return;
+        };
+        let s = &mut self.slots[slot as usize];
+        s.gen = s.gen.wrapping_add(1);
+        self.free_slots.push(slot);
+        self.by_client.remove(&a.five_tuple);
+        for r in a.relays.iter().flatten() {
+            self.relays.close(r.id);
+        }
+        self.shared.release(&a.quota_user);
+        self.stats.allocations_ended += 1;
+        let c = a.counters;
+        tracing::info!(
+            user = &*a.username,
+            client = %a.five_tuple.client,
+            transport = a.five_tuple.transport.as_str(),
+            relay = %DisplayRelays(&a.relays),
+            reason = why,
+            duration_secs = now.saturating_duration_since(a.created).as_secs(),
+            to_peer_bytes = c.to_peer_bytes,
+            to_peer_packets = c.to_peer_packets,
+            to_client_bytes = c.to_client_bytes,
+            to_client_packets = c.to_client_packets,
+            dropped_packets = c.dropped_packets,
+            "allocation ended"
+        );
+    }
+
+    // ---------------------------------------------------------------- peer side
+
+    /// A datagram a relay socket received from `from`. The payload sits at `buf[start..end]` with at
+    /// least [`HEADROOM`] bytes before it and [`codec::TAILROOM`] after, so the frame is written in place.
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        from: SocketAddr,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+    ) -> PeerAction {
+        debug_assert!(start >= HEADROOM && buf.len() >= end + codec::TAILROOM);
+        let txid = self.random_txid();
+        let config = Arc::clone(&self.config);
+        let Some(a) = self.slot_mut(relay.slot, relay.gen) else {
+            return PeerAction::Drop;
+        };
+        let len = end - start;
+        if a.expires <= now || !a.has_permission(from.ip(), now) {
+            a.counters.dropped_packets += 1;
+            self.stats.dropped_no_permission += 1;
+            return PeerAction::Drop;
+        }
+        if let Some(b) = a.to_client_budget.as_mut() {
+            if !b.take(len, now) {
+                a.counters.dropped_packets += 1;
+                self.stats.dropped_bandwidth += 1;
+                return PeerAction::Drop;
+            }
+        }
+        let (s, e) = match a.channel_for_peer(from, now) {
+            Some(c) => frame_channel_data(buf, start, end, c.number),
+            None => {
+                // A Data indication must still fit a UDP datagram after its header is added.
+                if len > u16::MAX as usize - HEADROOM {
+                    a.counters.dropped_packets += 1;
+                    return PeerAction::Drop;
+                }
+                frame_data_indication(buf, start, end, config.policy.present(from), &txid)
+            }
+        };
+        a.counters.to_client_packets += 1;
+        a.counters.to_client_bytes += len as u64;
+        let to = a.five_tuple;
+        self.stats.to_client_packets += 1;
+        self.stats.to_client_bytes += len as u64;
+        PeerAction::ToClient {
+            to,
+            start: s,
+            end: e,
+        }
+    }
+}
+
+struct DisplayRelays<'a>(&'a [Option<Relay>; 2]);
+
+impl std::fmt::Display for DisplayRelays<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for r in self.0.iter().flatten() {
+            if !first {
+                f.write_str(",")?;
+            }
+            write!(f, "{}", r.advertised)?;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -1,0 +1,1300 @@
+//! Core tests: bytes in, bytes out, simulated time.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::auth::{long_term_key, mint_rest_credential, RestConfig, StaticUser};
+use crate::proto::codec::{attr, method, Class, Message, MessageWriter, TAILROOM};
+use crate::proto::policy::{PeerPolicy, PolicyConfig};
+use crate::proto::Transport;
+
+const REALM: &str = "test.realm";
+const SECRET: &[u8] = b"rest-secret";
+const UNIX0: u64 = 1_800_000_000;
+
+#[derive(Default)]
+struct FakeRelays {
+    next_port: u16,
+    open: HashMap<RelayId, SocketAddr>,
+    reserved: HashMap<u64, SocketAddr>,
+    closed: Vec<RelayId>,
+    exhausted: bool,
+}
+
+impl RelayProvider for FakeRelays {
+    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
+        if self.exhausted {
+            return Err(RelayOpenError::NoPort);
+        }
+        if self.next_port == 0 {
+            self.next_port = 50000;
+        }
+        if req.even_port && self.next_port % 2 == 1 {
+            self.next_port += 1;
+        }
+        let local = SocketAddr::new(req.ip, self.next_port);
+        self.next_port += 1;
+        let mut token = None;
+        if req.reserve_next {
+            let t = 0x1122_3344_5566_7788 + self.reserved.len() as u64;
+            self.reserved
+                .insert(t, SocketAddr::new(req.ip, self.next_port));
+            self.next_port += 1;
+            token = Some(t);
+        }
+        assert!(self.open.insert(req.id, local).is_none());
+        Ok(OpenedRelay {
+            local,
+            reservation_token: token,
+        })
+    }
+
+    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
+        let local = self
+            .reserved
+            .remove(&token)
+            .ok_or(RelayOpenError::UnknownToken)?;
+        self.open.insert(id, local);
+        Ok(local)
+    }
+
+    fn close(&mut self, id: RelayId) {
+        assert!(
+            self.open.remove(&id).is_some(),
+            "closed twice or never opened"
+        );
+        self.closed.push(id);
+    }
+}
+
+struct Harness {
+    core: Core<FakeRelays>,
+    shared: Arc<Shared>,
+    t0: Instant,
+    now: Instant,
+    reply: Vec<u8>,
+    txid_counter: u32,
+}
+
+fn limits() -> Limits {
+    Limits {
+        allocations_per_user: 2,
+        total_allocations: 3,
+        permissions_per_allocation: 4,
+        channels_per_allocation: 2,
+        unauth_replies_per_sec: 0,
+        ..Limits::default()
+    }
+}
+
+fn config(limits: Limits, allow_loopback: bool, with_v6: bool) -> CoreConfig {
+    let mut users = HashMap::new();
+    users.insert(
+        "alice".to_string(),
+        StaticUser::Password("wonderland".into()),
+    );
+    users.insert("bob".to_string(), StaticUser::Password("builder".into()));
+    let auth = Authenticator::new(
+        REALM.into(),
+        users,
+        Some(RestConfig {
+            secrets: vec![b"old-secret".to_vec(), SECRET.to_vec()],
+            separator: ':',
+            max_ttl_secs: 48 * 3600,
+        }),
+    );
+    let relay_ip: IpAddr = "192.0.2.10".parse().unwrap();
+    let relay_v6: IpAddr = "2001:db8::10".parse().unwrap();
+    let policy = PeerPolicy::new(PolicyConfig {
+        allow: vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "2001:db8:1::/48".parse().unwrap(),
+        ],
+        deny: vec![],
+        allow_loopback,
+        relay_ips: if with_v6 {
+            vec![relay_ip, relay_v6]
+        } else {
+            vec![relay_ip]
+        },
+        external_ips: vec![],
+        relay_ports: (49152, 65535),
+        service_endpoints: vec!["0.0.0.0:3478".parse().unwrap()],
+    });
+    CoreConfig {
+        software: None,
+        auth,
+        policy,
+        limits,
+        relay_v4: Some(RelayAddress {
+            local: relay_ip,
+            advertised: relay_ip,
+        }),
+        relay_v6: with_v6.then_some(RelayAddress {
+            local: relay_v6,
+            advertised: relay_v6,
+        }),
+    }
+}
+
+fn client(port: u16) -> FiveTuple {
+    FiveTuple {
+        transport: Transport::Udp,
+        client: SocketAddr::new("203.0.113.7".parse().unwrap(), port),
+        local: "192.0.2.10:3478".parse().unwrap(),
+    }
+}
+
+/// A client session's credentials.
+#[derive(Clone)]
+struct Creds {
+    user: String,
+    key: Vec<u8>,
+    sha256: bool,
+}
+
+fn alice() -> Creds {
+    creds("alice", "wonderland")
+}
+
+fn creds(user: &str, password: &str) -> Creds {
+    Creds {
+        user: user.into(),
+        key: long_term_key(PasswordAlgorithm::Md5, user, REALM, password)
+            .as_bytes()
+            .to_vec(),
+        sha256: false,
+    }
+}
+
+fn peer(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(config(limits(), false, true))
+    }
+
+    fn with(cfg: CoreConfig) -> Self {
+        let t0 = Instant::now();
+        let shared = Arc::new(Shared::new([9; 32], 600, t0, UNIX0));
+        Harness {
+            core: Core::new(
+                Arc::new(cfg),
+                Arc::clone(&shared),
+                FakeRelays::default(),
+                42,
+            ),
+            shared,
+            t0,
+            now: t0,
+            reply: Vec::new(),
+            txid_counter: 0,
+        }
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        self.core.handle_timeout(self.now);
+    }
+
+    fn txid(&mut self) -> [u8; 12] {
+        self.txid_counter += 1;
+        let mut t = [0xAB; 12];
+        t[..4].copy_from_slice(&self.txid_counter.to_be_bytes());
+        t
+    }
+
+    fn send(&mut self, ft: &FiveTuple, bytes: &[u8]) -> ClientAction {
+        self.core
+            .handle_client(self.now, ft, bytes, &mut self.reply)
+    }
+
+    /// Sends and returns the parsed reply's (class, error code).
+    fn call(&mut self, ft: &FiveTuple, bytes: &[u8]) -> (Class, Option<u16>) {
+        assert_eq!(
+            self.send(ft, bytes),
+            ClientAction::Reply,
+            "expected a reply"
+        );
+        let m = Message::parse(&self.reply).expect("reply parses");
+        let code = m
+            .get(attr::ERROR_CODE)
+            .map(|e| e.value[2] as u16 * 100 + e.value[3] as u16);
+        (m.class, code)
+    }
+
+    fn reply_attr(&self, kind: u16) -> Option<Vec<u8>> {
+        let m = Message::parse(&self.reply).unwrap();
+        m.get(kind).map(|a| a.value.to_vec())
+    }
+
+    /// Gets a nonce the way a client does: an unauthenticated request answered with 401.
+    fn nonce(&mut self, ft: &FiveTuple) -> Vec<u8> {
+        let txid = self.txid();
+        let mut buf = Vec::new();
+        MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, txid)
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        let (class, code) = self.call(ft, &buf);
+        assert_eq!((class, code), (Class::Error, Some(401)));
+        self.reply_attr(attr::NONCE).unwrap()
+    }
+
+    /// Builds an authenticated request; `fill` adds the method's attributes.
+    fn request(
+        &mut self,
+        m: u16,
+        txid: [u8; 12],
+        c: &Creds,
+        nonce: &[u8],
+        fill: impl FnOnce(&mut MessageWriter),
+    ) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, txid);
+        fill(&mut w);
+        w.attr(attr::USERNAME, c.user.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, nonce);
+        if c.sha256 {
+            w.attr(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0])
+                .attr(attr::PASSWORD_ALGORITHMS, &[0, 1, 0, 0, 0, 2, 0, 0])
+                .integrity_sha256(&c.key);
+        } else {
+            w.integrity(&c.key);
+        }
+        buf
+    }
+
+    fn allocate_with(
+        &mut self,
+        ft: &FiveTuple,
+        c: &Creds,
+        fill: impl FnOnce(&mut MessageWriter),
+    ) -> (Class, Option<u16>) {
+        let nonce = self.nonce(ft);
+        let txid = self.txid();
+        let req = self.request(method::ALLOCATE, txid, c, &nonce, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            fill(w);
+        });
+        self.call(ft, &req)
+    }
+
+    fn allocate(&mut self, ft: &FiveTuple) -> SocketAddr {
+        let (class, code) = self.allocate_with(ft, &alice(), |_| {});
+        assert_eq!((class, code), (Class::Success, None));
+        self.relayed_address()
+    }
+
+    fn relayed_address(&self) -> SocketAddr {
+        let m = Message::parse(&self.reply).unwrap();
+        let a = m.get(attr::XOR_RELAYED_ADDRESS).unwrap();
+        codec::decode_xor_address(a.value, &m.transaction_id()).unwrap()
+    }
+
+    fn authed(
+        &mut self,
+        ft: &FiveTuple,
+        m: u16,
+        fill: impl FnOnce(&mut MessageWriter),
+    ) -> (Class, Option<u16>) {
+        let nonce = self.nonce(ft);
+        let txid = self.txid();
+        let req = self.request(m, txid, &alice(), &nonce, fill);
+        self.call(ft, &req)
+    }
+
+    fn permit(&mut self, ft: &FiveTuple, p: SocketAddr) -> (Class, Option<u16>) {
+        self.authed(ft, method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, p);
+        })
+    }
+
+    fn bind(&mut self, ft: &FiveTuple, number: u16, p: SocketAddr) -> (Class, Option<u16>) {
+        self.authed(ft, method::CHANNEL_BIND, |w| {
+            w.attr(
+                attr::CHANNEL_NUMBER,
+                &[(number >> 8) as u8, number as u8, 0, 0],
+            )
+            .xor_address(attr::XOR_PEER_ADDRESS, p);
+        })
+    }
+
+    fn refresh(&mut self, ft: &FiveTuple, lifetime: u32) -> (Class, Option<u16>) {
+        self.authed(ft, method::REFRESH, |w| {
+            w.u32_attr(attr::LIFETIME, lifetime);
+        })
+    }
+
+    fn send_indication(&mut self, ft: &FiveTuple, p: SocketAddr, data: &[u8]) -> ClientAction {
+        let mut buf = Vec::new();
+        let txid = self.txid();
+        MessageWriter::new(&mut buf, method::SEND, Class::Indication, txid)
+            .xor_address(attr::XOR_PEER_ADDRESS, p)
+            .attr(attr::DATA, data);
+        self.send(ft, &buf)
+    }
+
+    /// A datagram from `from` on `relay`, as the I/O layer would hand it over.
+    fn peer_sends(
+        &mut self,
+        relay: SocketAddr,
+        from: SocketAddr,
+        payload: &[u8],
+    ) -> Option<(FiveTuple, Vec<u8>)> {
+        let id = *self
+            .core
+            .relays()
+            .open
+            .iter()
+            .find(|(_, a)| **a == relay)
+            .expect("relay open")
+            .0;
+        let mut buf = vec![0u8; HEADROOM + payload.len() + TAILROOM];
+        buf[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
+        match self.core.handle_peer(
+            self.now,
+            id,
+            from,
+            &mut buf,
+            HEADROOM,
+            HEADROOM + payload.len(),
+        ) {
+            PeerAction::ToClient { to, start, end } => Some((to, buf[start..end].to_vec())),
+            PeerAction::Drop => None,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ Binding
+
+#[test]
+fn binding_returns_xor_mapped_address_and_fingerprint_only_when_asked() {
+    let mut h = Harness::new();
+    let ft = client(40000);
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [1; 12]);
+    assert_eq!(h.call(&ft, &req), (Class::Success, None));
+    let m = Message::parse(&h.reply).unwrap();
+    let a = m.get(attr::XOR_MAPPED_ADDRESS).unwrap();
+    assert_eq!(
+        codec::decode_xor_address(a.value, &[1; 12]),
+        Some(ft.client)
+    );
+    assert!(!m.has_fingerprint());
+    assert!(m.get(attr::SOFTWARE).is_none());
+
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [2; 12]).fingerprint();
+    h.call(&ft, &req);
+    assert!(Message::parse(&h.reply).unwrap().has_fingerprint());
+}
+
+#[test]
+fn binding_with_unknown_comprehension_required_attribute_gets_420() {
+    let mut h = Harness::new();
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [1; 12])
+        .attr(0x7777, b"x")
+        .attr(attr::CHANGE_REQUEST, &[0, 0, 0, 4]);
+    assert_eq!(h.call(&client(1), &req), (Class::Error, Some(420)));
+    let list = h.reply_attr(attr::UNKNOWN_ATTRIBUTES).unwrap();
+    assert_eq!(list, vec![0x77, 0x77, 0x00, 0x03]);
+    // Comprehension-optional unknowns and a no-op CHANGE-REQUEST are fine.
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [1; 12])
+        .attr(0xC001, b"x")
+        .attr(attr::CHANGE_REQUEST, &[0, 0, 0, 0]);
+    assert_eq!(h.call(&client(1), &req), (Class::Success, None));
+}
+
+#[test]
+fn software_is_sent_only_when_configured() {
+    let mut cfg = config(limits(), false, false);
+    cfg.software = Some("turnpike-test".into());
+    let mut h = Harness::with(cfg);
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [1; 12]);
+    h.call(&client(1), &req);
+    assert_eq!(h.reply_attr(attr::SOFTWARE).unwrap(), b"turnpike-test");
+}
+
+// ------------------------------------------------------------------ Authentication
+
+#[test]
+fn unauthenticated_allocate_gets_401_with_realm_nonce_and_algorithms() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    assert!(nonce.starts_with(b"obMatJos2"));
+    assert_eq!(h.reply_attr(attr::REALM).unwrap(), REALM.as_bytes());
+    assert_eq!(
+        h.reply_attr(attr::PASSWORD_ALGORITHMS).unwrap(),
+        vec![0, 1, 0, 0, 0, 2, 0, 0]
+    );
+    assert!(h.reply_attr(attr::MESSAGE_INTEGRITY).is_none());
+    assert_eq!(h.core.allocation_count(), 0);
+}
+
+#[test]
+fn wrong_password_gets_401_and_no_state() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let (class, code) = h.allocate_with(&ft, &creds("alice", "WRONG"), |_| {});
+    assert_eq!((class, code), (Class::Error, Some(401)));
+    let (class, code) = h.allocate_with(&ft, &creds("mallory", "x"), |_| {});
+    assert_eq!((class, code), (Class::Error, Some(401)));
+    assert_eq!(h.core.allocation_count(), 0);
+    assert_eq!(h.core.stats().auth_failures, 2);
+}
+
+#[test]
+fn success_response_is_signed_with_the_users_key() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let m = Message::parse(&h.reply).unwrap();
+    assert!(m.verify_integrity(&alice().key));
+    assert!(!m.verify_integrity(&creds("alice", "x").key));
+}
+
+#[test]
+fn sha256_password_algorithm_and_message_integrity_sha256() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let c = Creds {
+        user: "alice".into(),
+        key: long_term_key(PasswordAlgorithm::Sha256, "alice", REALM, "wonderland")
+            .as_bytes()
+            .to_vec(),
+        sha256: true,
+    };
+    assert_eq!(h.allocate_with(&ft, &c, |_| {}), (Class::Success, None));
+    let m = Message::parse(&h.reply).unwrap();
+    assert!(m.verify_integrity_sha256(&c.key));
+    assert!(!m.has_integrity());
+}
+
+#[test]
+fn tampered_password_algorithms_list_is_refused() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    let key = long_term_key(PasswordAlgorithm::Md5, "alice", REALM, "wonderland");
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [5; 12])
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, b"alice")
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, &nonce)
+        .attr(attr::PASSWORD_ALGORITHM, &[0, 1, 0, 0])
+        // A downgrade attempt: the list we sent had SHA-256 in it.
+        .attr(attr::PASSWORD_ALGORITHMS, &[0, 1, 0, 0])
+        .integrity(key.as_bytes());
+    assert_eq!(h.call(&ft, &req), (Class::Error, Some(400)));
+}
+
+#[test]
+fn missing_realm_or_nonce_with_integrity_is_400() {
+    let mut h = Harness::new();
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [5; 12])
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, b"alice")
+        .integrity(&alice().key);
+    assert_eq!(h.call(&client(1), &req), (Class::Error, Some(400)));
+}
+
+#[test]
+fn stale_and_forged_nonces_get_438_with_a_fresh_nonce() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    h.advance(601);
+    let txid = h.txid();
+    let req = h.request(method::ALLOCATE, txid, &alice(), &nonce, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.call(&ft, &req), (Class::Error, Some(438)));
+    let fresh = h.reply_attr(attr::NONCE).unwrap();
+    assert_ne!(fresh, nonce);
+    // A nonce issued to another client address is not valid here.
+    let other = h.nonce(&client(2));
+    let txid = h.txid();
+    let req = h.request(method::ALLOCATE, txid, &alice(), &other, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.call(&ft, &req), (Class::Error, Some(438)));
+    // The fresh one works.
+    let txid = h.txid();
+    let req = h.request(method::ALLOCATE, txid, &alice(), &fresh, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.call(&ft, &req), (Class::Success, None));
+}
+
+fn rest(user: &str, expiry: u64, secret: &[u8]) -> Creds {
+    let (name, password) = mint_rest_credential(secret, user, expiry, ':');
+    creds(&name, &password)
+}
+
+#[test]
+fn rest_credentials_expiry_max_ttl_and_rotation() {
+    let mut h = Harness::new();
+    // Current secret and the previous one both verify (rotation).
+    assert_eq!(
+        h.allocate_with(&client(1), &rest("carol", UNIX0 + 3600, SECRET), |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(
+            &client(2),
+            &rest("carol", UNIX0 + 3600, b"old-secret"),
+            |_| {}
+        ),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(&client(3), &rest("carol", UNIX0 + 3600, b"unknown"), |_| {}),
+        (Class::Error, Some(401))
+    );
+    // Expired one second ago.
+    assert_eq!(
+        h.allocate_with(&client(4), &rest("dave", UNIX0 - 1, SECRET), |_| {}),
+        (Class::Error, Some(401))
+    );
+    // Beyond the 48 h maximum TTL.
+    assert_eq!(
+        h.allocate_with(
+            &client(5),
+            &rest("dave", UNIX0 + 48 * 3600 + 10, SECRET),
+            |_| {}
+        ),
+        (Class::Error, Some(401))
+    );
+    // user:expiry order works too.
+    let password = crate::proto::auth::rest_password(SECRET, &format!("erin:{}", UNIX0 + 60));
+    assert_eq!(
+        h.allocate_with(
+            &client(6),
+            &creds(&format!("erin:{}", UNIX0 + 60), &password),
+            |_| {}
+        ),
+        (Class::Success, None)
+    );
+    // The credential that was fine at first expires with simulated time.
+    h.advance(3601);
+    assert_eq!(
+        h.allocate_with(&client(7), &rest("carol", UNIX0 + 3600, SECRET), |_| {}),
+        (Class::Error, Some(401))
+    );
+}
+
+#[test]
+fn unauthenticated_replies_are_rate_limited_per_source() {
+    let mut l = limits();
+    l.unauth_replies_per_sec = 1;
+    l.unauth_replies_burst = 3;
+    let mut h = Harness::with(config(l, false, false));
+    let ft = client(1);
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [1; 12]);
+    for _ in 0..3 {
+        assert_eq!(h.send(&ft, &req), ClientAction::Reply);
+    }
+    assert_eq!(h.send(&ft, &req), ClientAction::Drop);
+    assert_eq!(h.core.stats().rate_limited, 1);
+    h.advance(2);
+    assert_eq!(h.send(&ft, &req), ClientAction::Reply);
+}
+
+// ------------------------------------------------------------------ Allocate
+
+#[test]
+fn allocate_answers_relayed_mapped_and_lifetime() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    assert_eq!(relay.ip(), "192.0.2.10".parse::<IpAddr>().unwrap());
+    let m = Message::parse(&h.reply).unwrap();
+    let mapped = m.get(attr::XOR_MAPPED_ADDRESS).unwrap();
+    assert_eq!(
+        codec::decode_xor_address(mapped.value, &m.transaction_id()),
+        Some(ft.client)
+    );
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 600u32.to_be_bytes());
+    assert_eq!(h.core.allocation_count(), 1);
+}
+
+#[test]
+fn allocate_lifetime_is_clamped_between_default_and_max() {
+    let mut h = Harness::new();
+    h.allocate_with(&client(1), &alice(), |w| {
+        w.u32_attr(attr::LIFETIME, 99_999);
+    });
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 3600u32.to_be_bytes());
+    h.allocate_with(&client(2), &alice(), |w| {
+        w.u32_attr(attr::LIFETIME, 5);
+    });
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 600u32.to_be_bytes());
+}
+
+#[test]
+fn retransmitted_allocate_gets_the_same_answer_not_a_second_allocation() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    let req = h.request(method::ALLOCATE, [7; 12], &alice(), &nonce, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.call(&ft, &req), (Class::Success, None));
+    let first = h.reply.clone();
+    assert_eq!(h.call(&ft, &req), (Class::Success, None));
+    assert_eq!(h.reply, first);
+    assert_eq!(h.core.allocation_count(), 1);
+    assert_eq!(h.core.relays().open.len(), 1);
+    // A new Allocate (other transaction) on the same 5-tuple is a mismatch.
+    let (class, code) = h.allocate_with(&ft, &alice(), |_| {});
+    assert_eq!((class, code), (Class::Error, Some(437)));
+}
+
+#[test]
+fn allocate_transport_and_attribute_errors() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    let run = |h: &mut Harness, fill: &dyn Fn(&mut MessageWriter)| {
+        let txid = h.txid();
+        let req = h.request(method::ALLOCATE, txid, &alice(), &nonce, |w| fill(w));
+        h.call(&ft, &req)
+    };
+    // No REQUESTED-TRANSPORT.
+    assert_eq!(run(&mut h, &|_| {}), (Class::Error, Some(400)));
+    // TCP relays are not offered over this path.
+    assert_eq!(
+        run(&mut h, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        }),
+        (Class::Error, Some(442))
+    );
+    // Unknown comprehension-required attribute.
+    assert_eq!(
+        run(&mut h, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(0x0033, b"?");
+        }),
+        (Class::Error, Some(420))
+    );
+    assert_eq!(
+        h.reply_attr(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+        vec![0, 0x33]
+    );
+    // Unknown address family.
+    assert_eq!(
+        run(&mut h, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0]);
+        }),
+        (Class::Error, Some(440))
+    );
+    // RESERVATION-TOKEN together with EVEN-PORT.
+    assert_eq!(
+        run(&mut h, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::EVEN_PORT, &[0])
+                .attr(attr::RESERVATION_TOKEN, &[1; 8]);
+        }),
+        (Class::Error, Some(400))
+    );
+    // ADDITIONAL-ADDRESS-FAMILY must name IPv6.
+    assert_eq!(
+        run(&mut h, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[1, 0, 0, 0]);
+        }),
+        (Class::Error, Some(400))
+    );
+    assert_eq!(h.core.allocation_count(), 0);
+    assert_eq!(h.shared.total_allocations(), 0);
+}
+
+#[test]
+fn ipv6_and_dual_allocations() {
+    let mut h = Harness::new();
+    h.allocate_with(&client(1), &alice(), |w| {
+        w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    assert!(h.relayed_address().is_ipv6());
+
+    assert_eq!(
+        h.allocate_with(&client(2), &alice(), |w| {
+            w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        }),
+        (Class::Success, None)
+    );
+    let m = Message::parse(&h.reply).unwrap();
+    let relayed: Vec<SocketAddr> = m
+        .attributes()
+        .filter(|a| a.kind == attr::XOR_RELAYED_ADDRESS)
+        .map(|a| codec::decode_xor_address(a.value, &m.transaction_id()).unwrap())
+        .collect();
+    assert_eq!(relayed.len(), 2);
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+
+    // Without an IPv6 relay: 440 for IPv6, and IPv4 plus ADDRESS-ERROR-CODE for a dual request.
+    let mut h = Harness::with(config(limits(), false, false));
+    assert_eq!(
+        h.allocate_with(&client(1), &alice(), |w| {
+            w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        }),
+        (Class::Error, Some(440))
+    );
+    assert_eq!(
+        h.allocate_with(&client(2), &alice(), |w| {
+            w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        }),
+        (Class::Success, None)
+    );
+    assert!(h.relayed_address().is_ipv4());
+    let aec = h.reply_attr(attr::ADDRESS_ERROR_CODE).unwrap();
+    assert_eq!(&aec[..4], &[2, 0, 4, 40]);
+}
+
+#[test]
+fn even_port_reservation_token_is_usable_once() {
+    let mut h = Harness::new();
+    h.allocate_with(&client(1), &alice(), |w| {
+        w.attr(attr::EVEN_PORT, &[0x80]);
+    });
+    let first = h.relayed_address();
+    assert_eq!(first.port() % 2, 0);
+    let token = h.reply_attr(attr::RESERVATION_TOKEN).unwrap();
+    assert_eq!(token.len(), 8);
+    let (class, _) = h.allocate_with(&client(2), &creds("bob", "builder"), |w| {
+        w.attr(attr::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(class, Class::Success);
+    assert_eq!(h.relayed_address().port(), first.port() + 1);
+    // The token is spent.
+    assert_eq!(
+        h.allocate_with(&client(3), &creds("bob", "builder"), |w| {
+            w.attr(attr::RESERVATION_TOKEN, &token);
+        }),
+        (Class::Error, Some(508))
+    );
+}
+
+#[test]
+fn per_user_quota_gives_486_and_total_gives_508() {
+    let mut h = Harness::new();
+    h.allocate(&client(1));
+    h.allocate(&client(2));
+    assert_eq!(
+        h.allocate_with(&client(3), &alice(), |_| {}),
+        (Class::Error, Some(486))
+    );
+    // Another user may still allocate, up to the total of 3.
+    let bob = creds("bob", "builder");
+    assert_eq!(
+        h.allocate_with(&client(4), &bob, |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(&client(5), &bob, |_| {}),
+        (Class::Error, Some(508))
+    );
+    // Deleting one frees the user's quota.
+    assert_eq!(h.refresh(&client(1), 0), (Class::Success, None));
+    assert_eq!(
+        h.allocate_with(&client(3), &alice(), |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(h.core.stats().quota_rejections, 2);
+}
+
+#[test]
+fn rest_quota_counts_the_user_part_not_the_whole_username() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.allocate_with(&client(1), &rest("frank", UNIX0 + 60, SECRET), |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(&client(2), &rest("frank", UNIX0 + 61, SECRET), |_| {}),
+        (Class::Success, None)
+    );
+    // A third credential with yet another expiry is still frank's third allocation.
+    assert_eq!(
+        h.allocate_with(&client(3), &rest("frank", UNIX0 + 62, SECRET), |_| {}),
+        (Class::Error, Some(486))
+    );
+}
+
+#[test]
+fn no_relay_port_gives_508_and_releases_the_quota() {
+    let mut h = Harness::new();
+    h.core.relays().exhausted = true;
+    assert_eq!(
+        h.allocate_with(&client(1), &alice(), |_| {}),
+        (Class::Error, Some(508))
+    );
+    assert_eq!(h.shared.total_allocations(), 0);
+    h.core.relays().exhausted = false;
+    h.allocate(&client(1));
+}
+
+// ------------------------------------------------------------------ Refresh and lifetimes
+
+#[test]
+fn allocation_expires_and_refresh_extends_it() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    assert_eq!(h.core.poll_timeout(), Some(h.t0 + Duration::from_secs(600)));
+    h.advance(500);
+    assert_eq!(h.refresh(&ft, 600), (Class::Success, None));
+    h.advance(500);
+    assert_eq!(h.core.allocation_count(), 1, "refresh extended it");
+    h.advance(101);
+    assert_eq!(h.core.allocation_count(), 0);
+    assert_eq!(h.core.relays().closed.len(), 1);
+    assert_eq!(h.shared.total_allocations(), 0);
+    // Requests on the expired allocation are mismatches.
+    assert_eq!(h.refresh(&ft, 600), (Class::Error, Some(437)));
+}
+
+#[test]
+fn refresh_zero_deletes_and_family_mismatch_is_443() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    assert_eq!(
+        h.authed(&ft, method::REFRESH, |w| {
+            w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        }),
+        (Class::Error, Some(443))
+    );
+    assert_eq!(h.refresh(&ft, 0), (Class::Success, None));
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 0u32.to_be_bytes());
+    assert_eq!(h.core.allocation_count(), 0);
+}
+
+#[test]
+fn requests_without_allocation_get_437_and_other_user_gets_441() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    assert_eq!(h.refresh(&ft, 600), (Class::Error, Some(437)));
+    assert_eq!(
+        h.permit(&ft, peer("198.51.100.1:1")),
+        (Class::Error, Some(437))
+    );
+    assert_eq!(
+        h.bind(&ft, 0x4000, peer("198.51.100.1:1")),
+        (Class::Error, Some(437))
+    );
+    h.allocate(&ft);
+    let nonce = h.nonce(&ft);
+    let txid = h.txid();
+    let req = h.request(
+        method::REFRESH,
+        txid,
+        &creds("bob", "builder"),
+        &nonce,
+        |_| {},
+    );
+    assert_eq!(h.call(&ft, &req), (Class::Error, Some(441)));
+}
+
+#[test]
+fn unknown_request_method_gets_400() {
+    let mut h = Harness::new();
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, 0x00A, Class::Request, [1; 12]);
+    assert_eq!(h.call(&client(1), &req), (Class::Error, Some(400)));
+}
+
+// ------------------------------------------------------------------ Permissions, channels, relay
+
+#[test]
+fn create_permission_then_relay_both_ways_with_send_and_data() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    let p = peer("198.51.100.1:5000");
+    // Without a permission nothing passes either way.
+    assert_eq!(h.send_indication(&ft, p, b"hi"), ClientAction::Drop);
+    assert!(h.peer_sends(relay, p, b"yo").is_none());
+
+    assert_eq!(h.permit(&ft, p), (Class::Success, None));
+    let mut buf = Vec::new();
+    MessageWriter::new(&mut buf, method::SEND, Class::Indication, [3; 12])
+        .xor_address(attr::XOR_PEER_ADDRESS, p)
+        .attr(attr::DATA, b"hello");
+    match h.send(&ft, &buf) {
+        ClientAction::ToPeer {
+            peer: to,
+            start,
+            end,
+            relay: id,
+        } => {
+            assert_eq!(to, p);
+            assert_eq!(&buf[start..end], b"hello");
+            assert!(!id.v6);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The permission is per IP: another port of the same host may answer.
+    let (to, frame) = h
+        .peer_sends(relay, peer("198.51.100.1:6000"), b"world")
+        .unwrap();
+    assert_eq!(to, ft);
+    let m = Message::parse(&frame).unwrap();
+    assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
+    assert_eq!(m.get(attr::DATA).unwrap().value, b"world");
+    let from = m.get(attr::XOR_PEER_ADDRESS).unwrap();
+    assert_eq!(
+        codec::decode_xor_address(from.value, &m.transaction_id()),
+        Some(peer("198.51.100.1:6000"))
+    );
+    // Another IP has no permission.
+    assert!(h
+        .peer_sends(relay, peer("198.51.100.2:5000"), b"x")
+        .is_none());
+    let s = h.core.stats();
+    assert_eq!((s.to_peer_packets, s.to_client_packets), (1, 1));
+}
+
+#[test]
+fn permission_expires_after_300_seconds() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    let p = peer("198.51.100.1:5000");
+    h.permit(&ft, p);
+    h.advance(299);
+    assert!(h.peer_sends(relay, p, b"x").is_some());
+    h.advance(1);
+    assert!(h.peer_sends(relay, p, b"x").is_none());
+    assert_eq!(h.send_indication(&ft, p, b"x"), ClientAction::Drop);
+}
+
+#[test]
+fn create_permission_errors_403_443_400_508() {
+    let mut h = Harness::with(config(limits(), false, false));
+    let ft = client(1);
+    h.allocate(&ft);
+    for denied in [
+        "127.0.0.1:5000",
+        "[::ffff:127.0.0.1]:5000",
+        "10.0.0.1:5000",
+        "169.254.169.254:80",
+    ] {
+        // ::ffff:127.0.0.1 reduces to IPv4 before the check: forbidden, not a family mismatch.
+        assert_eq!(
+            h.permit(&ft, peer(denied)),
+            (Class::Error, Some(403)),
+            "{denied}"
+        );
+    }
+    // An IPv6 peer on an IPv4-only allocation.
+    assert_eq!(
+        h.permit(&ft, peer("[2001:db8:1::1]:5000")),
+        (Class::Error, Some(443))
+    );
+    // No XOR-PEER-ADDRESS.
+    assert_eq!(
+        h.authed(&ft, method::CREATE_PERMISSION, |_| {}),
+        (Class::Error, Some(400))
+    );
+    // All or nothing: one denied address in the list installs none.
+    assert_eq!(
+        h.authed(&ft, method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer("198.51.100.9:1"))
+                .xor_address(attr::XOR_PEER_ADDRESS, peer("127.0.0.1:1"));
+        }),
+        (Class::Error, Some(403))
+    );
+    // Quota of 4 permissions.
+    assert_eq!(
+        h.authed(&ft, method::CREATE_PERMISSION, |w| {
+            for i in 1..=4 {
+                w.xor_address(attr::XOR_PEER_ADDRESS, peer(&format!("198.51.100.{i}:1")));
+            }
+        }),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.permit(&ft, peer("198.51.100.5:1")),
+        (Class::Error, Some(508))
+    );
+    // Refreshing an existing one is fine at the quota.
+    assert_eq!(
+        h.permit(&ft, peer("198.51.100.1:9")),
+        (Class::Success, None)
+    );
+}
+
+#[test]
+fn loopback_peer_is_allowed_only_with_allow_loopback() {
+    let mut h = Harness::with(config(limits(), true, false));
+    let ft = client(1);
+    h.allocate(&ft);
+    assert_eq!(
+        h.permit(&ft, peer("127.0.0.1:5000")),
+        (Class::Success, None)
+    );
+    // Our own listener stays closed.
+    assert_eq!(
+        h.permit(&ft, peer("127.0.0.1:3478")),
+        (Class::Error, Some(403))
+    );
+}
+
+#[test]
+fn relay_to_relay_is_allowed_even_from_a_documentation_range() {
+    let mut h = Harness::new();
+    let a = client(1);
+    let b = client(2);
+    let relay_a = h.allocate(&a);
+    let relay_b = h.allocate(&b);
+    assert_eq!(h.permit(&a, relay_b), (Class::Success, None));
+    assert_eq!(h.permit(&b, relay_a), (Class::Success, None));
+    // Our relay IP on a port outside the relay range is the server itself.
+    assert_eq!(
+        h.permit(&a, SocketAddr::new(relay_b.ip(), 22)),
+        (Class::Error, Some(403))
+    );
+}
+
+#[test]
+fn channel_bind_then_channel_data_both_ways() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    let p = peer("198.51.100.1:5000");
+    assert_eq!(h.bind(&ft, 0x4001, p), (Class::Success, None));
+    let frame = [0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0x00];
+    match h.send(&ft, &frame) {
+        ClientAction::ToPeer {
+            peer: to,
+            start,
+            end,
+            ..
+        } => {
+            assert_eq!(to, p);
+            assert_eq!(&frame[start..end], b"abc");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, back) = h.peer_sends(relay, p, b"xyz").unwrap();
+    assert_eq!(back, [0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z']);
+    // Same IP, other port: no channel, so a Data indication (the permission is per IP).
+    let (_, back) = h
+        .peer_sends(relay, peer("198.51.100.1:5001"), b"xyz")
+        .unwrap();
+    assert!(codec::is_stun(&back));
+    // RFC 5766 clients use numbers up to 0x7FFF.
+    assert_eq!(
+        h.bind(&ft, 0x7FFF, peer("198.51.100.2:5000")),
+        (Class::Success, None)
+    );
+    assert!(matches!(
+        h.send(&ft, &[0x7F, 0xFF, 0, 1, 9, 0, 0, 0]),
+        ClientAction::ToPeer { .. }
+    ));
+    // Unbound channel number.
+    assert_eq!(
+        h.send(&ft, &[0x40, 0x02, 0, 1, 9, 0, 0, 0]),
+        ClientAction::Drop
+    );
+}
+
+#[test]
+fn channel_bind_errors() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let p1 = peer("198.51.100.1:5000");
+    let p2 = peer("198.51.100.2:5000");
+    assert_eq!(h.bind(&ft, 0x3FFF, p1), (Class::Error, Some(400)));
+    assert_eq!(h.bind(&ft, 0x8000, p1), (Class::Error, Some(400)));
+    assert_eq!(h.bind(&ft, 0xFFFF, p1), (Class::Error, Some(400)));
+    assert_eq!(
+        h.bind(&ft, 0x4000, peer("127.0.0.1:5000")),
+        (Class::Error, Some(403))
+    );
+    assert_eq!(
+        h.bind(&ft, 0x4000, peer("[2001:db8:1::1]:5000")),
+        (Class::Error, Some(443))
+    );
+    assert_eq!(
+        h.bind(&ft, 0x4000, peer("198.51.100.3:5000")),
+        (Class::Success, None)
+    );
+    assert_eq!(h.bind(&ft, 0x4001, p1), (Class::Success, None));
+    // Number bound to another peer; peer bound to another number.
+    assert_eq!(h.bind(&ft, 0x4001, p2), (Class::Error, Some(400)));
+    assert_eq!(h.bind(&ft, 0x4002, p1), (Class::Error, Some(400)));
+    // Refresh of an existing binding is fine; a third channel exceeds the quota of 2.
+    assert_eq!(h.bind(&ft, 0x4001, p1), (Class::Success, None));
+    assert_eq!(h.bind(&ft, 0x4003, p2), (Class::Error, Some(508)));
+    // Missing attributes.
+    assert_eq!(
+        h.authed(&ft, method::CHANNEL_BIND, |_| {}),
+        (Class::Error, Some(400))
+    );
+}
+
+#[test]
+fn channel_expires_after_600_seconds_and_permission_after_300() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    h.refresh(&ft, 3600);
+    let p = peer("198.51.100.1:5000");
+    h.bind(&ft, 0x4000, p);
+    let frame = [0x40, 0x00, 0x00, 0x01, 7, 0, 0, 0];
+    h.advance(299);
+    assert!(matches!(h.send(&ft, &frame), ClientAction::ToPeer { .. }));
+    // The permission the binding installed lapses at 300 s unless refreshed.
+    h.advance(1);
+    assert_eq!(h.send(&ft, &frame), ClientAction::Drop);
+    h.permit(&ft, p);
+    assert!(matches!(h.send(&ft, &frame), ClientAction::ToPeer { .. }));
+    h.advance(300);
+    assert_eq!(
+        h.send(&ft, &frame),
+        ClientAction::Drop,
+        "channel expired at 600 s"
+    );
+    assert!(h.peer_sends(relay, p, b"x").is_none());
+    h.permit(&ft, p);
+    let (_, back) = h.peer_sends(relay, p, b"x").unwrap();
+    assert!(
+        codec::is_stun(&back),
+        "no channel any more: Data indication"
+    );
+}
+
+#[test]
+fn retransmitted_create_permission_gets_the_cached_answer() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let nonce = h.nonce(&ft);
+    let req = h.request(
+        method::CREATE_PERMISSION,
+        [0x55; 12],
+        &alice(),
+        &nonce,
+        |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer("198.51.100.1:1"));
+        },
+    );
+    h.call(&ft, &req);
+    let first = h.reply.clone();
+    h.call(&ft, &req);
+    assert_eq!(h.reply, first);
+}
+
+#[test]
+fn bandwidth_cap_drops_excess() {
+    let mut l = limits();
+    l.bandwidth_bytes_per_sec = 1000;
+    let mut h = Harness::with(config(l, false, false));
+    let ft = client(1);
+    h.allocate(&ft);
+    h.bind(&ft, 0x4000, peer("198.51.100.1:5000"));
+    let mut frame = vec![0x40, 0x00, 0x01, 0xF4];
+    frame.resize(4 + 500, 0);
+    assert!(matches!(h.send(&ft, &frame), ClientAction::ToPeer { .. }));
+    assert!(matches!(h.send(&ft, &frame), ClientAction::ToPeer { .. }));
+    assert_eq!(h.send(&ft, &frame), ClientAction::Drop);
+    assert_eq!(h.core.stats().dropped_bandwidth, 1);
+    h.advance(1);
+    assert!(matches!(h.send(&ft, &frame), ClientAction::ToPeer { .. }));
+}
+
+#[test]
+fn late_peer_packet_for_ended_allocation_is_dropped() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let p = peer("198.51.100.1:5000");
+    h.permit(&ft, p);
+    let id = *h.core.relays().open.keys().next().unwrap();
+    h.refresh(&ft, 0);
+    // The slot is reused by a new allocation; the old id's generation no longer matches.
+    h.allocate(&client(2));
+    let mut buf = vec![0u8; HEADROOM + 1 + TAILROOM];
+    assert_eq!(
+        h.core
+            .handle_peer(h.now, id, p, &mut buf, HEADROOM, HEADROOM + 1),
+        PeerAction::Drop
+    );
+}
+
+#[test]
+fn malformed_and_random_datagrams_never_panic_and_leave_the_core_serving() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    h.bind(&ft, 0x4000, peer("198.51.100.1:5000"));
+    let mut s = 0x1234_5678_9ABC_DEF1u64;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let nonce = h.nonce(&ft);
+    let valid = h.request(method::CREATE_PERMISSION, [9; 12], &alice(), &nonce, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer("198.51.100.3:1"))
+            .attr(attr::LIFETIME, &[0, 0, 1, 0]);
+    });
+    for i in 0..50_000 {
+        let mut b = match i % 3 {
+            0 => valid.clone(),
+            1 => vec![0x40, 0x00, 0x00, 0x08, 1, 2, 3, 4, 5, 6, 7, 8],
+            _ => (0..(rnd() % 64) as usize).map(|_| rnd() as u8).collect(),
+        };
+        for _ in 0..(rnd() % 4) {
+            if !b.is_empty() {
+                let j = rnd() as usize % b.len();
+                b[j] = rnd() as u8;
+            }
+        }
+        let cut = rnd() as usize % (b.len() + 1);
+        b.truncate(cut);
+        let from = client(1 + (rnd() % 3) as u16);
+        let _ = h.send(&from, &b);
+    }
+    // Still serving: the allocation works and a new client can bind.
+    assert!(h
+        .peer_sends(relay, peer("198.51.100.1:5000"), b"ok")
+        .is_some());
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [1; 12]);
+    assert_eq!(h.call(&client(9), &req), (Class::Success, None));
+}
+
+#[test]
+fn relay_ids_are_unique_and_all_closed_on_close_all() {
+    let mut h = Harness::new();
+    for port in 1..=3u16 {
+        let user = if port == 3 {
+            creds("bob", "builder")
+        } else {
+            alice()
+        };
+        h.allocate_with(&client(port), &user, |_| {});
+    }
+    let ids: HashSet<RelayId> = h.core.relays().open.keys().copied().collect();
+    assert_eq!(ids.len(), 3);
+    let now = h.now;
+    h.core.close_all(now, "shutdown");
+    assert!(h.core.relays().open.is_empty());
+    assert_eq!(h.shared.total_allocations(), 0);
+}
