@@ -53,11 +53,41 @@ pub struct Config {
     /// A `tracing_subscriber::EnvFilter` directive; only checked for being
     /// non-empty and printable here, the daemon parses it.
     pub log_level: String,
+    /// Host name or address put in minted credentials' URIs; empty = the advertised relay address.
+    pub public_host: String,
+    /// On SIGTERM, how long existing allocations may keep relaying before the process exits.
+    pub drain_secs: u64,
     pub relay: RelayConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub peers: PeersConfig,
+    pub api: ApiConfig,
 }
+
+/// The HTTP control plane: health, metrics, credential minting and admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// None = no HTTP listener at all.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for /api/v1; None = the /api/v1 routes are refused.
+    pub token_file: Option<PathBuf>,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            token_file: None,
+            default_ttl_secs: 3600,
+            max_ttl_secs: 86400,
+        }
+    }
+}
+
+/// Bearer tokens shorter than this are refused: the token guards credential minting.
+pub const MIN_API_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -201,6 +231,9 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             peers: PeersConfig::default(),
+            public_host: String::new(),
+            drain_secs: 30,
+            api: ApiConfig::default(),
         }
     }
 }
@@ -298,6 +331,16 @@ pub enum ConfigError {
     #[error("auth.secret_env: environment variable {name} {reason}")]
     SecretEnv { name: String, reason: String },
     /// The file or variable exists but holds no secret; `what` names it.
+    #[error("api.token_file: cannot read {}: {error}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "api.token_file {}: token is too short ({len} bytes, at least {MIN_API_TOKEN_LEN} required)",
+        path.display()
+    )]
+    WeakToken { path: PathBuf, len: usize },
     #[error("no secrets in {what}")]
     NoSecrets { what: String },
     #[error(
@@ -347,6 +390,12 @@ impl Config {
                 config.auth.secret_file = Some(dir.join(file));
             }
         }
+        if let Some(file) = &config.api.token_file {
+            if file.is_relative() {
+                let dir = path.parent().unwrap_or(Path::new(""));
+                config.api.token_file = Some(dir.join(file));
+            }
+        }
         Ok(config)
     }
 
@@ -389,6 +438,29 @@ impl Config {
     /// may be set: the union, duplicates dropped, file first). `Ok(empty)`
     /// when neither is set. Errors name the file or variable but never carry
     /// secret bytes.
+    /// The API bearer token from `api.token_file` (first non-empty line), if configured.
+    pub fn load_api_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.api.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::TokenFile {
+            path: path.clone(),
+            error,
+        })?;
+        let token = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .unwrap_or("");
+        if token.len() < MIN_API_TOKEN_LEN {
+            return Err(ConfigError::WeakToken {
+                path: path.clone(),
+                len: token.len(),
+            });
+        }
+        Ok(Some(token.to_owned()))
+    }
+
     pub fn load_rest_secrets(&self) -> Result<Vec<Vec<u8>>, ConfigError> {
         self.load_rest_secrets_with(|name| std::env::var_os(name))
     }
@@ -495,10 +567,37 @@ mod raw {
         pub listen: Vec<String>,
         pub log_format: String,
         pub log_level: String,
+        pub public_host: String,
+        pub drain_secs: i64,
         pub relay: Relay,
         pub auth: Auth,
         pub limits: Limits,
         pub peers: Peers,
+        pub api: Api,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct Api {
+        pub listen: String,
+        pub token_file: String,
+        pub default_ttl_secs: i64,
+        pub max_ttl_secs: i64,
+    }
+
+    impl Api {
+        fn from_typed(a: &super::ApiConfig) -> Api {
+            Api {
+                listen: opt(&a.listen),
+                token_file: a
+                    .token_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                default_ttl_secs: int(a.default_ttl_secs),
+                max_ttl_secs: int(a.max_ttl_secs),
+            }
+        }
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -577,10 +676,13 @@ mod raw {
                 listen: c.listen.iter().map(ToString::to_string).collect(),
                 log_format: c.log_format.to_string(),
                 log_level: c.log_level.clone(),
+                public_host: c.public_host.clone(),
+                drain_secs: int(c.drain_secs),
                 relay: Relay::from_typed(&c.relay),
                 auth: Auth::from_typed(&c.auth, redact),
                 limits: Limits::from_typed(&c.limits),
                 peers: Peers::from_typed(&c.peers),
+                api: Api::from_typed(&c.api),
             }
         }
     }
@@ -679,6 +781,7 @@ mod raw {
     default_from_typed!(Auth, AuthConfig, |a| Auth::from_typed(a, false));
     default_from_typed!(Limits, LimitsConfig, Limits::from_typed);
     default_from_typed!(Peers, PeersConfig, Peers::from_typed);
+    default_from_typed!(Api, ApiConfig, Api::from_typed);
 }
 
 // ---------------------------------------------------------------------------
@@ -996,6 +1099,18 @@ fn build(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
     let auth = build_auth(raw.auth, cx);
     let limits = build_limits(raw.limits, cx);
     let peers = build_peers(raw.peers, cx);
+    let drain_secs = cx.int("drain_secs", raw.drain_secs, 0, 86400, defaults.drain_secs);
+    if raw
+        .public_host
+        .contains(|c: char| c.is_whitespace() || c.is_control() || "/?#@".contains(c))
+    {
+        cx.invalid(
+            "public_host",
+            Q(&raw.public_host),
+            "must be a bare host name or address (no scheme, path or spaces)",
+        );
+    }
+    let api = build_api(raw.api, cx);
 
     Config {
         realm: raw.realm,
@@ -1012,6 +1127,58 @@ fn build(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         auth,
         limits,
         peers,
+        public_host: raw.public_host,
+        drain_secs,
+        api,
+    }
+}
+
+fn build_api(raw: raw::Api, cx: &mut Cx<'_>) -> ApiConfig {
+    let defaults = ApiConfig::default();
+    let listen = if raw.listen.is_empty() {
+        None
+    } else {
+        match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.invalid(
+                    "api.listen",
+                    Q(&raw.listen),
+                    r#"expected "IP:port", e.g. "127.0.0.1:9641""#,
+                );
+                None
+            }
+        }
+    };
+    let token_file = if raw.token_file.is_empty() {
+        None
+    } else if raw.token_file.contains('\0') {
+        cx.invalid("api.token_file", Q(&raw.token_file), "contains a NUL byte");
+        None
+    } else {
+        Some(PathBuf::from(raw.token_file))
+    };
+    // Minting also never exceeds auth.rest_max_ttl_secs (the daemon would refuse such a
+    // credential); that cap is applied at mint time so the defaults stay independent.
+    let max_ttl_secs = cx.int(
+        "api.max_ttl_secs",
+        raw.max_ttl_secs,
+        60,
+        365 * 86400,
+        defaults.max_ttl_secs,
+    );
+    let default_ttl_secs = cx.int(
+        "api.default_ttl_secs",
+        raw.default_ttl_secs,
+        60,
+        max_ttl_secs,
+        defaults.default_ttl_secs.min(max_ttl_secs),
+    );
+    ApiConfig {
+        listen,
+        token_file,
+        default_ttl_secs,
+        max_ttl_secs,
     }
 }
 
@@ -1995,13 +2162,30 @@ allow_loopback_peers = true
     }
 
     #[test]
-    fn metrics_and_api_tables_are_not_part_of_the_schema() {
+    fn metrics_live_on_the_api_listener_and_api_keys_are_validated() {
         fails(
             "[metrics]\nlisten = \"127.0.0.1:9100\"\n",
             1,
             "unknown key \"metrics\"",
         );
-        fails("[api]\n", 1, "unknown key \"api\"");
+        let c = parse("drain_secs = 5\npublic_host = \"turn.example.com\"\n[api]\nlisten = \"127.0.0.1:9641\"\ntoken_file = \"tok\"\ndefault_ttl_secs = 600\n").unwrap();
+        assert_eq!(c.api.listen, Some("127.0.0.1:9641".parse().unwrap()));
+        assert_eq!(c.api.token_file, Some(PathBuf::from("tok")));
+        assert_eq!((c.api.default_ttl_secs, c.api.max_ttl_secs), (600, 86400));
+        assert_eq!(
+            (c.drain_secs, c.public_host.as_str()),
+            (5, "turn.example.com")
+        );
+        fails("[api]\nlisten = \"localhost\"\n", 2, "api.listen");
+        fails("[api]\nmax_ttl_secs = 10\n", 2, "api.max_ttl_secs");
+        fails(
+            "[api]\nmax_ttl_secs = 600\ndefault_ttl_secs = 3600\n",
+            3,
+            "api.default_ttl_secs",
+        );
+        fails("public_host = \"https://x\"\n", 1, "public_host");
+        fails("drain_secs = -1\n", 1, "drain_secs");
+        fails("[api]\nlistn = \"x\"\n", 2, "unknown key \"listn\"");
     }
 
     // ---- top-level values ------------------------------------------------
