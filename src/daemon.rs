@@ -3,14 +3,17 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
+use crate::control::{self, ControlState, Live, Shards};
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
 use crate::io::udp::bind_udp;
@@ -24,7 +27,7 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Setup(String),
-    #[error("cannot bind {what}: {source}")]
+    #[error("cannot bind {what}")]
     Bind {
         what: String,
         #[source]
@@ -215,6 +218,13 @@ fn concrete_listeners(
     let mut holders = Vec::new();
     for addr in listen {
         if addr.port() != 0 {
+            // SO_REUSEPORT would let us share a port another server (or a second turnpike)
+            // already holds, and the kernel would silently split clients between the two.
+            // A bind without it fails if anyone holds the port: refuse to start instead.
+            bind_udp(*addr, false).map_err(|source| DaemonError::Bind {
+                what: format!("udp listener {addr} (is another TURN server running on it?)"),
+                source,
+            })?;
             addrs.push(*addr);
             continue;
         }
@@ -272,9 +282,10 @@ fn quickstart(secret: &[u8], config: &Config, relays: &ResolvedRelays, listeners
     println!("{ice}");
 }
 
-/// Runs the server until SIGINT or SIGTERM.
-pub fn serve(config: Config) -> Result<(), DaemonError> {
+/// Runs the server until SIGINT or SIGTERM (then drains) and returns once it has stopped.
+pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     let mut rest_secrets = config.load_rest_secrets()?;
+    let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config)?;
     let (listeners, holders) = concrete_listeners(&config.listen)?;
     let ephemeral = rest_secrets.is_empty() && config.auth.users.is_empty();
@@ -282,8 +293,29 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
         let secret = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random_bytes::<24>()?);
         rest_secrets.push(secret.into_bytes());
     }
-    let quickstart_secret = ephemeral.then(|| rest_secrets[0].clone());
-    let core = Arc::new(core_config(&config, &relays, rest_secrets, &listeners)?);
+    let ephemeral_secret = ephemeral.then(|| rest_secrets[0].clone());
+    // Bound before any shard starts, so a taken port stops the daemon before it serves anything.
+    let api_listener = match config.api.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| DaemonError::Bind {
+                    what: format!("api listener {addr}"),
+                    source,
+                })?;
+            Some(l)
+        }
+        None => None,
+    };
+    // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API.
+    let mut endpoints = listeners.clone();
+    endpoints.extend(config.api.listen);
+    let core = Arc::new(core_config(
+        &config,
+        &relays,
+        rest_secrets.clone(),
+        &endpoints,
+    )?);
     let shared = Arc::new(Shared::new(
         random_bytes::<32>()?,
         config.auth.nonce_lifetime_secs,
@@ -297,10 +329,10 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
     let reservations = Arc::new(Reservations::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut handles = Vec::new();
-    let mut reports = Vec::new();
+    let mut senders = Vec::new();
     for index in 0..threads {
-        let report = Arc::new(Mutex::new(ShardReport::default()));
-        reports.push(Arc::clone(&report));
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
+        senders.push(command_tx);
         let setup = ShardSetup {
             index,
             listen: listeners.clone(),
@@ -309,7 +341,7 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
             relay_ports: (config.relay.port_min, config.relay.port_max),
             reservations: Arc::clone(&reservations),
             shutdown: shutdown_rx.clone(),
-            report,
+            commands: command_rx,
             seed: u64::from_le_bytes(random_bytes::<8>()?),
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -335,34 +367,83 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
     }
     // Every shard holds the port now; the placeholders must not take a share of the traffic.
     drop(holders);
-    for l in &listeners {
-        tracing::info!(addr = %l, transport = "udp", "listening");
-    }
-    tracing::info!(
-        threads,
-        relay_v4 = %relays.v4.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
-        relay_v6 = %relays.v6.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
-        ports = %format!("{}-{}", config.relay.port_min, config.relay.port_max),
-        realm = %config.realm,
-        "turnpike ready"
-    );
-    if let Some(secret) = quickstart_secret {
-        quickstart(&secret, &config, &relays, &listeners);
-    }
 
-    wait_for_shutdown_signal()?;
+    let build_relays = ResolvedRelays {
+        v4: relays.v4,
+        v6: relays.v6,
+    };
+    let build_endpoints = endpoints.clone();
+    let state = Arc::new(ControlState {
+        shards: Shards::new(senders),
+        shared: Arc::clone(&shared),
+        live: Mutex::new(Live {
+            config: config.clone(),
+            core,
+            rest_secrets,
+            api_token,
+            ephemeral_secret: ephemeral_secret.clone(),
+        }),
+        config_path,
+        build_core: Box::new(move |cfg, secrets| {
+            core_config(cfg, &build_relays, secrets, &build_endpoints).map_err(|e| e.to_string())
+        }),
+        draining: AtomicBool::new(false),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        relay_port_span: u64::from(config.relay.port_max - config.relay.port_min) + 1,
+        advertised: relays.v4.map(|r| r.advertised),
+        started: Instant::now(),
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Setup(format!("control runtime: {e}")))?;
+    let result = runtime.block_on(async {
+        if let Some(std_listener) = api_listener {
+            let listener = tokio::net::TcpListener::from_std(std_listener)
+                .map_err(|e| DaemonError::Setup(format!("api listener: {e}")))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| DaemonError::Setup(format!("api listener: {e}")))?;
+            tracing::info!(addr = %bound, "http api listening");
+            let app = control::api::router(Arc::clone(&state));
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "http api stopped");
+                }
+            });
+        }
+        for l in &listeners {
+            tracing::info!(addr = %l, transport = "udp", "listening");
+        }
+        tracing::info!(
+            threads,
+            relay_v4 = %relays.v4.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
+            relay_v6 = %relays.v6.map_or("-".into(), |r| format!("{} (advertised {})", r.local, r.advertised)),
+            ports = %format!("{}-{}", config.relay.port_min, config.relay.port_max),
+            realm = %config.realm,
+            "turnpike ready"
+        );
+        if let Some(secret) = &ephemeral_secret {
+            quickstart(secret, &config, &relays, &listeners);
+        }
+        control::notify::ready(&format!("serving on {} udp listener(s)", listeners.len()));
+        control::run_until_stopped(Arc::clone(&state))
+            .await
+            .map_err(|e| DaemonError::Setup(format!("signal handler: {e}")))
+    });
+
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
-    for h in handles {
-        let _ = h.join();
-    }
     let mut total = ShardReport::default();
-    for r in &reports {
-        let r = *r.lock().unwrap_or_else(|e| e.into_inner());
-        total.core.allocations_created += r.core.allocations_created;
-        total.core.to_peer_packets += r.core.to_peer_packets;
-        total.core.to_client_packets += r.core.to_client_packets;
-        total.send_errors += r.send_errors;
+    for h in handles {
+        if let Ok(r) = h.join() {
+            total.core.allocations_created += r.core.allocations_created;
+            total.core.to_peer_packets += r.core.to_peer_packets;
+            total.core.to_client_packets += r.core.to_client_packets;
+            total.send_errors += r.send_errors;
+        }
     }
     tracing::info!(
         allocations = total.core.allocations_created,
@@ -371,26 +452,5 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
         send_errors = total.send_errors,
         "stopped"
     );
-    Ok(())
-}
-
-fn wait_for_shutdown_signal() -> Result<(), DaemonError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DaemonError::Setup(format!("signal runtime: {e}")))?;
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
-                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not implemented yet; restart to apply changes"),
-            }
-        }
-    })
-    .map_err(|e: std::io::Error| DaemonError::Setup(format!("signal handler: {e}")))
+    result
 }

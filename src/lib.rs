@@ -4,6 +4,7 @@
 //! `daemon` wires configuration, shards and signals together.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod io;
 pub mod proto;

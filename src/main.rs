@@ -1,13 +1,16 @@
 //! The `turnpike` command line: parse, call the library, print.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use turnpike::config::{Config, LogFormat};
+use turnpike::control::{client, credentials};
 
 #[derive(Parser)]
 #[command(name = "turnpike", version, about = "A STUN/TURN relay daemon")]
@@ -20,6 +23,16 @@ struct Cli {
 enum LogFormatArg {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CredentialFormat {
+    /// {"iceServers":[...],"ttl":..,"expires_at":".."} for new RTCPeerConnection(...)
+    Ice,
+    /// draft-uberti TURN REST shape {"username","password","ttl","uris"}
+    Rest,
+    /// shell variable assignments
+    Env,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +54,74 @@ enum Command {
         #[arg(short, long, default_value = "turnserver.toml")]
         config: PathBuf,
     },
+    /// Mint a short-lived REST credential with the configured secret.
+    Credentials {
+        #[arg(short, long, default_value = "turnserver.toml")]
+        config: PathBuf,
+        /// The user the credential is for (counted by the per-user quota).
+        #[arg(long)]
+        user: String,
+        /// Lifetime: seconds, or with a unit: 90s, 30m, 1h, 2d. Default: api.default_ttl_secs.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+        /// URI to list (repeatable), e.g. turn:turn.example.com:3478?transport=udp.
+        /// Default: STUN and TURN on every listener port of the public host.
+        #[arg(long = "uri")]
+        uris: Vec<String>,
+        #[arg(long, value_enum, default_value = "ice")]
+        format: CredentialFormat,
+    },
+    /// Say whether the configuration accepts a username/password pair, and if not, why.
+    VerifyCredential {
+        #[arg(short, long, default_value = "turnserver.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        username: String,
+        /// The password; "-" reads it from standard input (keeps it out of the process list).
+        #[arg(long)]
+        password: String,
+        /// The realm the client uses, if known.
+        #[arg(long)]
+        realm: Option<String>,
+    },
+    /// List or end sessions through the daemon's HTTP API (api.listen, api.token_file).
+    Sessions {
+        #[arg(short, long, default_value = "turnserver.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// List allocations as JSON.
+    List,
+    /// End one allocation by id (from `sessions list`).
+    Kill { id: String },
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 90s, 30m, 1h, 2d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
@@ -52,6 +133,84 @@ fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+fn credentials_command(
+    config: &Config,
+    user: &str,
+    ttl: Option<u64>,
+    uris: Vec<String>,
+    format: CredentialFormat,
+) -> anyhow::Result<()> {
+    let secrets = config.load_rest_secrets()?;
+    let max = credentials::max_ttl(config);
+    let ttl = ttl.unwrap_or(config.api.default_ttl_secs.min(max));
+    let uris = if uris.is_empty() {
+        let advertised = match config.relay.address {
+            turnpike::config::RelayAddress::Ip(ip) => Some(ip.into()),
+            turnpike::config::RelayAddress::Auto => turnpike::daemon::resolve_relays(config)
+                .ok()
+                .and_then(|r| r.v4.map(|v| v.advertised)),
+        };
+        credentials::default_uris(config, &credentials::public_host(config, advertised))
+    } else {
+        uris
+    };
+    let minted = credentials::mint(
+        &secrets,
+        config.auth.rest_separator,
+        user,
+        ttl,
+        max,
+        unix_now(),
+        uris,
+    )?;
+    match format {
+        CredentialFormat::Ice => println!(
+            "{}",
+            serde_json::to_string_pretty(&credentials::ice_json(&minted))?
+        ),
+        CredentialFormat::Rest => println!(
+            "{}",
+            serde_json::to_string_pretty(&credentials::rest_json(&minted))?
+        ),
+        CredentialFormat::Env => print!("{}", credentials::env_text(&minted)),
+    }
+    Ok(())
+}
+
+fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<()> {
+    let Some(mut addr) = config.api.listen else {
+        bail!("api.listen is not set in the config: the daemon has no HTTP API to ask");
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let token = config
+        .load_api_token()?
+        .context("api.token_file is not set in the config")?;
+    let (status, body) = match &action {
+        SessionsAction::List => {
+            client::request(addr, "GET", "/api/v1/sessions", Some(&token), None)?
+        }
+        SessionsAction::Kill { id } => client::request(
+            addr,
+            "DELETE",
+            &format!("/api/v1/sessions/{id}"),
+            Some(&token),
+            None,
+        )?,
+    };
+    match (action, status) {
+        (SessionsAction::List, 200) => println!("{body}"),
+        (SessionsAction::Kill { id }, 204) => println!("session {id} ended"),
+        (_, status) => bail!("the API answered {status}: {}", body.trim()),
     }
     Ok(())
 }
@@ -71,16 +230,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let level = log_level.unwrap_or_else(|| cfg.log_level.clone());
             init_logging(format, &level)?;
-            turnpike::daemon::serve(cfg)?;
+            turnpike::daemon::serve(cfg, config)?;
             Ok(())
         }
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.load_rest_secrets()?;
+            cfg.load_api_token()?;
             println!("# {}: valid", config.display());
             print!("{}", cfg.to_redacted_toml());
             Ok(())
         }
+        Command::Credentials {
+            config,
+            user,
+            ttl,
+            uris,
+            format,
+        } => credentials_command(&Config::load(&config)?, &user, ttl, uris, format),
+        Command::VerifyCredential {
+            config,
+            username,
+            password,
+            realm,
+        } => {
+            let cfg = Config::load(&config)?;
+            let secrets = cfg.load_rest_secrets()?;
+            let password = if password == "-" {
+                let mut p = String::new();
+                std::io::stdin().read_to_string(&mut p)?;
+                p.trim_end_matches(['\r', '\n']).to_owned()
+            } else {
+                password
+            };
+            match credentials::verify(
+                &cfg,
+                &secrets,
+                &username,
+                &password,
+                realm.as_deref(),
+                unix_now(),
+            ) {
+                Ok(credentials::Accepted::StaticUser) => {
+                    println!("accepted: static user {username:?}")
+                }
+                Ok(credentials::Accepted::Rest {
+                    user,
+                    expires_in_secs,
+                }) => {
+                    println!("accepted: REST credential for user {user:?}, expires in {expires_in_secs} s")
+                }
+                Err(why) => bail!("refused: {why}"),
+            }
+            Ok(())
+        }
+        Command::Sessions { config, action } => sessions_command(&Config::load(&config)?, action),
     }
 }
 

@@ -6,17 +6,19 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::relay::{Reservations, ShardRelays};
 use super::udp::{Listener, RecvBatch, MAX_DATAGRAM};
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::{HEADROOM, TAILROOM};
-use crate::proto::server::{ClientAction, Core, CoreConfig, PeerAction, Shared, Stats};
+use crate::proto::server::{
+    ClientAction, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
+};
 use crate::proto::{FiveTuple, Transport};
 
 /// Datagrams handled per wake-up before yielding, so one busy socket cannot starve the others.
@@ -31,6 +33,25 @@ pub struct ShardReport {
     pub send_errors: u64,
 }
 
+/// Control-plane requests to a shard. Handled between packets on the shard's own thread.
+pub enum ShardCommand {
+    /// A reloaded configuration; allocations, permissions and channels stay.
+    SetConfig(Arc<CoreConfig>),
+    /// Refuse new allocations from now on.
+    Drain,
+    Report(oneshot::Sender<ShardReport>),
+    Sessions(oneshot::Sender<Vec<SessionInfo>>),
+    Kill {
+        slot: u32,
+        gen: u32,
+        reply: oneshot::Sender<bool>,
+    },
+    EndUser {
+        user: String,
+        reply: oneshot::Sender<usize>,
+    },
+}
+
 pub struct ShardSetup {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
@@ -39,7 +60,7 @@ pub struct ShardSetup {
     pub relay_ports: (u16, u16),
     pub reservations: Arc<Reservations>,
     pub shutdown: watch::Receiver<bool>,
-    pub report: Arc<Mutex<ShardReport>>,
+    pub commands: mpsc::UnboundedReceiver<ShardCommand>,
     pub seed: u64,
 }
 
@@ -88,9 +109,13 @@ impl ShardState {
 
 type Shard = Rc<RefCell<ShardState>>;
 
-/// Binds the listeners and runs the shard until shutdown. Reports binding errors before serving
-/// through `bound`, so the daemon can refuse to start instead of running half-bound.
-pub fn run(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>) {
+/// Binds the listeners and runs the shard until shutdown; returns its final counters. Reports
+/// binding errors before serving through `bound`, so the daemon can refuse to start instead of
+/// running half-bound.
+pub fn run(
+    setup: ShardSetup,
+    bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>,
+) -> ShardReport {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -98,14 +123,17 @@ pub fn run(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<Sock
         Ok(rt) => rt,
         Err(e) => {
             let _ = bound.send(Err(e));
-            return;
+            return ShardReport::default();
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(setup, bound));
+    local.block_on(&runtime, serve(setup, bound))
 }
 
-async fn serve(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>) {
+async fn serve(
+    setup: ShardSetup,
+    bound: std::sync::mpsc::Sender<io::Result<Vec<SocketAddr>>>,
+) -> ShardReport {
     let mut listeners = Vec::new();
     for addr in &setup.listen {
         match Listener::bind(*addr) {
@@ -115,7 +143,7 @@ async fn serve(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<
                     e.kind(),
                     format!("udp listener {addr}: {e}"),
                 )));
-                return;
+                return ShardReport::default();
             }
         }
     }
@@ -133,12 +161,8 @@ async fn serve(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
     }
-    tokio::task::spawn_local(timers(
-        Rc::clone(&state),
-        setup.reservations,
-        setup.report.clone(),
-        setup.index,
-    ));
+    tokio::task::spawn_local(timers(Rc::clone(&state), setup.reservations, setup.index));
+    tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
 
     let mut shutdown = setup.shutdown;
     while !*shutdown.borrow() {
@@ -148,8 +172,31 @@ async fn serve(setup: ShardSetup, bound: std::sync::mpsc::Sender<io::Result<Vec<
     }
     let mut st = state.borrow_mut();
     st.core.close_all(Instant::now(), "server shutdown");
-    let report = st.report();
-    *setup.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
+    st.report()
+}
+
+async fn commands(state: Shard, mut rx: mpsc::UnboundedReceiver<ShardCommand>) {
+    while let Some(cmd) = rx.recv().await {
+        let mut st = state.borrow_mut();
+        let now = Instant::now();
+        // A dropped reply channel only means the asker gave up; nothing to do about it.
+        match cmd {
+            ShardCommand::SetConfig(config) => st.core.set_config(config),
+            ShardCommand::Drain => st.core.set_draining(true),
+            ShardCommand::Report(reply) => {
+                let _ = reply.send(st.report());
+            }
+            ShardCommand::Sessions(reply) => {
+                let _ = reply.send(st.core.sessions(now));
+            }
+            ShardCommand::Kill { slot, gen, reply } => {
+                let _ = reply.send(st.core.end_session(slot, gen, now, "ended by admin"));
+            }
+            ShardCommand::EndUser { user, reply } => {
+                let _ = reply.send(st.core.end_user(&user, now, "user revoked"));
+            }
+        }
+    }
 }
 
 async fn listen(state: Shard, listener: Rc<Listener>) {
@@ -254,12 +301,7 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<UdpSocket>) {
     }
 }
 
-async fn timers(
-    state: Shard,
-    reservations: Arc<Reservations>,
-    report: Arc<Mutex<ShardReport>>,
-    index: usize,
-) {
+async fn timers(state: Shard, reservations: Arc<Reservations>, index: usize) {
     loop {
         let next = state.borrow().core.poll_timeout();
         let cap = Instant::now() + Duration::from_secs(1);
@@ -271,7 +313,5 @@ async fn timers(
         if index == 0 {
             reservations.sweep(now);
         }
-        let r = st.report();
-        *report.lock().unwrap_or_else(|e| e.into_inner()) = r;
     }
 }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::allocation::{Allocation, BindError, Counters, Relay, RelayId, TokenBucket};
-use super::auth::{Authenticator, LongTermKey, NonceIssuer, NonceStatus, PasswordAlgorithm};
+use super::auth::{
+    AuthReject, Authenticator, LongTermKey, NonceIssuer, NonceStatus, PasswordAlgorithm,
+};
 use super::codec::{
     self, attr, decode_xor_address, frame_channel_data, frame_data_indication, method, Class,
     Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, HEADROOM,
@@ -67,6 +69,7 @@ pub struct RelayAddress {
 }
 
 /// Everything reloadable that decides how requests are answered.
+#[derive(Clone)]
 pub struct CoreConfig {
     pub software: Option<String>,
     pub auth: Authenticator,
@@ -217,9 +220,58 @@ pub struct Stats {
     pub dropped_malformed: u64,
     pub denied_peers: u64,
     pub quota_rejections: u64,
-    pub auth_failures: u64,
+    /// Refused credentials, indexed by [`AuthFailure`].
+    pub auth_failures: [u64; AuthFailure::COUNT],
     pub stale_nonces: u64,
     pub rate_limited: u64,
+}
+
+/// Why a request with MESSAGE-INTEGRITY was refused (a bounded metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    WrongPassword,
+    UnknownUser,
+    Expired,
+    ExpiryTooFarAhead,
+    MalformedUsername,
+    UnsupportedAlgorithm,
+    Revoked,
+}
+
+impl AuthFailure {
+    pub const COUNT: usize = 7;
+    pub const ALL: [AuthFailure; Self::COUNT] = [
+        AuthFailure::WrongPassword,
+        AuthFailure::UnknownUser,
+        AuthFailure::Expired,
+        AuthFailure::ExpiryTooFarAhead,
+        AuthFailure::MalformedUsername,
+        AuthFailure::UnsupportedAlgorithm,
+        AuthFailure::Revoked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::WrongPassword => "wrong_password",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Expired => "expired",
+            AuthFailure::ExpiryTooFarAhead => "expiry_too_far_ahead",
+            AuthFailure::MalformedUsername => "malformed_username",
+            AuthFailure::UnsupportedAlgorithm => "unsupported_algorithm",
+            AuthFailure::Revoked => "revoked",
+        }
+    }
+
+    fn from_reject(r: AuthReject) -> Self {
+        match r {
+            AuthReject::UnknownUser => AuthFailure::UnknownUser,
+            AuthReject::Expired => AuthFailure::Expired,
+            AuthReject::ExpiryTooFarAhead => AuthFailure::ExpiryTooFarAhead,
+            AuthReject::MalformedRestUsername => AuthFailure::MalformedUsername,
+            AuthReject::UnsupportedAlgorithm => AuthFailure::UnsupportedAlgorithm,
+            AuthReject::Revoked => AuthFailure::Revoked,
+        }
+    }
 }
 
 /// How a response is protected.
@@ -247,6 +299,24 @@ pub struct Core<P> {
     rng: u64,
     keys: Vec<LongTermKey>,
     stats: Stats,
+    /// While draining, existing allocations keep working and new ones are refused.
+    draining: bool,
+}
+
+/// One allocation as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub slot: u32,
+    pub gen: u32,
+    pub username: String,
+    pub client: SocketAddr,
+    pub transport: &'static str,
+    pub relays: Vec<SocketAddr>,
+    pub age_secs: u64,
+    pub expires_in_secs: u64,
+    pub counters: Counters,
+    pub permissions: usize,
+    pub channels: usize,
 }
 
 /// Comprehension-required attributes the TURN methods understand.
@@ -333,6 +403,7 @@ impl<P: RelayProvider> Core<P> {
             rng: seed | 1,
             keys: Vec::with_capacity(4),
             stats: Stats::default(),
+            draining: false,
         }
     }
 
@@ -370,6 +441,56 @@ impl<P: RelayProvider> Core<P> {
                 self.end_allocation(slot, now, "expired");
             }
         }
+    }
+
+    /// Stops granting new allocations; existing ones run on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    pub fn sessions(&self, now: Instant) -> Vec<SessionInfo> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.alloc.as_ref().map(|a| (i as u32, s.gen, a)))
+            .map(|(slot, gen, a)| SessionInfo {
+                slot,
+                gen,
+                username: a.username.to_string(),
+                client: a.five_tuple.client,
+                transport: a.five_tuple.transport.as_str(),
+                relays: a.relays.iter().flatten().map(|r| r.advertised).collect(),
+                age_secs: now.saturating_duration_since(a.created).as_secs(),
+                expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                counters: a.counters,
+                permissions: a.permissions.iter().filter(|p| p.expires > now).count(),
+                channels: a.channels.iter().filter(|c| c.expires > now).count(),
+            })
+            .collect()
+    }
+
+    /// Ends one allocation (admin kill); false when it no longer exists.
+    pub fn end_session(&mut self, slot: u32, gen: u32, now: Instant, why: &str) -> bool {
+        if self.slot(slot, gen).is_none() {
+            return false;
+        }
+        self.end_allocation(slot, now, why);
+        true
+    }
+
+    /// Ends every allocation of a user (by the name quotas count: a REST username's user part).
+    pub fn end_user(&mut self, user: &str, now: Instant, why: &str) -> usize {
+        let slots: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.alloc.as_ref().is_some_and(|a| &*a.quota_user == user))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for &slot in &slots {
+            self.end_allocation(slot, now, why);
+        }
+        slots.len()
     }
 
     /// Ends every allocation (shutdown).
@@ -697,6 +818,7 @@ impl<P: RelayProvider> Core<P> {
             .candidate_keys(username, algorithm, unix, &mut keys)
             .map_err(|why| {
                 tracing::debug!(client = %ft.client, reason = %why, "credentials refused");
+                AuthFailure::from_reject(why)
             })
             .and_then(|()| {
                 keys.iter()
@@ -710,13 +832,14 @@ impl<P: RelayProvider> Core<P> {
                     })
                     .ok_or_else(|| {
                         tracing::debug!(client = %ft.client, "message integrity check failed");
+                        AuthFailure::WrongPassword
                     })
             });
         self.keys = keys;
         match verdict {
             Ok(key) => Ok(Signer { key, sha256 }),
-            Err(()) => {
-                self.stats.auth_failures += 1;
+            Err(why) => {
+                self.stats.auth_failures[why as usize] += 1;
                 Err(self.challenge(now, ft, msg, reply, 401))
             }
         }
@@ -852,6 +975,11 @@ impl<P: RelayProvider> Core<P> {
     ) {
         if existing.is_some() {
             return self.error(reply, msg, 437, Some(signer));
+        }
+        if self.draining {
+            // The server is shutting down: clients move on to the next ICE server.
+            self.stats.quota_rejections += 1;
+            return self.error(reply, msg, 508, Some(signer));
         }
         match msg.get(attr::REQUESTED_TRANSPORT).map(|a| a.value) {
             Some([17, _, _, _]) => {}

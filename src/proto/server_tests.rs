@@ -447,7 +447,10 @@ fn wrong_password_gets_401_and_no_state() {
     let (class, code) = h.allocate_with(&ft, &creds("mallory", "x"), |_| {});
     assert_eq!((class, code), (Class::Error, Some(401)));
     assert_eq!(h.core.allocation_count(), 0);
-    assert_eq!(h.core.stats().auth_failures, 2);
+    let failures = h.core.stats().auth_failures;
+    assert_eq!(failures[AuthFailure::WrongPassword as usize], 1);
+    // Not a static user and not shaped like a REST username.
+    assert_eq!(failures[AuthFailure::MalformedUsername as usize], 1);
 }
 
 #[test]
@@ -1296,5 +1299,48 @@ fn relay_ids_are_unique_and_all_closed_on_close_all() {
     let now = h.now;
     h.core.close_all(now, "shutdown");
     assert!(h.core.relays().open.is_empty());
+    assert_eq!(h.shared.total_allocations(), 0);
+}
+
+#[test]
+fn draining_refuses_new_allocations_and_keeps_existing_ones() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    h.permit(&ft, peer("198.51.100.1:5000"));
+    h.core.set_draining(true);
+    assert_eq!(
+        h.allocate_with(&client(2), &alice(), |_| {}),
+        (Class::Error, Some(508))
+    );
+    assert!(h
+        .peer_sends(relay, peer("198.51.100.1:5000"), b"x")
+        .is_some());
+    assert_eq!(h.refresh(&ft, 600), (Class::Success, None));
+}
+
+#[test]
+fn sessions_list_kill_and_end_user() {
+    let mut h = Harness::new();
+    h.allocate(&client(1));
+    h.allocate_with(&client(2), &rest("gina", UNIX0 + 60, SECRET), |_| {});
+    h.allocate_with(&client(3), &rest("gina", UNIX0 + 90, SECRET), |_| {});
+    h.permit(&client(1), peer("198.51.100.1:1"));
+    let now = h.now;
+    let sessions = h.core.sessions(now);
+    assert_eq!(sessions.len(), 3);
+    let alice_session = sessions.iter().find(|s| s.username == "alice").unwrap();
+    assert_eq!((alice_session.permissions, alice_session.channels), (1, 0));
+    assert_eq!(alice_session.client, client(1).client);
+    // REST users are ended by their user part, whatever the expiry in the username.
+    assert_eq!(h.core.end_user("gina", now, "revoked"), 2);
+    assert_eq!(h.core.allocation_count(), 1);
+    assert!(h
+        .core
+        .end_session(alice_session.slot, alice_session.gen, now, "admin"));
+    assert!(!h
+        .core
+        .end_session(alice_session.slot, alice_session.gen, now, "admin"));
+    assert_eq!(h.core.allocation_count(), 0);
     assert_eq!(h.shared.total_allocations(), 0);
 }

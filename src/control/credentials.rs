@@ -1,0 +1,407 @@
+//! Minting short-lived REST credentials in the shapes clients paste, and explaining why a
+//! credential is refused. Shared by `turnpike credentials`, `turnpike verify-credential` and the
+//! HTTP API; pure functions of the configuration, the secrets and the time.
+
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+
+use crate::config::{Config, UserSecret};
+use crate::proto::auth::{
+    long_term_key, mint_rest_credential, parse_md5_key_hex, parse_rest_username, rest_password,
+    PasswordAlgorithm,
+};
+use crate::proto::codec::constant_time_eq;
+
+/// A minted credential and where to use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    pub username: String,
+    pub password: String,
+    pub ttl_secs: u64,
+    pub expires_at_unix: u64,
+    pub uris: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MintError {
+    #[error("no REST secret configured: set auth.secret_file or auth.secret_env")]
+    NoSecret,
+    #[error("user must be 1 to 128 printable characters")]
+    BadUser,
+    #[error("ttl must be between 1 and {max} seconds")]
+    BadTtl { max: u64 },
+}
+
+/// The largest TTL the configuration lets a minted credential have: beyond `rest_max_ttl_secs`
+/// the daemon itself would refuse it.
+pub fn max_ttl(config: &Config) -> u64 {
+    config.api.max_ttl_secs.min(config.auth.rest_max_ttl_secs)
+}
+
+/// The host clients should use: `public_host`, else the advertised relay address.
+pub fn public_host(config: &Config, advertised: Option<IpAddr>) -> String {
+    if !config.public_host.is_empty() {
+        return config.public_host.clone();
+    }
+    let ip = config
+        .relay
+        .external_address
+        .map(IpAddr::V4)
+        .or(advertised)
+        .or_else(|| {
+            config
+                .listen
+                .first()
+                .map(|l| l.ip())
+                .filter(|ip| !ip.is_unspecified())
+        });
+    match ip {
+        Some(IpAddr::V6(v6)) => format!("[{v6}]"),
+        Some(ip) => ip.to_string(),
+        None => "localhost".into(),
+    }
+}
+
+/// STUN and TURN URIs for every listener port on the public host.
+pub fn default_uris(config: &Config, host: &str) -> Vec<String> {
+    let mut ports: Vec<u16> = config.listen.iter().map(|l| l.port()).collect();
+    ports.dedup();
+    let mut uris = Vec::new();
+    for port in &ports {
+        uris.push(format!("stun:{host}:{port}"));
+    }
+    for port in &ports {
+        uris.push(format!("turn:{host}:{port}?transport=udp"));
+    }
+    uris
+}
+
+/// Mints with the first secret (the newest, by the file's convention); every configured secret
+/// verifies, so rotation is: prepend the new secret, reload, later drop the old one.
+pub fn mint(
+    secrets: &[Vec<u8>],
+    separator: char,
+    user: &str,
+    ttl_secs: u64,
+    max_ttl_secs: u64,
+    now_unix: u64,
+    uris: Vec<String>,
+) -> Result<Minted, MintError> {
+    let secret = secrets.first().ok_or(MintError::NoSecret)?;
+    if user.is_empty() || user.chars().count() > 128 || user.chars().any(char::is_control) {
+        return Err(MintError::BadUser);
+    }
+    if ttl_secs == 0 || ttl_secs > max_ttl_secs {
+        return Err(MintError::BadTtl { max: max_ttl_secs });
+    }
+    let expires_at_unix = now_unix + ttl_secs;
+    let (username, password) = mint_rest_credential(secret, user, expires_at_unix, separator);
+    Ok(Minted {
+        username,
+        password,
+        ttl_secs,
+        expires_at_unix,
+        uris,
+    })
+}
+
+/// `{"iceServers":[...],"ttl":..,"expires_at":".."}`, ready for `new RTCPeerConnection(...)`.
+pub fn ice_json(m: &Minted) -> Value {
+    json!({
+        "iceServers": [{
+            "urls": m.uris,
+            "username": m.username,
+            "credential": m.password,
+        }],
+        "ttl": m.ttl_secs,
+        "expires_at": rfc3339(m.expires_at_unix),
+    })
+}
+
+/// The draft-uberti-behave-turn-rest response shape.
+pub fn rest_json(m: &Minted) -> Value {
+    json!({
+        "username": m.username,
+        "password": m.password,
+        "ttl": m.ttl_secs,
+        "uris": m.uris,
+    })
+}
+
+/// Shell variable assignments, single-quoted so any byte survives `eval`.
+pub fn env_text(m: &Minted) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    format!(
+        "TURN_USERNAME={}\nTURN_PASSWORD={}\nTURN_URIS={}\nTURN_TTL={}\nTURN_EXPIRES_AT={}\n",
+        q(&m.username),
+        q(&m.password),
+        q(&m.uris.join(" ")),
+        m.ttl_secs,
+        q(&rfc3339(m.expires_at_unix)),
+    )
+}
+
+/// UTC RFC 3339 for a unix time (civil-from-days, so no date crate is needed).
+pub fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86400) as i64;
+    let secs = unix % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Why a username/password pair is refused, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("wrong realm: the client uses {given:?}, this server's realm is {expected:?}")]
+    WrongRealm { given: String, expected: String },
+    #[error("wrong password for static user {0:?}")]
+    WrongPassword(String),
+    #[error("expired {ago} s ago (REST expiry {expiry})")]
+    Expired { expiry: u64, ago: u64 },
+    #[error(
+        "expiry too far ahead: {ahead} s from now, the server accepts at most {max} s \
+         (auth.rest_max_ttl_secs)"
+    )]
+    TooFarAhead { ahead: u64, max: u64 },
+    #[error("no configured REST secret matches this password (minted with another secret?)")]
+    NoSecretMatches,
+    #[error("unknown user {0:?}: not a static user, and no REST secret is configured")]
+    UnknownUser(String),
+    #[error(
+        "unknown user {0:?}: not a static user, and not a REST username \
+         (\"<expiry>{1}<user>\" or \"<user>{1}<expiry>\")"
+    )]
+    NotRest(String, char),
+}
+
+/// What kind of credential was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    StaticUser,
+    Rest { user: String, expires_in_secs: u64 },
+}
+
+/// Checks a pair the way the daemon would (same key derivation, same expiry rules).
+pub fn verify(
+    config: &Config,
+    secrets: &[Vec<u8>],
+    username: &str,
+    password: &str,
+    realm: Option<&str>,
+    now_unix: u64,
+) -> Result<Accepted, Refusal> {
+    if let Some(given) = realm.filter(|r| *r != config.realm) {
+        return Err(Refusal::WrongRealm {
+            given: given.into(),
+            expected: config.realm.clone(),
+        });
+    }
+    if let Some(user) = config.auth.users.iter().find(|u| u.name == username) {
+        let ok = match &user.secret {
+            UserSecret::Password(p) => constant_time_eq(p.as_bytes(), password.as_bytes()),
+            UserSecret::Md5KeyHex(hex) => parse_md5_key_hex(hex).is_ok_and(|key| {
+                let derived =
+                    long_term_key(PasswordAlgorithm::Md5, username, &config.realm, password);
+                constant_time_eq(derived.as_bytes(), &key)
+            }),
+        };
+        return if ok {
+            Ok(Accepted::StaticUser)
+        } else {
+            Err(Refusal::WrongPassword(username.into()))
+        };
+    }
+    if secrets.is_empty() {
+        return Err(Refusal::UnknownUser(username.into()));
+    }
+    let sep = config.auth.rest_separator;
+    let Some((expiry, user)) = parse_rest_username(username, sep) else {
+        return Err(Refusal::NotRest(username.into(), sep));
+    };
+    if expiry < now_unix {
+        return Err(Refusal::Expired {
+            expiry,
+            ago: now_unix - expiry,
+        });
+    }
+    let max = config.auth.rest_max_ttl_secs;
+    if expiry - now_unix > max {
+        return Err(Refusal::TooFarAhead {
+            ahead: expiry - now_unix,
+            max,
+        });
+    }
+    let matches = secrets
+        .iter()
+        .any(|s| constant_time_eq(rest_password(s, username).as_bytes(), password.as_bytes()));
+    if !matches {
+        return Err(Refusal::NoSecretMatches);
+    }
+    Ok(Accepted::Rest {
+        user: user.into(),
+        expires_in_secs: expiry - now_unix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+realm = "r.example"
+listen = ["0.0.0.0:3478", "[::]:3478"]
+public_host = "turn.example.com"
+[[auth.users]]
+name = "alice"
+password = "wonderland"
+[[auth.users]]
+name = "keyed"
+key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
+"#,
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    fn secrets() -> Vec<Vec<u8>> {
+        vec![
+            b"new-secret-0123456789".to_vec(),
+            b"old-secret-0123456789".to_vec(),
+        ]
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn minted_credential_verifies_and_shapes_parse() {
+        let c = config();
+        let uris = default_uris(&c, &public_host(&c, None));
+        assert_eq!(
+            uris,
+            [
+                "stun:turn.example.com:3478",
+                "turn:turn.example.com:3478?transport=udp"
+            ]
+        );
+        let m = mint(&secrets(), ':', "bob", 600, max_ttl(&c), NOW, uris).unwrap();
+        assert_eq!(m.username, format!("{}:bob", NOW + 600));
+        assert_eq!(
+            verify(&c, &secrets(), &m.username, &m.password, None, NOW),
+            Ok(Accepted::Rest {
+                user: "bob".into(),
+                expires_in_secs: 600
+            })
+        );
+        let ice = ice_json(&m);
+        assert_eq!(ice["iceServers"][0]["username"], m.username.as_str());
+        assert_eq!(ice["ttl"], 600);
+        assert_eq!(ice["expires_at"], rfc3339(NOW + 600).as_str());
+        let rest = rest_json(&m);
+        assert_eq!(rest["password"], m.password.as_str());
+        let env = env_text(&m);
+        assert!(env.contains(&format!("TURN_USERNAME='{}'", m.username)));
+    }
+
+    #[test]
+    fn mint_errors() {
+        let c = config();
+        assert_eq!(
+            mint(&[], ':', "bob", 60, max_ttl(&c), NOW, vec![]),
+            Err(MintError::NoSecret)
+        );
+        assert_eq!(
+            mint(&secrets(), ':', "", 60, 100, NOW, vec![]),
+            Err(MintError::BadUser)
+        );
+        assert_eq!(
+            mint(&secrets(), ':', "bob", 101, 100, NOW, vec![]),
+            Err(MintError::BadTtl { max: 100 })
+        );
+        assert_eq!(
+            mint(&secrets(), ':', "bob", 0, 100, NOW, vec![]),
+            Err(MintError::BadTtl { max: 100 })
+        );
+    }
+
+    #[test]
+    fn verify_names_every_reason() {
+        let c = config();
+        let s = secrets();
+        assert_eq!(
+            verify(&c, &s, "alice", "wonderland", None, NOW),
+            Ok(Accepted::StaticUser)
+        );
+        assert_eq!(
+            verify(&c, &s, "alice", "x", None, NOW),
+            Err(Refusal::WrongPassword("alice".into()))
+        );
+        assert!(matches!(
+            verify(&c, &s, "alice", "wonderland", Some("other"), NOW),
+            Err(Refusal::WrongRealm { .. })
+        ));
+        let expired = format!("{}:bob", NOW - 5);
+        let p = rest_password(&s[0], &expired);
+        assert_eq!(
+            verify(&c, &s, &expired, &p, None, NOW),
+            Err(Refusal::Expired {
+                expiry: NOW - 5,
+                ago: 5
+            })
+        );
+        let far = format!("{}:bob", NOW + 172_801);
+        let p = rest_password(&s[0], &far);
+        assert!(matches!(
+            verify(&c, &s, &far, &p, None, NOW),
+            Err(Refusal::TooFarAhead { .. })
+        ));
+        let fine = format!("{}:bob", NOW + 60);
+        assert_eq!(
+            verify(&c, &s, &fine, "bm90IGl0", None, NOW),
+            Err(Refusal::NoSecretMatches)
+        );
+        // The old secret still verifies (rotation).
+        let p = rest_password(&s[1], &fine);
+        assert!(verify(&c, &s, &fine, &p, None, NOW).is_ok());
+        assert_eq!(
+            verify(&c, &[], &fine, &p, None, NOW),
+            Err(Refusal::UnknownUser(fine.clone()))
+        );
+        assert!(matches!(
+            verify(&c, &s, "mallory", "x", None, NOW),
+            Err(Refusal::NotRest(..))
+        ));
+        // A turnadmin -k style key verifies the password it was made from, and only that.
+        let key = long_term_key(PasswordAlgorithm::Md5, "keyed", "r.example", "pw");
+        let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let mut c2 = c.clone();
+        c2.auth.users[1].secret = UserSecret::Md5KeyHex(hex);
+        assert_eq!(
+            verify(&c2, &s, "keyed", "pw", None, NOW),
+            Ok(Accepted::StaticUser)
+        );
+        assert!(verify(&c2, &s, "keyed", "pX", None, NOW).is_err());
+    }
+}
