@@ -487,6 +487,11 @@ impl PeerPolicy {
         Verdict::Allow { send_to: peer }
     }
 
+    /// Whether loopback peers were opened explicitly (`allow_loopback`).
+    pub fn allows_loopback(&self) -> bool {
+        self.allow_loopback
+    }
+
     /// The address permissions are keyed by: embedded-IPv4 spellings reduced (see
     /// [`canonical_ip`]) and an advertised external relay IP translated to its local
     /// relay IP, so that one peer written several ways holds one permission.

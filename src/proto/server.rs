@@ -7,7 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,48 @@ pub struct CoreConfig {
     pub relay_v6: Option<RelayAddress>,
 }
 
+/// The relay ports this server has open, per family: a peer on our own relay address is a valid
+/// peer only at one of these (relay to relay). Any other port there belongs to some other local
+/// process that happens to use a port inside the relay range (the kernel's ephemeral range
+/// overlaps the default one), and is no business of a TURN client.
+pub struct LiveRelayPorts {
+    bits: [Box<[AtomicU64]>; 2],
+}
+
+impl Default for LiveRelayPorts {
+    fn default() -> Self {
+        let bitset = || (0..1024).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
+        LiveRelayPorts {
+            bits: [bitset(), bitset()],
+        }
+    }
+}
+
+impl LiveRelayPorts {
+    fn word(&self, addr: &SocketAddr) -> (&AtomicU64, u64) {
+        let port = addr.port() as usize;
+        (
+            &self.bits[addr.is_ipv6() as usize][port / 64],
+            1u64 << (port % 64),
+        )
+    }
+
+    fn insert(&self, addr: &SocketAddr) {
+        let (w, bit) = self.word(addr);
+        w.fetch_or(bit, Ordering::Relaxed);
+    }
+
+    fn remove(&self, addr: &SocketAddr) {
+        let (w, bit) = self.word(addr);
+        w.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    pub fn contains(&self, addr: &SocketAddr) -> bool {
+        let (w, bit) = self.word(addr);
+        w.load(Ordering::Relaxed) & bit != 0
+    }
+}
+
 /// State all shards share. Touched only on Allocate and on an allocation's end, never per packet.
 pub struct Shared {
     nonces: NonceIssuer,
@@ -86,6 +128,7 @@ pub struct Shared {
     anchor_unix: u64,
     users: Mutex<HashMap<Box<str>, u32>>,
     total: AtomicU32,
+    live_relays: LiveRelayPorts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +152,7 @@ impl Shared {
             anchor_unix,
             users: Mutex::new(HashMap::new()),
             total: AtomicU32::new(0),
+            live_relays: LiveRelayPorts::default(),
         }
     }
 
@@ -704,12 +748,8 @@ impl<P: RelayProvider> Core<P> {
             self.stats.dropped_malformed += 1;
             return ClientAction::Drop;
         };
-        let peer = match self.config.policy.check(peer) {
-            Verdict::Allow { send_to } => send_to,
-            Verdict::Deny(_) => {
-                self.stats.denied_peers += 1;
-                return ClientAction::Drop;
-            }
+        let Some(peer) = self.peer_verdict(peer) else {
+            return ClientAction::Drop;
         };
         let a = self.alloc_mut(slot);
         let relay = a.relay_for(&peer).map(|r| r.id);
@@ -1112,6 +1152,9 @@ impl<P: RelayProvider> Core<P> {
             to_peer_budget: budget,
             to_client_budget: budget,
         };
+        for r in relays.iter().flatten() {
+            self.shared.live_relays.insert(&r.local);
+        }
         self.slots[slot as usize].alloc = Some(allocation);
         self.by_client.insert(*ft, slot);
         self.timers.push(Reverse((now + lifetime, slot, gen)));
@@ -1189,15 +1232,34 @@ impl<P: RelayProvider> Core<P> {
     }
 
     /// Peer checks shared by CreatePermission and ChannelBind: family (443) and policy (403).
-    fn admit_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<SocketAddr, u16> {
+    /// The peer policy plus one rule it cannot know: on our own relay address, only ports we
+    /// have open as relays are peers. Returns the address to send to.
+    fn peer_verdict(&mut self, peer: SocketAddr) -> Option<SocketAddr> {
         let target = match self.config.policy.check(peer) {
             Verdict::Allow { send_to } => send_to,
             Verdict::Deny(why) => {
                 self.stats.denied_peers += 1;
                 tracing::debug!(peer = %peer, reason = why.as_str(), "peer denied");
-                return Err(403);
+                return None;
             }
         };
+        let config = &self.config;
+        let ours = [config.relay_v4, config.relay_v6]
+            .iter()
+            .flatten()
+            .any(|r| r.local == target.ip());
+        // A loopback test rig that opened loopback explicitly keeps its echo peers.
+        let opened_loopback = target.ip().is_loopback() && config.policy.allows_loopback();
+        if ours && !opened_loopback && !self.shared.live_relays.contains(&target) {
+            self.stats.denied_peers += 1;
+            tracing::debug!(peer = %peer, "peer denied: our relay address, but not one of our relay ports");
+            return None;
+        }
+        Some(target)
+    }
+
+    fn admit_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<SocketAddr, u16> {
+        let target = self.peer_verdict(peer).ok_or(403u16)?;
         if self.alloc_mut(slot).relay_for(&target).is_none() {
             return Err(443);
         }
@@ -1324,6 +1386,7 @@ impl<P: RelayProvider> Core<P> {
         self.by_client.remove(&a.five_tuple);
         for r in a.relays.iter().flatten() {
             self.relays.close(r.id);
+            self.shared.live_relays.remove(&r.local);
         }
         self.shared.release(&a.quota_user);
         self.stats.allocations_ended += 1;

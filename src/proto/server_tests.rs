@@ -1069,6 +1069,13 @@ fn relay_to_relay_is_allowed_even_from_a_documentation_range() {
         h.permit(&a, SocketAddr::new(relay_b.ip(), 22)),
         (Class::Error, Some(403))
     );
+    // Inside the relay range but not one of our relay sockets: some other local process.
+    let unused = SocketAddr::new(relay_b.ip(), 60_000);
+    assert_eq!(h.permit(&a, unused), (Class::Error, Some(403)));
+    assert_eq!(h.bind(&a, 0x4000, unused), (Class::Error, Some(403)));
+    // Once b's allocation ends, its port is no longer a peer either.
+    assert_eq!(h.refresh(&b, 0), (Class::Success, None));
+    assert_eq!(h.bind(&a, 0x4001, relay_b), (Class::Error, Some(403)));
 }
 
 #[test]
