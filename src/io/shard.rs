@@ -90,8 +90,11 @@ impl ShardState {
         let Some(socket) = self.core.relays().socket(relay) else {
             return;
         };
-        // An unreachable peer (ICMP, ENETUNREACH, a full buffer) costs this datagram, never the allocation.
-        if let Err(e) = socket.try_send_to(payload, peer) {
+        // Straight to the kernel: tokio's try_send_to consults a readiness cache that is still
+        // empty for a socket opened a moment ago, and would drop a client's first datagram.
+        // An unreachable peer (ICMP, ENETUNREACH, a full buffer) costs this datagram, never the
+        // allocation.
+        if let Err(e) = socket2::SockRef::from(socket).send_to(payload, &peer.into()) {
             self.send_errors += 1;
             tracing::trace!(error = %e, peer = %peer, "send to peer failed");
         }

@@ -142,7 +142,9 @@ impl Listener {
         }
     }
 
-    /// Sends without blocking; a full socket buffer drops the datagram, as UDP may.
+    /// Sends without blocking; a full socket buffer drops the datagram, as UDP may. Goes
+    /// straight to the kernel: we never wait for writability, so tokio's readiness cache (empty
+    /// until the reactor has polled the socket once) must not veto the send.
     pub fn try_send(&self, data: &[u8], to: SocketAddr, from: SocketAddr) -> io::Result<()> {
         let transmit = Transmit {
             destination: to,
@@ -151,10 +153,8 @@ impl Listener {
             segment_size: None,
             src_ip: self.is_wildcard().then_some(from.ip()),
         };
-        self.socket.try_io(Interest::WRITABLE, || {
-            self.state
-                .try_send(UdpSockRef::from(&self.socket), &transmit)
-        })
+        self.state
+            .try_send(UdpSockRef::from(&self.socket), &transmit)
     }
 
     /// Whether datagrams for the 5-tuple local address `local` leave through this listener.

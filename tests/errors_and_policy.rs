@@ -1,0 +1,698 @@
+//! Error codes, peer policy, quotas and robustness, seen from a raw STUN client on the wire.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::{field, rest_credential, unix_now, Daemon, Options, REALM, REST_MAX_TTL_SECS};
+use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
+use turnpike::proto::codec::{
+    attr, decode_xor_address, method, Class, Message, MessageWriter, MAGIC_COOKIE,
+};
+
+const RTO: Duration = Duration::from_millis(400);
+const RETRANSMITS: usize = 5;
+const CHANNEL: u16 = 0x4000;
+
+/// A response as received, parsed on demand.
+struct Reply(Vec<u8>);
+
+impl Reply {
+    fn msg(&self) -> Message<'_> {
+        Message::parse(&self.0).expect("reply parses as STUN")
+    }
+    fn class(&self) -> Class {
+        self.msg().class
+    }
+    fn code(&self) -> Option<u16> {
+        self.attr(attr::ERROR_CODE)
+            .map(|v| u16::from(v[2] & 7) * 100 + u16::from(v[3]))
+    }
+    fn attr(&self, kind: u16) -> Option<Vec<u8>> {
+        self.msg().get(kind).map(|a| a.value.to_vec())
+    }
+    fn xor_addr(&self, kind: u16) -> SocketAddr {
+        let m = self.msg();
+        decode_xor_address(
+            m.get(kind).expect("address attribute").value,
+            &m.transaction_id(),
+        )
+        .expect("address decodes")
+    }
+    /// `(class, error code)` for compact assertions.
+    fn outcome(&self) -> (Class, Option<u16>) {
+        (self.class(), self.code())
+    }
+}
+
+/// A minimal TURN client over UDP: one socket (one 5-tuple), long-term credentials, MD5.
+struct Client {
+    sock: UdpSocket,
+    server: SocketAddr,
+    user: String,
+    key: Vec<u8>,
+    nonce: Vec<u8>,
+    n: u32,
+}
+
+impl Client {
+    fn new(d: &Daemon, user: &str, password: &str) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Client {
+            sock,
+            server: d.addr,
+            user: user.into(),
+            key: long_term_key(PasswordAlgorithm::Md5, user, REALM, password)
+                .as_bytes()
+                .to_vec(),
+            nonce: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn static_user(d: &Daemon) -> Client {
+        Client::new(d, common::USER, common::PASSWORD)
+    }
+
+    fn local(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    fn txid(&mut self) -> [u8; 12] {
+        self.n += 1;
+        let mut t = [0x5A; 12];
+        t[..4].copy_from_slice(&self.n.to_be_bytes());
+        t[4..8].copy_from_slice(&std::process::id().to_be_bytes());
+        t
+    }
+
+    /// Sends a request and waits for the response with its transaction id, retransmitting.
+    fn transact(&self, req: &[u8]) -> Reply {
+        let txid = &req[8..20];
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..RETRANSMITS {
+            self.sock.send_to(req, self.server).unwrap();
+            let deadline = Instant::now() + RTO;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                self.sock
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                    break;
+                };
+                if from == self.server && n >= 20 && &buf[8..20] == txid {
+                    return Reply(buf[..n].to_vec());
+                }
+            }
+        }
+        panic!(
+            "no response from the daemon to a request from {}",
+            self.local()
+        );
+    }
+
+    /// Unauthenticated Allocate: must be a 401 challenge carrying REALM, NONCE and
+    /// PASSWORD-ALGORITHMS (MD5 and SHA-256), and no MESSAGE-INTEGRITY.
+    fn challenge(&mut self) -> Reply {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, self.txid())
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        let r = self.transact(&req);
+        assert_eq!(r.outcome(), (Class::Error, Some(401)));
+        assert_eq!(r.attr(attr::REALM).unwrap(), REALM.as_bytes());
+        assert_eq!(
+            r.attr(attr::PASSWORD_ALGORITHMS).unwrap(),
+            [0, 1, 0, 0, 0, 2, 0, 0]
+        );
+        assert!(r.attr(attr::MESSAGE_INTEGRITY).is_none());
+        self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
+        r
+    }
+
+    /// An authenticated request; fetches a nonce first when it has none.
+    fn request(&mut self, m: u16, fill: impl FnOnce(&mut MessageWriter)) -> Reply {
+        if self.nonce.is_empty() {
+            self.challenge();
+        }
+        let mut req = Vec::new();
+        let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
+        fill(&mut w);
+        w.attr(attr::USERNAME, self.user.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, &self.nonce)
+            .integrity(&self.key);
+        let r = self.transact(&req);
+        if r.class() == Class::Success {
+            // Success responses are signed with the same long-term key.
+            assert!(r.msg().verify_integrity(&self.key), "response integrity");
+        }
+        r
+    }
+
+    fn allocate(&mut self) -> Reply {
+        self.request(method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })
+    }
+
+    /// Allocates and returns the relayed address; panics unless it succeeds.
+    fn must_allocate(&mut self) -> SocketAddr {
+        let r = self.allocate();
+        assert_eq!(r.outcome(), (Class::Success, None), "Allocate");
+        r.xor_addr(attr::XOR_RELAYED_ADDRESS)
+    }
+
+    fn permit(&mut self, peer: SocketAddr) -> Reply {
+        self.request(method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn bind_channel(&mut self, channel: u16, peer: SocketAddr) -> Reply {
+        self.request(method::CHANNEL_BIND, |w| {
+            let c = channel.to_be_bytes();
+            w.attr(attr::CHANNEL_NUMBER, &[c[0], c[1], 0, 0])
+                .xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn refresh(&mut self, lifetime: u32) -> Reply {
+        self.request(method::REFRESH, |w| {
+            w.u32_attr(attr::LIFETIME, lifetime);
+        })
+    }
+
+    fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        let mut ind = Vec::new();
+        MessageWriter::new(&mut ind, method::SEND, Class::Indication, self.txid())
+            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
+        self.sock.send_to(&ind, self.server).unwrap();
+    }
+
+    fn send_channel_data(&self, channel: u16, data: &[u8]) {
+        let mut frame = channel.to_be_bytes().to_vec();
+        frame.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        frame.extend_from_slice(data);
+        self.sock.send_to(&frame, self.server).unwrap();
+    }
+
+    /// The next datagram from the server, or None after `wait`.
+    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let (n, from) = self.sock.recv_from(&mut buf).ok()?;
+            if from == self.server {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+
+    /// Discards whatever is queued (responses to junk, for instance).
+    fn drain(&self) {
+        while self.recv(Duration::from_millis(50)).is_some() {}
+    }
+
+    fn binding(&mut self) -> Reply {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::BINDING, Class::Request, self.txid());
+        self.transact(&req)
+    }
+}
+
+/// A peer socket the test drives by hand.
+struct Peer(UdpSocket);
+
+impl Peer {
+    fn new() -> Peer {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Peer(s)
+    }
+    fn addr(&self) -> SocketAddr {
+        self.0.local_addr().unwrap()
+    }
+    fn recv(&self) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = vec![0u8; 2048];
+        let (n, from) = self.0.recv_from(&mut buf).ok()?;
+        Some((buf[..n].to_vec(), from))
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn no_loopback() -> Options {
+    Options {
+        allow_loopback_peers: false,
+        ..Options::default()
+    }
+}
+
+/// Relays client → peer by Send indication, peer → client as a Data indication, then binds
+/// a channel and does the same with ChannelData both ways. Checks sources and contents.
+fn relay_round_trip(c: &mut Client, relayed: SocketAddr) {
+    let peer = Peer::new();
+    assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+    c.send_indication(peer.addr(), b"via send indication");
+    let (got, from) = peer
+        .recv()
+        .expect("peer receives the Send indication's data");
+    assert_eq!(
+        (got.as_slice(), from),
+        (&b"via send indication"[..], relayed)
+    );
+    peer.0.send_to(b"data indication back", relayed).unwrap();
+    let ind = Reply(c.recv(Duration::from_secs(2)).expect("Data indication"));
+    let m = ind.msg();
+    assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
+    assert_eq!(ind.xor_addr(attr::XOR_PEER_ADDRESS), peer.addr());
+    assert_eq!(ind.attr(attr::DATA).unwrap(), b"data indication back");
+
+    assert_eq!(
+        c.bind_channel(CHANNEL, peer.addr()).outcome(),
+        (Class::Success, None)
+    );
+    c.send_channel_data(CHANNEL, b"via channel");
+    let (got, from) = peer.recv().expect("peer receives ChannelData payload");
+    assert_eq!((got.as_slice(), from), (&b"via channel"[..], relayed));
+    peer.0.send_to(b"channel back", relayed).unwrap();
+    let frame = c.recv(Duration::from_secs(2)).expect("ChannelData back");
+    assert_eq!(&frame[..2], &CHANNEL.to_be_bytes());
+    assert_eq!(usize::from(u16::from_be_bytes([frame[2], frame[3]])), 12);
+    assert_eq!(&frame[4..16], b"channel back");
+}
+
+// ------------------------------------------------------------------ authentication
+
+#[test]
+fn wrong_password_and_unknown_user_get_401() {
+    let d = Daemon::start();
+    let mut wrong = Client::new(&d, common::USER, "not-the-password");
+    let r = wrong.allocate();
+    assert_eq!(r.outcome(), (Class::Error, Some(401)));
+    assert!(r.attr(attr::NONCE).is_some(), "a 401 carries a fresh nonce");
+    assert!(r.attr(attr::MESSAGE_INTEGRITY).is_none());
+    assert_eq!(
+        Client::new(&d, "mallory", "x").allocate().outcome(),
+        (Class::Error, Some(401))
+    );
+    assert!(d.events("allocation created").is_empty());
+
+    // The same exchange with the right password succeeds: the 401s above were the password.
+    let mut ok = Client::static_user(&d);
+    let relayed = ok.must_allocate();
+    assert!((d.relay_ports.0..=d.relay_ports.1).contains(&relayed.port()));
+    let created = d.wait_events("allocation created", 1, Duration::from_secs(2), |_| true);
+    assert_eq!(field(&created[0], "client"), ok.local().to_string());
+}
+
+#[test]
+fn nonce_is_bound_to_the_client_port() {
+    let d = Daemon::start();
+    let mut a = Client::static_user(&d);
+    a.challenge();
+    let mut b = Client::static_user(&d);
+    b.nonce = a.nonce.clone();
+    let r = b.allocate();
+    assert_eq!(
+        r.outcome(),
+        (Class::Error, Some(438)),
+        "another port's nonce is stale"
+    );
+    assert_ne!(
+        r.attr(attr::NONCE).unwrap(),
+        a.nonce,
+        "438 hands out a fresh nonce"
+    );
+    b.nonce = r.attr(attr::NONCE).unwrap();
+    b.must_allocate();
+}
+
+#[test]
+fn expired_rest_credential_gets_401() {
+    let d = Daemon::start();
+    let (user, pass) = rest_credential("carol", unix_now() - 60);
+    assert_eq!(
+        Client::new(&d, &user, &pass).allocate().outcome(),
+        (Class::Error, Some(401))
+    );
+    let (user, pass) = rest_credential("carol", unix_now() + 600);
+    Client::new(&d, &user, &pass).must_allocate();
+}
+
+#[test]
+fn rest_expiry_beyond_max_ttl_gets_401() {
+    let d = Daemon::start();
+    let (user, pass) = rest_credential("dave", unix_now() + REST_MAX_TTL_SECS + 3600);
+    assert_eq!(
+        Client::new(&d, &user, &pass).allocate().outcome(),
+        (Class::Error, Some(401))
+    );
+    // Minted with a secret the daemon does not know: also 401.
+    let user = format!("{}:dave", unix_now() + 600);
+    let pass =
+        turnpike::proto::auth::mint_rest_credential(b"some-other-secret-value", "dave", 0, ':').1;
+    assert_eq!(
+        Client::new(&d, &user, &pass).allocate().outcome(),
+        (Class::Error, Some(401))
+    );
+    let (user, pass) = rest_credential("dave", unix_now() + REST_MAX_TTL_SECS - 3600);
+    Client::new(&d, &user, &pass).must_allocate();
+}
+
+// ------------------------------------------------------------------ peer policy
+
+#[test]
+fn loopback_peers_are_forbidden_by_default() {
+    let d = Daemon::with(no_loopback());
+    let mut c = Client::static_user(&d);
+    let relayed = c.must_allocate();
+    let peer = Peer::new();
+    let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), peer.addr().port());
+    for p in [peer.addr(), mapped, sa("169.254.169.254:80"), d.addr] {
+        assert_eq!(
+            c.permit(p).outcome(),
+            (Class::Error, Some(403)),
+            "CreatePermission {p}"
+        );
+        assert_eq!(
+            c.bind_channel(CHANNEL, p).outcome(),
+            (Class::Error, Some(403)),
+            "ChannelBind {p}"
+        );
+    }
+    // Send indications take the same check: nothing reaches the loopback peer.
+    c.send_indication(peer.addr(), b"must not arrive");
+    peer.0
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(peer.recv().is_none(), "a denied peer received relayed data");
+    // Our own relay addresses stay reachable (relay to relay), loopback or not.
+    assert_eq!(c.permit(relayed).outcome(), (Class::Success, None));
+}
+
+#[test]
+fn loopback_peers_open_with_allow_loopback_peers() {
+    let d = Daemon::start();
+    let mut c = Client::static_user(&d);
+    let relayed = c.must_allocate();
+    relay_round_trip(&mut c, relayed);
+    // Never-open ranges and the daemon's own listener stay closed.
+    for p in [
+        sa("169.254.169.254:80"),
+        sa("[::ffff:169.254.169.254]:80"),
+        sa("0.0.0.0:9"),
+        d.addr,
+    ] {
+        assert_eq!(c.permit(p).outcome(), (Class::Error, Some(403)), "{p}");
+    }
+    // An IPv4-mapped spelling of loopback passes the policy (loopback is open) but this
+    // allocation has no IPv6 relay to send from: Peer Address Family Mismatch.
+    let mapped = sa("[::ffff:127.0.0.1]:9");
+    assert_eq!(c.permit(mapped).outcome(), (Class::Error, Some(443)));
+}
+
+/// A client that sends data right after its CreatePermission succeeds (as ICE agents do) must
+/// not lose it. Regression test: the shard once sent through tokio's `try_send_to`, which
+/// refused (WouldBlock) on a relay socket the reactor had not polled yet, so data arriving in
+/// the same wake as the Allocate was dropped.
+#[test]
+fn first_datagram_after_allocate_is_relayed() {
+    let d = Daemon::start();
+    let peer = Peer::new();
+    peer.0
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut lost = Vec::new();
+    for i in 0..20u8 {
+        let mut c = Client::static_user(&d);
+        let relayed = c.must_allocate();
+        assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+        c.send_indication(peer.addr(), &[i; 8]);
+        match peer.recv() {
+            Some((data, from)) => assert_eq!((data, from), (vec![i; 8], relayed)),
+            None => lost.push(i),
+        }
+        assert_eq!(c.refresh(0).outcome(), (Class::Success, None));
+    }
+    assert!(
+        lost.is_empty(),
+        "first datagram lost in rounds {lost:?} of 20"
+    );
+}
+
+// ------------------------------------------------------------------ quotas and lifetime
+
+#[test]
+fn third_allocation_of_a_user_gets_486() {
+    let d = Daemon::with(Options {
+        allocations_per_user: 2,
+        ..Options::default()
+    });
+    let mut first = Client::static_user(&d);
+    first.must_allocate();
+    Client::static_user(&d).must_allocate();
+    let mut third = Client::static_user(&d);
+    let r = third.allocate();
+    assert_eq!(r.outcome(), (Class::Error, Some(486)));
+    // The 486 is authenticated: it proves the quota, not the credential, refused it.
+    assert!(r.msg().verify_integrity(&third.key));
+    // Other users are not affected by alice's quota.
+    let (user, pass) = rest_credential("erin", unix_now() + 600);
+    Client::new(&d, &user, &pass).must_allocate();
+    // Releasing one allocation frees a slot for the third client.
+    assert_eq!(first.refresh(0).outcome(), (Class::Success, None));
+    third.must_allocate();
+}
+
+#[test]
+fn refresh_lifetime_zero_closes_the_relay_socket() {
+    let d = Daemon::start();
+    let mut c = Client::static_user(&d);
+    let relayed = c.must_allocate();
+    assert_eq!(
+        UdpSocket::bind(relayed).map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::AddrInUse),
+        "the relay socket is open while the allocation lives"
+    );
+    let r = c.refresh(0);
+    assert_eq!(r.outcome(), (Class::Success, None));
+    assert_eq!(r.attr(attr::LIFETIME).unwrap(), [0, 0, 0, 0]);
+    let ended = d.wait_events("allocation ended", 1, Duration::from_secs(2), |_| true);
+    assert_eq!(field(&ended[0], "reason"), "deleted by client");
+    assert_eq!(field(&ended[0], "relay"), relayed.to_string());
+
+    // The port is released promptly (the shard closes the socket after the reply).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while UdpSocket::bind(relayed).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "relay port {relayed} still bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The allocation is gone: requests on this 5-tuple are Allocation Mismatch.
+    assert_eq!(
+        c.permit(sa("127.0.0.1:9")).outcome(),
+        (Class::Error, Some(437))
+    );
+    assert_eq!(c.refresh(600).outcome(), (Class::Error, Some(437)));
+}
+
+// ------------------------------------------------------------------ robustness
+
+/// xorshift64*: reproducible junk without a dependency; the seed is printed on failure.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const BURST: usize = 20_000;
+const BURST_TIME: Duration = Duration::from_secs(20);
+
+#[test]
+fn garbage_burst_leaves_the_daemon_serving() {
+    let d = Daemon::start();
+    // A new seed per run widens coverage; TURNPIKE_JUNK_SEED=0x... replays a failing one.
+    let seed = std::env::var("TURNPIKE_JUNK_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x7e57_5eed ^ (u64::from(std::process::id()) << 16))
+        | 1;
+    eprintln!("junk seed {seed:#x} (replay with TURNPIKE_JUNK_SEED={seed:#x})");
+    let mut rng = Rng(seed);
+
+    // A live allocation with a permission and a channel, so junk also reaches the relay paths.
+    let mut c = Client::static_user(&d);
+    let relayed = c.must_allocate();
+    let peer = Peer::new();
+    assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+    assert_eq!(
+        c.bind_channel(CHANNEL, peer.addr()).outcome(),
+        (Class::Success, None)
+    );
+
+    // Well-formed templates to mutate.
+    let mut templates = Vec::new();
+    for m in [
+        method::ALLOCATE,
+        method::REFRESH,
+        method::CREATE_PERMISSION,
+        method::CHANNEL_BIND,
+    ] {
+        let mut req = Vec::new();
+        let mut w = MessageWriter::new(&mut req, m, Class::Request, c.txid());
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .u32_attr(attr::LIFETIME, 600)
+            .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+            .xor_address(attr::XOR_PEER_ADDRESS, peer.addr())
+            .attr(attr::USERNAME, c.user.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, &c.nonce)
+            .integrity(&c.key)
+            .fingerprint();
+        templates.push(req);
+    }
+    let mut ind = Vec::new();
+    MessageWriter::new(&mut ind, method::SEND, Class::Indication, c.txid())
+        .xor_address(attr::XOR_PEER_ADDRESS, peer.addr())
+        .attr(attr::DATA, b"hello");
+    templates.push(ind);
+    let mut binding = Vec::new();
+    MessageWriter::new(&mut binding, method::BINDING, Class::Request, c.txid()).fingerprint();
+    templates.push(binding);
+
+    // Junk comes from the allocation's own 5-tuple and from a few strangers.
+    let strangers: Vec<UdpSocket> = (0..3)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < BURST && started.elapsed() < BURST_TIME {
+        let dgram: Vec<u8> = match rng.below(8) {
+            0 => Vec::new(),
+            1 => {
+                let n = 1 + rng.below(1500);
+                rng.bytes(n)
+            }
+            2 if rng.below(200) == 0 => rng.bytes(65_507), // the largest IPv4 UDP payload
+            2 | 3 => {
+                // A valid message with 1-4 bytes flipped.
+                let mut m = templates[rng.below(templates.len())].clone();
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(m.len());
+                    m[i] ^= 1 + rng.below(255) as u8;
+                }
+                m
+            }
+            4 => {
+                let t = &templates[rng.below(templates.len())];
+                t[..rng.below(t.len())].to_vec()
+            }
+            5 => {
+                // ChannelData whose length field disagrees with the datagram.
+                let ch = 0x4000 + rng.below(0x4000) as u16;
+                let real = rng.below(300);
+                let claimed = match rng.below(3) {
+                    0 => real + 1 + rng.below(100),
+                    1 => real.saturating_sub(1 + rng.below(4)),
+                    _ => 0xFFFF,
+                };
+                let mut f = ch.to_be_bytes().to_vec();
+                f.extend_from_slice(&(claimed as u16).to_be_bytes());
+                f.extend(rng.bytes(real));
+                f
+            }
+            6 => {
+                // A STUN header that lies about its length, or an attribute that runs past the end.
+                let mut m = templates[rng.below(templates.len())].clone();
+                if rng.below(2) == 0 {
+                    let l = rng.next() as u16;
+                    m[2..4].copy_from_slice(&l.to_be_bytes());
+                } else {
+                    m[22..24].copy_from_slice(&0xFFFFu16.to_be_bytes());
+                }
+                m
+            }
+            _ => {
+                // Random STUN-looking header with random attributes.
+                let mut m = vec![0u8; 20];
+                m[0] = (rng.next() as u8) & 0x3F;
+                m[1] = rng.next() as u8;
+                m[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+                let words = rng.below(64);
+                let body = rng.bytes(4 * words);
+                m[2..4].copy_from_slice(&(body.len() as u16).to_be_bytes());
+                m.extend(body);
+                m
+            }
+        };
+        let from = if rng.below(2) == 0 {
+            &c.sock
+        } else {
+            &strangers[rng.below(3)]
+        };
+        // Loopback drops on a full socket buffer rather than blocking; a failed send is fine.
+        let _ = from.send_to(&dgram, d.addr);
+        sent += 1;
+        if sent % 500 == 0 {
+            // Let the daemon breathe so the junk is processed rather than dropped by the kernel.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert!(sent >= BURST / 2, "only {sent} datagrams in {BURST_TIME:?}");
+    c.drain();
+    peer.0
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    while peer.recv().is_some() {}
+
+    let mut d = d;
+    assert!(
+        d.is_running(),
+        "turnpike died under junk; stderr:\n{}",
+        d.log()
+    );
+    assert!(
+        !d.log().contains("panicked"),
+        "a shard panicked:\n{}",
+        d.log()
+    );
+
+    // Every shard still answers: SO_REUSEPORT spreads these 16 client ports over both shards.
+    for _ in 0..16 {
+        let mut probe = Client::static_user(&d);
+        let r = probe.binding();
+        assert_eq!(r.outcome(), (Class::Success, None));
+        assert_eq!(r.xor_addr(attr::XOR_MAPPED_ADDRESS), probe.local());
+    }
+    // The allocation the junk was aimed at still relays.
+    c.send_channel_data(CHANNEL, b"still here");
+    peer.0
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert_eq!(
+        peer.recv().expect("relay after junk"),
+        (b"still here".to_vec(), relayed)
+    );
+    // And a fresh client gets a working allocation.
+    let mut fresh = Client::static_user(&d);
+    let fresh_relay = fresh.must_allocate();
+    relay_round_trip(&mut fresh, fresh_relay);
+}
