@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, then every test in release mode.
-# Works on a fresh Debian machine as root: installs coturn's test clients (used by
-# tests/coturn_clients.rs), iproute2 and nftables when CI is set or a tool is missing.
+# Works on a fresh Debian machine as root: installs what the tests need when CI is set or a
+# tool is missing: coturn's client tools (tests/coturn_clients.rs, reference server for
+# bench/), iproute2 and nftables (tests/nat_call.rs builds network namespaces with NATs),
+# chromium (tests/browser_call.rs) and systemd (systemd-analyze verify of the unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,24 +13,26 @@ trap 'echo "test.sh: FAILED during: $step ($(( $(date +%s) - started ))s)" >&2' 
 
 need_apt=0
 [ -n "${CI:-}" ] && need_apt=1
-for tool in turnutils_uclient turnutils_peer turnutils_stunclient nft ip; do
+for tool in turnutils_uclient turnutils_peer turnutils_stunclient nft ip chromium systemd-analyze; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 
+PACKAGES="coturn iproute2 nftables chromium systemd"
 if [ "$need_apt" = 1 ]; then
     step="apt-get install"
     SUDO=""
     if [ "$(id -u)" != 0 ]; then
         command -v sudo >/dev/null 2>&1 || {
-            echo "test.sh: need root (or sudo) to install coturn iproute2 nftables" >&2
+            echo "test.sh: need root (or sudo) to install $PACKAGES" >&2
             exit 1
         }
         SUDO="sudo"
     fi
-    echo "==> apt-get install coturn iproute2 nftables"
+    echo "==> apt-get install $PACKAGES"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends coturn iproute2 nftables
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q --no-install-recommends $PACKAGES
     # Debian may start coturn's own turnserver on install; we only want its client tools.
     # No systemd in containers: `service` (sysvinit script) first, then the process itself.
     $SUDO service coturn stop >/dev/null 2>&1 || true

@@ -282,8 +282,38 @@ fn quickstart(secret: &[u8], config: &Config, relays: &ResolvedRelays, listeners
     println!("{ice}");
 }
 
+/// Every relay socket is a file descriptor: lift the soft limit to the hard one (systemd's
+/// LimitNOFILE, or the shell's ulimit -Hn), and say so when it caps the relay range.
+fn raise_fd_limit(config: &Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    let ports = u64::from(config.relay.port_max - config.relay.port_min) + 1;
+    if (lim.rlim_cur as u64) < ports + 256 {
+        tracing::warn!(
+            open_files_limit = lim.rlim_cur as u64,
+            relay_ports = ports,
+            "the open-files limit caps concurrent allocations below the relay port range; \
+             raise it (LimitNOFILE= in the systemd unit, ulimit -n)"
+        );
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM (then drains) and returns once it has stopped.
 pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+    raise_fd_limit(&config);
     let mut rest_secrets = config.load_rest_secrets()?;
     let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config)?;

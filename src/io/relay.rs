@@ -134,44 +134,60 @@ impl ShardRelays {
     }
 
     /// Binds a port from the range: random probes first (unpredictable ports, few collisions),
-    /// then a scan so a nearly full range still finds its last free ports.
+    /// then a scan so a nearly full range still finds its last free ports. Any error other than
+    /// "port in use" (out of file descriptors, say) ends the search at once: no other port
+    /// would fare better, and scanning 16k ports per Allocate would stall the shard.
     fn bind_in_range(
         &self,
         ip: IpAddr,
         even: bool,
         with_next: bool,
-    ) -> Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)> {
+    ) -> Result<(std::net::UdpSocket, Option<std::net::UdpSocket>), io::Error> {
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u64 + 1;
-        let try_port = |port: u16| -> Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)> {
-            if (even && port % 2 != 0)
-                || (with_next && port == u16::MAX)
-                || (with_next && port + 1 > hi)
-            {
-                return None;
-            }
-            let first = bind_udp(SocketAddr::new(ip, port), false).ok()?;
-            let next = if with_next {
-                Some(bind_udp(SocketAddr::new(ip, port + 1), false).ok()?)
-            } else {
-                None
+        // Ok(None): this port (or its neighbour) is taken, try another.
+        let try_port =
+            |port: u16| -> io::Result<Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)>> {
+                if (even && port % 2 != 0) || (with_next && (port == u16::MAX || port + 1 > hi)) {
+                    return Ok(None);
+                }
+                let taken = |e: &io::Error| e.kind() == io::ErrorKind::AddrInUse;
+                let first = match bind_udp(SocketAddr::new(ip, port), false) {
+                    Ok(s) => s,
+                    Err(e) if taken(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let next = if with_next {
+                    match bind_udp(SocketAddr::new(ip, port + 1), false) {
+                        Ok(s) => Some(s.into()),
+                        Err(e) if taken(&e) => return Ok(None),
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    None
+                };
+                Ok(Some((first.into(), next)))
             };
-            Some((first.into(), next.map(Into::into)))
-        };
         for _ in 0..RANDOM_PROBES {
             let port = lo + (self.random_u64() % span) as u16;
             let port = if even { port & !1 } else { port };
             if port < lo {
                 continue;
             }
-            if let Some(found) = try_port(port) {
-                return Some(found);
+            if let Some(found) = try_port(port)? {
+                return Ok(found);
             }
         }
         let start = self.random_u64() % span;
-        (0..span)
-            .map(|i| lo + ((start + i) % span) as u16)
-            .find_map(try_port)
+        for i in 0..span {
+            if let Some(found) = try_port(lo + ((start + i) % span) as u16)? {
+                return Ok(found);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "every relay port is in use",
+        ))
     }
 }
 
@@ -194,7 +210,10 @@ impl RelayProvider for ShardRelays {
     fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
         let (socket, next) = self
             .bind_in_range(req.ip, req.even_port, req.reserve_next)
-            .ok_or(RelayOpenError::NoPort)?;
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot open a relay socket");
+                RelayOpenError::NoPort
+            })?;
         if req.dont_fragment && req.ip.is_ipv4() {
             set_dont_fragment(&socket);
         }
