@@ -301,9 +301,9 @@ fn raise_fd_limit(config: &Config) {
         }
     }
     let ports = u64::from(config.relay.port_max - config.relay.port_min) + 1;
-    if (lim.rlim_cur as u64) < ports + 256 {
+    if lim.rlim_cur < ports + 256 {
         tracing::warn!(
-            open_files_limit = lim.rlim_cur as u64,
+            open_files_limit = lim.rlim_cur,
             relay_ports = ports,
             "the open-files limit caps concurrent allocations below the relay port range; \
              raise it (LimitNOFILE= in the systemd unit, ulimit -n)"
