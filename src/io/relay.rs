@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use super::udp::bind_udp;
+use super::udp::{bind_udp, register, RegisteredSocket};
 use crate::proto::allocation::RelayId;
 use crate::proto::server::{OpenedRelay, RelayOpenError, RelayProvider, RelayRequest};
 
@@ -50,7 +49,7 @@ impl Reservations {
 
 struct Entry {
     gen: u32,
-    socket: Rc<UdpSocket>,
+    socket: Rc<RegisteredSocket>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -59,7 +58,7 @@ pub struct ShardRelays {
     /// Indexed by allocation slot, then [IPv4, IPv6].
     table: Vec<[Option<Entry>; 2]>,
     /// Sockets opened during a core call; the shard spawns their receive tasks right after.
-    pending: Vec<(RelayId, Rc<UdpSocket>)>,
+    pending: Vec<(RelayId, Rc<RegisteredSocket>)>,
     reservations: Arc<Reservations>,
     rng: SystemRandom,
     open_count: usize,
@@ -82,15 +81,15 @@ impl ShardRelays {
     }
 
     /// The socket for sending to a peer, if the relay still exists.
-    pub fn socket(&self, id: RelayId) -> Option<&UdpSocket> {
+    pub fn socket(&self, id: RelayId) -> Option<&std::net::UdpSocket> {
         self.table
             .get(id.slot as usize)
             .and_then(|e| e[id.v6 as usize].as_ref())
             .filter(|e| e.gen == id.gen)
-            .map(|e| &*e.socket)
+            .map(|e| e.socket.get_ref())
     }
 
-    pub fn take_pending(&mut self) -> Vec<(RelayId, Rc<UdpSocket>)> {
+    pub fn take_pending(&mut self) -> Vec<(RelayId, Rc<RegisteredSocket>)> {
         std::mem::take(&mut self.pending)
     }
 
@@ -118,7 +117,7 @@ impl ShardRelays {
 
     fn install(&mut self, id: RelayId, socket: std::net::UdpSocket) -> io::Result<SocketAddr> {
         let local = socket.local_addr()?;
-        let socket = Rc::new(UdpSocket::from_std(socket)?);
+        let socket = Rc::new(register(socket)?);
         let slot = id.slot as usize;
         if self.table.len() <= slot {
             self.table.resize_with(slot + 1, || [None, None]);

@@ -9,13 +9,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::relay::{Reservations, ShardRelays};
-use super::udp::{Listener, RecvBatch, MAX_DATAGRAM};
+use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
 use crate::proto::allocation::RelayId;
-use crate::proto::codec::{HEADROOM, TAILROOM};
+use crate::proto::codec::HEADROOM;
 use crate::proto::server::{
     ClientAction, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
 };
@@ -68,19 +67,18 @@ struct ShardState {
     core: Core<ShardRelays>,
     listeners: Vec<Rc<Listener>>,
     reply: Vec<u8>,
-    /// One receive buffer for every relay socket of the shard: with one thread only one is in use
-    /// at a time, so ten thousand allocations do not cost ten thousand 64 KiB buffers.
-    peer_buf: Box<[u8]>,
+    peers: PeerBatch,
     send_errors: u64,
 }
 
 impl ShardState {
-    /// Sends the frame the core wrote into the peer buffer.
-    fn send_frame_to_client(&mut self, to: &FiveTuple, start: usize, end: usize) {
+    /// Sends the frame the core wrote into peer batch slot `slot`.
+    fn send_frame_to_client(&mut self, to: &FiveTuple, slot: usize, start: usize, end: usize) {
         let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
             return;
         };
-        if let Err(e) = listener.try_send(&self.peer_buf[start..end], to.client, to.local) {
+        let frame = &self.peers.slot(slot)[start..end];
+        if let Err(e) = listener.try_send(frame, to.client, to.local) {
             self.send_errors += 1;
             tracing::trace!(error = %e, client = %to.client, "send to client failed");
         }
@@ -158,7 +156,7 @@ async fn serve(
         core,
         listeners: listeners.clone(),
         reply: Vec::with_capacity(1500),
-        peer_buf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
+        peers: PeerBatch::new(),
         send_errors: 0,
     }));
     for listener in listeners {
@@ -205,16 +203,20 @@ async fn commands(state: Shard, mut rx: mpsc::UnboundedReceiver<ShardCommand>) {
 async fn listen(state: Shard, listener: Rc<Listener>) {
     let mut batch = RecvBatch::new();
     loop {
-        if listener.socket.readable().await.is_err() {
+        let Ok(mut ready) = listener.readable().await else {
             return;
-        }
+        };
         let mut handled = 0;
         while handled < BUDGET_PER_WAKE {
-            let n = match listener.try_recv_batch(&mut batch) {
+            let n = match listener.recv_batch(&mut batch) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "listener receive error");
+                    handled += 1;
                     continue;
                 }
             };
@@ -249,7 +251,14 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
                 st.reply = reply;
             }
             spawn_relay_tasks(&state, st);
+            if n < quinn_udp::BATCH_SIZE {
+                // A short batch means the queue was empty: skip the read that would say EAGAIN.
+                // tokio keeps readiness if a datagram arrived since it was reported.
+                ready.clear_ready();
+                break;
+            }
         }
+        drop(ready);
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
@@ -264,20 +273,21 @@ fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
     }
 }
 
-async fn relay(state: Shard, id: RelayId, socket: Rc<UdpSocket>) {
+async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {
     loop {
-        if socket.readable().await.is_err() {
+        let Ok(mut ready) = socket.readable().await else {
             return;
-        }
+        };
         let mut handled = 0;
         while handled < BUDGET_PER_WAKE {
             let mut guard = state.borrow_mut();
             let st = &mut *guard;
-            let received =
-                socket.try_recv_from(&mut st.peer_buf[HEADROOM..HEADROOM + MAX_DATAGRAM]);
-            let (n, from) = match received {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            let n = match recv_peer_batch(socket.get_ref(), &mut st.peers) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
                 Err(e) => {
                     // ICMP errors surface here on some kernels; they never end the allocation.
                     tracing::trace!(error = %e, "relay receive error");
@@ -285,19 +295,29 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<UdpSocket>) {
                     continue;
                 }
             };
-            handled += 1;
-            let action = st.core.handle_peer(
-                Instant::now(),
-                id,
-                from,
-                &mut st.peer_buf,
-                HEADROOM,
-                HEADROOM + n,
-            );
-            if let PeerAction::ToClient { to, start, end } = action {
-                st.send_frame_to_client(&to, start, end);
+            handled += n;
+            let now = Instant::now();
+            for i in 0..n {
+                let (len, from) = st.peers.received[i];
+                let action = st.core.handle_peer(
+                    now,
+                    id,
+                    from,
+                    st.peers.slot_mut(i),
+                    HEADROOM,
+                    HEADROOM + len,
+                );
+                if let PeerAction::ToClient { to, start, end } = action {
+                    st.send_frame_to_client(&to, i, start, end);
+                }
+            }
+            if n < PEER_BATCH {
+                // The queue was empty: no EAGAIN read needed (see the listener).
+                ready.clear_ready();
+                break;
             }
         }
+        drop(ready);
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
