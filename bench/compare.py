@@ -140,11 +140,15 @@ def run_uclient(server, peer_port, clients, messages, interval_ms, length, timeo
     return {"sent": tx, "received": rx, "wall_s": wall, "cpu_s": cpu}
 
 
+# Each message crosses the relay twice (client -> peer and peer -> client): two relayed packets.
+HOPS = 2
+
+
 def summarize(samples):
     rx = statistics.median(s["received"] / s["wall_s"] for s in samples)
     loss = statistics.median(100.0 * (s["sent"] - s["received"]) / max(s["sent"], 1) for s in samples)
-    cpu = statistics.median(s["cpu_s"] / max(s["received"], 1) * 1e6 for s in samples)
-    return {"msgs_per_s": rx, "loss_pct": loss, "cpu_s_per_million": cpu}
+    cpu = statistics.median(s["cpu_s"] / max(s["received"] * HOPS, 1) * 1e6 for s in samples)
+    return {"relayed_pkts_per_s": rx * HOPS, "loss_pct": loss, "cpu_s_per_million_pkts": cpu}
 
 
 def main():
@@ -193,18 +197,20 @@ def main():
         peer.terminate()
 
     print()
-    print(f"{'scenario':12s} {'server':9s} {'msgs/s':>10s} {'loss %':>7s} {'cpu s/M msgs':>13s}")
+    print(f"{'scenario':12s} {'server':9s} {'relayed pkt/s':>14s} {'loss %':>7s} {'cpu s/M pkts':>13s}")
     for name, _, _, _, _ in scenarios:
         for which in ("turnpike", "coturn"):
             r = results[name][which]
-            print(f"{name:12s} {which:9s} {r['msgs_per_s']:10.0f} {r['loss_pct']:7.2f} {r['cpu_s_per_million']:13.2f}")
+            print(f"{name:12s} {which:9s} {r['relayed_pkts_per_s']:14.0f} {r['loss_pct']:7.2f} "
+                  f"{r['cpu_s_per_million_pkts']:13.2f}")
         tp, ct = results[name]["turnpike"], results[name]["coturn"]
-        ratio_tput = tp["msgs_per_s"] / max(ct["msgs_per_s"], 1e-9)
-        ratio_cpu = tp["cpu_s_per_million"] / max(ct["cpu_s_per_million"], 1e-9)
+        ratio_tput = tp["relayed_pkts_per_s"] / max(ct["relayed_pkts_per_s"], 1e-9)
+        ratio_cpu = tp["cpu_s_per_million_pkts"] / max(ct["cpu_s_per_million_pkts"], 1e-9)
         results[name]["ratios"] = {"throughput_turnpike_over_coturn": ratio_tput,
                                    "cpu_per_msg_turnpike_over_coturn": ratio_cpu}
-        print(f"{name:12s} ratio     throughput x{ratio_tput:.2f}, CPU per message x{ratio_cpu:.2f} (turnpike / coturn)")
-    print("(one message = two relay hops: client -> TURN -> echo peer -> TURN -> client)")
+        print(f"{name:12s} ratio     throughput x{ratio_tput:.2f}, CPU per packet x{ratio_cpu:.2f} (turnpike / coturn)")
+    print("(a relayed packet is one datagram through the relay; each uclient message is two:")
+    print(" client -> TURN -> echo peer, and echo peer -> TURN -> client)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
