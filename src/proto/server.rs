@@ -545,35 +545,11 @@ impl<P: RelayProvider> Core<P> {
         }
     }
 
-    fn next_random(&mut self) -> u64 {
-        // xorshift64*: deterministic under test, unpredictable enough for Data indication ids.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn random_txid(&mut self) -> [u8; 12] {
-        let a = self.next_random().to_le_bytes();
-        let b = self.next_random().to_le_bytes();
-        let mut t = [0u8; 12];
-        t[..8].copy_from_slice(&a);
-        t[8..].copy_from_slice(&b[..4]);
-        t
-    }
-
     fn slot(&self, slot: u32, gen: u32) -> Option<&Allocation> {
         self.slots
             .get(slot as usize)
             .filter(|s| s.gen == gen)
             .and_then(|s| s.alloc.as_ref())
-    }
-
-    fn slot_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Allocation> {
-        self.slots
-            .get_mut(slot as usize)
-            .filter(|s| s.gen == gen)
-            .and_then(|s| s.alloc.as_mut())
     }
 
     fn alloc_mut(&mut self, slot: u32) -> &mut Allocation {
@@ -1421,21 +1397,32 @@ impl<P: RelayProvider> Core<P> {
         end: usize,
     ) -> PeerAction {
         debug_assert!(start >= HEADROOM && buf.len() >= end + codec::TAILROOM);
-        let txid = self.random_txid();
-        let config = Arc::clone(&self.config);
-        let Some(a) = self.slot_mut(relay.slot, relay.gen) else {
+        // Field borrows, not `self` methods: the shared config is read in place (cloning its Arc
+        // per packet would bounce one reference count between every shard's core).
+        let Core {
+            slots,
+            config,
+            stats,
+            rng,
+            ..
+        } = self;
+        let Some(a) = slots
+            .get_mut(relay.slot as usize)
+            .filter(|s| s.gen == relay.gen)
+            .and_then(|s| s.alloc.as_mut())
+        else {
             return PeerAction::Drop;
         };
         let len = end - start;
         if a.expires <= now || !a.has_permission(from.ip(), now) {
             a.counters.dropped_packets += 1;
-            self.stats.dropped_no_permission += 1;
+            stats.dropped_no_permission += 1;
             return PeerAction::Drop;
         }
         if let Some(b) = a.to_client_budget.as_mut() {
             if !b.take(len, now) {
                 a.counters.dropped_packets += 1;
-                self.stats.dropped_bandwidth += 1;
+                stats.dropped_bandwidth += 1;
                 return PeerAction::Drop;
             }
         }
@@ -1447,20 +1434,39 @@ impl<P: RelayProvider> Core<P> {
                     a.counters.dropped_packets += 1;
                     return PeerAction::Drop;
                 }
+                let txid = random_txid(rng);
                 frame_data_indication(buf, start, end, config.policy.present(from), &txid)
             }
         };
         a.counters.to_client_packets += 1;
         a.counters.to_client_bytes += len as u64;
         let to = a.five_tuple;
-        self.stats.to_client_packets += 1;
-        self.stats.to_client_bytes += len as u64;
+        stats.to_client_packets += 1;
+        stats.to_client_bytes += len as u64;
         PeerAction::ToClient {
             to,
             start: s,
             end: e,
         }
     }
+}
+
+/// xorshift64*: deterministic under test (seeded by the caller), unpredictable enough for Data
+/// indication transaction ids, which nothing verifies.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+fn random_txid(state: &mut u64) -> [u8; 12] {
+    let a = next_random(state).to_le_bytes();
+    let b = next_random(state).to_le_bytes();
+    let mut t = [0u8; 12];
+    t[..8].copy_from_slice(&a);
+    t[8..].copy_from_slice(&b[..4]);
+    t
 }
 
 struct DisplayRelays<'a>(&'a [Option<Relay>; 2]);
