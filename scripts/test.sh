@@ -17,7 +17,7 @@ for tool in turnutils_uclient turnutils_peer turnutils_stunclient nft ip chromiu
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 
-PACKAGES="coturn iproute2 nftables chromium systemd"
+PACKAGES="coturn iproute2 nftables chromium fonts-liberation systemd"
 if [ "$need_apt" = 1 ]; then
     step="apt-get install"
     SUDO=""

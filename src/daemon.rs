@@ -422,6 +422,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
         reloads_failed: AtomicU64::new(0),
         relay_port_span: u64::from(config.relay.port_max - config.relay.port_min) + 1,
         advertised: relays.v4.map(|r| r.advertised),
+        listeners: listeners.clone(),
         started: Instant::now(),
     });
 

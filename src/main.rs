@@ -86,7 +86,7 @@ enum Command {
     },
     /// List or end sessions through the daemon's HTTP API (api.listen, api.token_file).
     Sessions {
-        #[arg(short, long, default_value = "turnserver.toml")]
+        #[arg(short, long, default_value = "turnserver.toml", global = true)]
         config: PathBuf,
         #[command(subcommand)]
         action: SessionsAction,
@@ -154,7 +154,10 @@ fn credentials_command(
                 .ok()
                 .and_then(|r| r.v4.map(|v| v.advertised)),
         };
-        credentials::default_uris(config, &credentials::public_host(config, advertised))
+        credentials::default_uris(
+            &config.listen,
+            &credentials::public_host(config, advertised),
+        )
     } else {
         uris
     };

@@ -137,7 +137,7 @@ fn mint(
     let max = credentials::max_ttl(config);
     let ttl = ttl.unwrap_or(config.api.default_ttl_secs).min(max);
     let host = credentials::public_host(config, state.advertised);
-    let uris = credentials::default_uris(config, &host);
+    let uris = credentials::default_uris(&state.listeners, &host);
     credentials::mint(
         &live.rest_secrets,
         config.auth.rest_separator,

@@ -2,7 +2,7 @@
 //! credential is refused. Shared by `turnpike credentials`, `turnpike verify-credential` and the
 //! HTTP API; pure functions of the configuration, the secrets and the time.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{json, Value};
 
@@ -63,9 +63,10 @@ pub fn public_host(config: &Config, advertised: Option<IpAddr>) -> String {
     }
 }
 
-/// STUN and TURN URIs for every listener port on the public host.
-pub fn default_uris(config: &Config, host: &str) -> Vec<String> {
-    let mut ports: Vec<u16> = config.listen.iter().map(|l| l.port()).collect();
+/// STUN and TURN URIs for every listener port on the public host. `listeners` are the bound
+/// addresses when the daemon knows them (a configured port 0 is only known once bound).
+pub fn default_uris(listeners: &[SocketAddr], host: &str) -> Vec<String> {
+    let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
     ports.dedup();
     let mut uris = Vec::new();
     for port in &ports {
@@ -298,7 +299,7 @@ key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
     #[test]
     fn minted_credential_verifies_and_shapes_parse() {
         let c = config();
-        let uris = default_uris(&c, &public_host(&c, None));
+        let uris = default_uris(&c.listen, &public_host(&c, None));
         assert_eq!(
             uris,
             [

@@ -138,6 +138,8 @@ pub struct ControlState {
     pub reloads_failed: AtomicU64,
     pub relay_port_span: u64,
     pub advertised: Option<std::net::IpAddr>,
+    /// The bound UDP listeners (a configured port 0 resolved), for minted URIs.
+    pub listeners: Vec<std::net::SocketAddr>,
     pub started: Instant,
 }
 

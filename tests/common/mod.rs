@@ -1,17 +1,24 @@
 //! Test harness: runs the real `turnpike` binary on loopback with a config written to a temp
-//! dir, learns its port from the log, and stops it on drop.
+//! dir, learns its ports from the log, and stops it on drop. Also: signals, config rewrites,
+//! exit status, an sd_notify socket, a tiny HTTP client for the control plane, a Prometheus text
+//! parser, a raw TURN client over UDP and a UDP echo peer.
 //!
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
+use turnpike::proto::codec::{attr, decode_xor_address, method, Class, Message, MessageWriter};
 
 pub const REALM: &str = "turnpike.test";
 pub const USER: &str = "alice";
@@ -20,6 +27,8 @@ pub const PASSWORD: &str = "wonderland";
 pub const SECRET: &str = "0123456789abcdef-integration-secret";
 /// Default `auth.rest_max_ttl_secs`.
 pub const REST_MAX_TTL_SECS: u64 = 172_800;
+/// Bearer token written to `api.token_file` when [`Api::Token`] is chosen.
+pub const API_TOKEN: &str = "api-token-0123456789abcdef-integration";
 
 /// Relay ports are handed out in blocks of this size inside 20000-29999: below the kernel's
 /// ephemeral range (32768+), where the daemon's port-0 listener and the tests' own sockets land.
@@ -39,6 +48,36 @@ pub struct Options {
     pub unauth_replies_per_sec: u32,
     /// Raw TOML appended to the `[limits]` table.
     pub extra_limits: String,
+    /// `drain_secs`; 0 (default) stops at once on SIGTERM.
+    pub drain_secs: u64,
+    /// The HTTP control plane: off (default), on without a token file, or on with [`API_TOKEN`].
+    pub api: Api,
+    /// Raw TOML appended to the `[api]` table (only when `api` is not [`Api::Off`]).
+    pub extra_api: String,
+    /// Raw top-level TOML (before any table), e.g. `public_host = "turn.example"`.
+    pub extra_top: String,
+    /// Raw TOML appended to the `[peers]` table.
+    pub extra_peers: String,
+    /// Static users besides [`USER`], as `(name, password)`.
+    pub extra_users: Vec<(String, String)>,
+    /// Extra environment variables for the daemon. NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID
+    /// are removed from the inherited environment unless set here or by `notify_socket`.
+    pub env: Vec<(String, String)>,
+    /// Bind a Unix datagram socket in the temp dir and pass it as NOTIFY_SOCKET.
+    pub notify_socket: bool,
+    /// Start through `sh -c '<prefix>; exec turnpike serve ...'`, so the prefix can use the
+    /// daemon's own pid as `$$` (e.g. `export WATCHDOG_PID=$$`).
+    pub sh_prefix: Option<String>,
+}
+
+/// How the `[api]` table is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Off,
+    /// `listen = "127.0.0.1:0"`, no `token_file`: the /api/v1 routes answer 403.
+    NoToken,
+    /// `listen = "127.0.0.1:0"`, `token_file` holding [`API_TOKEN`].
+    Token,
 }
 
 impl Default for Options {
@@ -48,17 +87,201 @@ impl Default for Options {
             allocations_per_user: 10,
             unauth_replies_per_sec: 0,
             extra_limits: String::new(),
+            drain_secs: 0,
+            api: Api::Off,
+            extra_api: String::new(),
+            extra_top: String::new(),
+            extra_peers: String::new(),
+            extra_users: Vec::new(),
+            env: Vec::new(),
+            notify_socket: false,
+            sh_prefix: None,
         }
     }
+}
+
+impl Options {
+    /// Options with the API on and [`API_TOKEN`] configured.
+    pub fn with_api() -> Options {
+        Options {
+            api: Api::Token,
+            ..Options::default()
+        }
+    }
+
+    /// The config file these options produce, for a daemon whose relay ports are `relay_ports`.
+    /// `secret.txt` and `api.token` are relative to the file's directory.
+    pub fn config_text(&self, relay_ports: (u16, u16)) -> String {
+        // TURNPIKE_TEST_LOG=debug (or trace) when a test needs the daemon's reasons.
+        let log_level = std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let mut cfg = String::new();
+        write!(
+            cfg,
+            r#"realm = "{REALM}"
+threads = 2
+listen = ["127.0.0.1:0"]
+log_format = "json"
+log_level = "{}"
+drain_secs = {}
+{}
+
+[relay]
+address = "127.0.0.1"
+port_min = {}
+port_max = {}
+
+[auth]
+secret_file = "secret.txt"
+
+[[auth.users]]
+name = "{USER}"
+password = "{PASSWORD}"
+"#,
+            log_level, self.drain_secs, self.extra_top, relay_ports.0, relay_ports.1,
+        )
+        .unwrap();
+        for (name, password) in &self.extra_users {
+            write!(
+                cfg,
+                "\n[[auth.users]]\nname = {name:?}\npassword = {password:?}\n"
+            )
+            .unwrap();
+        }
+        write!(
+            cfg,
+            r#"
+[limits]
+allocations_per_user = {}
+unauth_replies_per_sec = {}
+{}
+
+[peers]
+allow_loopback_peers = {}
+{}
+"#,
+            self.allocations_per_user,
+            self.unauth_replies_per_sec,
+            self.extra_limits,
+            self.allow_loopback_peers,
+            self.extra_peers,
+        )
+        .unwrap();
+        match self.api {
+            Api::Off => {}
+            Api::NoToken => write!(
+                cfg,
+                "\n[api]\nlisten = \"127.0.0.1:0\"\n{}\n",
+                self.extra_api
+            )
+            .unwrap(),
+            Api::Token => write!(
+                cfg,
+                "\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n{}\n",
+                self.extra_api
+            )
+            .unwrap(),
+        }
+        cfg
+    }
+}
+
+/// Writes `secret.txt`, `api.token` and `turnpike.toml` for `opts` into `dir` (created if
+/// needed); returns the config path. For CLI tests that need no running daemon.
+pub fn write_config_dir(dir: &Path, opts: &Options, relay_ports: (u16, u16)) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create config dir");
+    std::fs::write(dir.join("secret.txt"), format!("{SECRET}\n")).expect("write secret");
+    std::fs::write(dir.join("api.token"), format!("{API_TOKEN}\n")).expect("write token");
+    let config = dir.join("turnpike.toml");
+    std::fs::write(&config, opts.config_text(relay_ports)).expect("write config");
+    config
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("turnpike-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The built `turnpike` binary.
+pub fn turnpike_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_turnpike")
+}
+
+/// Runs `turnpike ARGS` to completion (bounded: 20 s, then killed) with `stdin` fed to it.
+pub fn run_cli(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(turnpike_bin())
+        .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn turnpike");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).expect("write stdin");
+    }
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !flag.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !flag.load(Ordering::SeqCst) {
+            // SAFETY: kill(2) on our own child, which has not been reaped (wait_with_output
+            // below has not returned: `done` is still false).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().expect("wait for turnpike");
+    done.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+    out
+}
+
+/// `(stdout, stderr)` of a CLI run as text.
+pub fn out_text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// A running daemon. Dropping it sends SIGTERM, then SIGKILL after a grace period.
 pub struct Daemon {
     child: Option<Child>,
+    /// The UDP STUN/TURN listener.
     pub addr: SocketAddr,
+    /// The HTTP API listener, when the API is on.
+    pub api_addr: Option<SocketAddr>,
     pub relay_ports: (u16, u16),
+    pub opts: Options,
     log: Arc<Mutex<Vec<String>>>,
     dir: PathBuf,
+    notify: Option<UnixDatagram>,
+    pid: u32,
 }
 
 pub fn unix_now() -> u64 {
@@ -107,6 +330,15 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     rest[..end].parse().ok()
 }
 
+/// The HTTP API address in the JSON log line `{"message":"http api listening","addr":..}`.
+fn api_listening_addr(line: &str) -> Option<SocketAddr> {
+    let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    if v.get("message")?.as_str()? != "http api listening" {
+        return None;
+    }
+    v.get("addr")?.as_str()?.parse().ok()
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
@@ -138,56 +370,40 @@ impl Daemon {
 
         let dir = std::env::temp_dir().join(format!("turnpike-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        std::fs::write(dir.join("secret.txt"), format!("{SECRET}\n")).expect("write secret");
-        // TURNPIKE_TEST_LOG=debug (or trace) when a test needs the daemon's reasons.
-        let log_level = std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into());
-        let mut cfg = String::new();
-        write!(
-            cfg,
-            r#"realm = "{REALM}"
-threads = 2
-listen = ["127.0.0.1:0"]
-log_format = "json"
-log_level = "{}"
-drain_secs = 0 # tests stop the daemon at once, no graceful drain
+        let config = write_config_dir(&dir, &opts, relay_ports);
 
-[relay]
-address = "127.0.0.1"
-port_min = {}
-port_max = {}
+        let notify = opts.notify_socket.then(|| {
+            let sock = UnixDatagram::bind(dir.join("notify.sock")).expect("bind notify socket");
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            sock
+        });
 
-[auth]
-secret_file = "secret.txt"
-
-[[auth.users]]
-name = "{USER}"
-password = "{PASSWORD}"
-
-[limits]
-allocations_per_user = {}
-unauth_replies_per_sec = {}
-{}
-
-[peers]
-allow_loopback_peers = {}
-"#,
-            log_level,
-            relay_ports.0,
-            relay_ports.1,
-            opts.allocations_per_user,
-            opts.unauth_replies_per_sec,
-            opts.extra_limits,
-            opts.allow_loopback_peers,
-        )
-        .unwrap();
-        let config = dir.join("turnpike.toml");
-        std::fs::write(&config, cfg).expect("write config");
-
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
+        let mut cmd = match &opts.sh_prefix {
+            None => {
+                let mut c = Command::new(turnpike_bin());
+                c.arg("serve").arg("--config").arg(&config);
+                c
+            }
+            Some(prefix) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{prefix}; exec \"$0\" serve --config \"$1\""))
+                    .arg(turnpike_bin())
+                    .arg(&config);
+                c
+            }
+        };
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            cmd.env_remove(var);
+        }
+        if opts.notify_socket {
+            cmd.env("NOTIFY_SOCKET", dir.join("notify.sock"));
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -205,12 +421,18 @@ allow_loopback_peers = {}
             }
         });
 
+        let pid = child.id();
+        let want_api = opts.api != Api::Off;
         let mut d = Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
+            api_addr: None,
             relay_ports,
+            opts,
             log,
             dir,
+            notify,
+            pid,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -218,7 +440,13 @@ allow_loopback_peers = {}
             if let Some(a) = lines.iter().find_map(|l| listening_addr(l)) {
                 d.addr = a;
             }
-            if d.addr.port() != 0 && lines.iter().any(|l| l.contains("turnpike ready")) {
+            if let Some(a) = lines.iter().find_map(|l| api_listening_addr(l)) {
+                d.api_addr = Some(a);
+            }
+            if d.addr.port() != 0
+                && (!want_api || d.api_addr.is_some())
+                && lines.iter().any(|l| l.contains("turnpike ready"))
+            {
                 return d;
             }
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
@@ -285,18 +513,186 @@ allow_loopback_peers = {}
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.pid
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("turnpike.toml")
+    }
+
+    /// Replaces the config file with `text` (takes effect on [`Daemon::sighup`]).
+    pub fn write_config(&self, text: &str) {
+        // Write-then-rename, so a reload never reads a half-written file.
+        let tmp = self.dir.join("turnpike.toml.new");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.config_path()).expect("replace config");
+    }
+
+    /// Rewrites the config from `opts` with this daemon's relay ports.
+    pub fn reconfigure(&self, opts: &Options) {
+        self.write_config(&opts.config_text(self.relay_ports));
+    }
+
+    /// A copy of the config for CLI commands run against this daemon: the UDP listener and the
+    /// API listener carry the real ports instead of 0. Returns its path.
+    pub fn client_config(&self) -> PathBuf {
+        let mut text = std::fs::read_to_string(self.config_path()).expect("read config");
+        text = text.replacen(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"{}\"]", self.addr),
+            1,
+        );
+        if let Some(api) = self.api_addr {
+            text = text.replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{api}\""),
+                1,
+            );
+        }
+        let path = self.dir.join("client.toml");
+        std::fs::write(&path, text).expect("write client config");
+        path
+    }
+
+    /// Sends `sig` to the daemon, unless it has already exited (and may have been reaped).
+    pub fn signal(&mut self, sig: libc::c_int) {
+        if self.is_running() {
+            // SAFETY: kill(2) on our own child, which try_wait just found not yet reaped.
+            unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+        }
+    }
+
+    pub fn sighup(&mut self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    pub fn sigterm(&mut self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, or None if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until a log line satisfies `pred`; panics with the log after `timeout`.
+    pub fn wait_log(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return l;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no log line {what} within {timeout:?}; stderr:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    // ------------------------------------------------------------ sd_notify
+
+    /// The next sd_notify datagram, or None after `timeout`.
+    pub fn notify_recv(&self, timeout: Duration) -> Option<String> {
+        let sock = self.notify.as_ref().expect("started with notify_socket");
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if let Ok(n) = sock.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Collects sd_notify datagrams until one satisfies `pred` (returned last), panicking after
+    /// `timeout` with what arrived.
+    pub fn notify_until(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Some(m) = self.notify_recv(left) {
+                let done = pred(&m);
+                got.push(m);
+                if done {
+                    return got;
+                }
+            }
+        }
+        panic!("sd_notify: awaited message not received within {timeout:?}; got {got:?}");
+    }
+
+    // ------------------------------------------------------------ HTTP API
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr.expect("daemon started with the API on")
+    }
+
+    /// A request to the API with [`API_TOKEN`].
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+        http(
+            self.api_addr(),
+            method,
+            path,
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            body.map(str::as_bytes),
+        )
+    }
+
+    /// A request to the API without any Authorization header.
+    pub fn get(&self, path: &str) -> HttpResponse {
+        http(self.api_addr(), "GET", path, &[], None)
+    }
+
+    /// `/metrics`, checked to be well-formed Prometheus text, as `name{labels}` -> value.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "/metrics: {}", r.body);
+        parse_prometheus(&r.body).unwrap_or_else(|e| panic!("/metrics: {e}\n{}", r.body))
+    }
+
+    /// One sample of `/metrics`, e.g. `turnpike_allocations{transport="udp"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        *self
+            .metrics()
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series} in /metrics"))
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_GRACE;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+            // A test may have drained or stopped it already: never signal a reaped pid.
+            // SIGTERM; a second one ends a drain at once; SIGKILL as the last resort.
+            for grace in [Duration::from_secs(1), STOP_GRACE] {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let deadline = Instant::now() + grace;
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
@@ -313,4 +709,558 @@ impl Drop for Daemon {
 /// Value of a string field of a JSON log event.
 pub fn field<'a>(event: &'a serde_json::Value, name: &str) -> &'a str {
     event.get(name).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------------- HTTP
+
+/// A response from [`http`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics with the body when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The `error` message of a JSON error body; panics unless the body is exactly that shape.
+    pub fn error_message(&self) -> String {
+        let v = self.json();
+        let msg = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or_else(|| panic!("no string \"error\" in {:?}", self.body));
+        assert!(!msg.trim().is_empty(), "empty error message");
+        msg.to_owned()
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`), bounded by timeouts.
+/// Write errors are ignored (a server may answer 413 and close before reading a big body), so
+/// the response is still read.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> HttpResponse {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to the API at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or(b"");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut wire = req.into_bytes();
+    wire.extend_from_slice(body);
+    let _ = s.write_all(&wire);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // A reset after the response arrived (unread request body) still leaves the response.
+            Err(e) if !raw.is_empty() => {
+                eprintln!("http: read ended with {e} after {} bytes", raw.len());
+                break;
+            }
+            Err(e) => panic!("{method} {path}: reading the response failed: {e}"),
+        }
+    }
+    parse_http_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "{method} {path}: malformed HTTP response {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut out = Vec::new();
+    if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        loop {
+            let eol = body.windows(2).position(|w| w == b"\r\n")?;
+            let size_text = std::str::from_utf8(&body[..eol]).ok()?;
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            body = &body[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(body.get(..size)?);
+            body = body.get(size + 2..)?;
+        }
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().ok()?;
+        out.extend_from_slice(body.get(..len)?);
+    } else {
+        out.extend_from_slice(body);
+    }
+    Some(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8(out).ok()?,
+    })
+}
+
+// ---------------------------------------------------------------------------------- Prometheus
+
+fn is_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Parses Prometheus text exposition format 0.0.4 strictly enough to catch malformed output:
+/// HELP/TYPE comments with valid names and types, every sample's family typed before it,
+/// `name{label="value",...} value` samples with float values, no duplicate series.
+/// Returns `name{labels}` (as written) -> value.
+pub fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    if !text.ends_with('\n') {
+        return Err("exposition must end with a newline".into());
+    }
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap_or("");
+            let name = parts.next().unwrap_or("");
+            match kind {
+                "HELP" if !is_metric_name(name) => {
+                    return Err(format!("line {n}: bad HELP name {name:?}"));
+                }
+                "TYPE" => {
+                    let t = parts.next().unwrap_or("");
+                    if !is_metric_name(name)
+                        || !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t)
+                    {
+                        return Err(format!("line {n}: bad TYPE line {line:?}"));
+                    }
+                    if types.insert(name.to_owned(), t.to_owned()).is_some() {
+                        return Err(format!("line {n}: second TYPE for {name}"));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| format!("line {n}: no value in {line:?}"))?;
+        let v: f64 = value
+            .parse()
+            .map_err(|_| format!("line {n}: bad value {value:?}"))?;
+        let name = match series.split_once('{') {
+            None => series,
+            Some((name, labels)) => {
+                let labels = labels
+                    .strip_suffix('}')
+                    .ok_or_else(|| format!("line {n}: unterminated labels in {line:?}"))?;
+                for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                    let (k, val) = pair
+                        .split_once('=')
+                        .ok_or_else(|| format!("line {n}: bad label {pair:?}"))?;
+                    let quoted = val.len() >= 2 && val.starts_with('"') && val.ends_with('"');
+                    if !is_metric_name(k) || k.contains(':') || !quoted {
+                        return Err(format!("line {n}: bad label {pair:?}"));
+                    }
+                }
+                name
+            }
+        };
+        if !is_metric_name(name) {
+            return Err(format!("line {n}: bad metric name {name:?}"));
+        }
+        let Some(t) = types.get(name) else {
+            return Err(format!("line {n}: sample of {name} before its TYPE line"));
+        };
+        if t == "counter" && v < 0.0 {
+            return Err(format!("line {n}: negative counter"));
+        }
+        if out.insert(series.to_owned(), v).is_some() {
+            return Err(format!("line {n}: duplicate series {series}"));
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------- credentials
+
+/// base64(HMAC-SHA1(SECRET, username)), computed here with ring and base64 directly (not with
+/// turnpike's own helpers), as an independent check of minted passwords.
+pub fn expected_rest_password(username: &str) -> String {
+    use base64::Engine;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, SECRET.as_bytes());
+    let tag = ring::hmac::sign(&key, username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+}
+
+/// Unix time of a UTC RFC 3339 timestamp `YYYY-MM-DDTHH:MM:SSZ` (fractions and `+00:00`
+/// accepted), or None if it is not one. Independent of turnpike's formatter.
+pub fn parse_rfc3339_utc(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    if !matches!(rest, "Z" | "z" | "+00:00") {
+        return None;
+    }
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (H. Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86400 + h * 3600 + mi * 60 + sec).ok()
+}
+
+// ---------------------------------------------------------------------------------- raw TURN client
+
+const RTO: Duration = Duration::from_millis(300);
+const RETRANSMITS: usize = 5;
+
+/// A STUN response as received, parsed on demand.
+#[derive(Clone)]
+pub struct Reply(pub Vec<u8>);
+
+impl Reply {
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.0).expect("reply parses as STUN")
+    }
+    pub fn class(&self) -> Class {
+        self.msg().class
+    }
+    pub fn code(&self) -> Option<u16> {
+        self.attr(attr::ERROR_CODE)
+            .map(|v| u16::from(v[2] & 7) * 100 + u16::from(v[3]))
+    }
+    pub fn attr(&self, kind: u16) -> Option<Vec<u8>> {
+        self.msg().get(kind).map(|a| a.value.to_vec())
+    }
+    pub fn xor_addr(&self, kind: u16) -> SocketAddr {
+        let m = self.msg();
+        decode_xor_address(
+            m.get(kind).expect("address attribute").value,
+            &m.transaction_id(),
+        )
+        .expect("address decodes")
+    }
+    /// `(is success, error code)`.
+    pub fn outcome(&self) -> (bool, Option<u16>) {
+        (self.class() == Class::Success, self.code())
+    }
+}
+
+/// A minimal synchronous TURN client over UDP (one socket, long-term credentials, MD5).
+pub struct TurnClient {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub user: String,
+    key: Vec<u8>,
+    nonce: Vec<u8>,
+    n: u32,
+}
+
+impl TurnClient {
+    pub fn new(server: SocketAddr, user: &str, password: &str) -> TurnClient {
+        TurnClient {
+            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server,
+            user: user.into(),
+            key: long_term_key(PasswordAlgorithm::Md5, user, REALM, password)
+                .as_bytes()
+                .to_vec(),
+            nonce: Vec::new(),
+            n: 0,
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    fn txid(&mut self) -> [u8; 12] {
+        self.n += 1;
+        let mut t = [0x6B; 12];
+        t[..4].copy_from_slice(&self.n.to_be_bytes());
+        t[4..8].copy_from_slice(&std::process::id().to_be_bytes());
+        t
+    }
+
+    /// Sends a request and waits for the response with its transaction id, retransmitting.
+    /// Other datagrams (relayed data) are discarded. None after all retransmissions.
+    pub fn try_transact(&self, req: &[u8]) -> Option<Reply> {
+        let txid = &req[8..20];
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..RETRANSMITS {
+            self.sock.send_to(req, self.server).unwrap();
+            let deadline = Instant::now() + RTO;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                self.sock
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                    break;
+                };
+                if from == self.server && n >= 20 && &buf[8..20] == txid {
+                    return Some(Reply(buf[..n].to_vec()));
+                }
+            }
+        }
+        None
+    }
+
+    pub fn transact(&self, req: &[u8]) -> Reply {
+        self.try_transact(req).unwrap_or_else(|| {
+            panic!(
+                "no response from the daemon to a request from {}",
+                self.local()
+            )
+        })
+    }
+
+    pub fn binding(&mut self) -> Option<Reply> {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::BINDING, Class::Request, self.txid());
+        self.try_transact(&req)
+    }
+
+    /// Unauthenticated Allocate to fetch a nonce (expects 401).
+    pub fn challenge(&mut self) {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, self.txid())
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        let r = self.transact(&req);
+        assert_eq!(r.code(), Some(401), "unauthenticated Allocate");
+        self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
+    }
+
+    /// An authenticated request; fetches a nonce first when it has none, and once more on 438.
+    pub fn request(&mut self, m: u16, fill: impl Fn(&mut MessageWriter)) -> Reply {
+        if self.nonce.is_empty() {
+            self.challenge();
+        }
+        for _ in 0..2 {
+            let mut req = Vec::new();
+            let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
+            fill(&mut w);
+            w.attr(attr::USERNAME, self.user.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&self.key);
+            let r = self.transact(&req);
+            if r.code() == Some(438) {
+                self.nonce = r.attr(attr::NONCE).expect("NONCE in 438");
+                continue;
+            }
+            if r.class() == Class::Success {
+                assert!(r.msg().verify_integrity(&self.key), "response integrity");
+            }
+            return r;
+        }
+        panic!("stale nonce twice in a row");
+    }
+
+    pub fn allocate(&mut self) -> Reply {
+        self.request(method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })
+    }
+
+    /// Allocates and returns the relayed address; panics unless it succeeds.
+    pub fn must_allocate(&mut self) -> SocketAddr {
+        let r = self.allocate();
+        assert_eq!(r.outcome(), (true, None), "Allocate as {}", self.user);
+        r.xor_addr(attr::XOR_RELAYED_ADDRESS)
+    }
+
+    pub fn bind_channel(&mut self, channel: u16, peer: SocketAddr) -> Reply {
+        self.request(method::CHANNEL_BIND, |w| {
+            let c = channel.to_be_bytes();
+            w.attr(attr::CHANNEL_NUMBER, &[c[0], c[1], 0, 0])
+                .xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    pub fn must_bind_channel(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self.bind_channel(channel, peer);
+        assert_eq!(r.outcome(), (true, None), "ChannelBind to {peer}");
+    }
+
+    pub fn permit(&mut self, peer: SocketAddr) -> Reply {
+        self.request(method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    pub fn refresh(&mut self, lifetime: u32) -> Reply {
+        self.request(method::REFRESH, |w| {
+            w.u32_attr(attr::LIFETIME, lifetime);
+        })
+    }
+
+    pub fn send_channel_data(&self, channel: u16, data: &[u8]) {
+        self.sock
+            .send_to(&channel_data(channel, data), self.server)
+            .unwrap();
+    }
+
+    /// The payload of the next ChannelData frame on `channel`, or None after `wait`.
+    pub fn recv_channel_data(&self, channel: u16, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 70_000];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                return None;
+            };
+            if from == self.server && n >= 4 && buf[..2] == channel.to_be_bytes() {
+                let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+                return buf.get(4..4 + len).map(<[u8]>::to_vec);
+            }
+        }
+        None
+    }
+
+    /// Sends `count` distinct payloads on `channel` and checks each comes back (through an
+    /// echo peer) before sending the next.
+    pub fn echo_round_trips(&self, channel: u16, count: usize) {
+        for i in 0..count {
+            let payload = format!("round trip {i} from {}", self.local()).into_bytes();
+            self.send_channel_data(channel, &payload);
+            let back = self
+                .recv_channel_data(channel, Duration::from_secs(2))
+                .unwrap_or_else(|| panic!("no echo for round trip {i}"));
+            assert_eq!(back, payload, "round trip {i}");
+        }
+    }
+}
+
+/// A ChannelData frame.
+pub fn channel_data(channel: u16, data: &[u8]) -> Vec<u8> {
+    let mut frame = channel.to_be_bytes().to_vec();
+    frame.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    frame.extend_from_slice(data);
+    frame
+}
+
+/// A UDP echo peer on loopback in its own thread; counts what it echoed. Stops on drop, or
+/// after 120 s at the latest.
+pub struct EchoPeer {
+    pub addr: SocketAddr,
+    pub echoed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoPeer {
+    pub fn start() -> EchoPeer {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let echoed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, flag) = (Arc::clone(&echoed), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut buf = vec![0u8; 70_000];
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        EchoPeer {
+            addr,
+            echoed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -416,12 +416,14 @@
         if (msg.peer && typeof msg.peer.id === 'string') {
           addPeer(msg.peer.id, msg.peer.name, false);
           addChat({ system: true, text: `${msg.peer.name} joined` });
+          showRoomStatus();
         }
         break;
       case 'peer-left': {
         const p = state.peers.get(msg.id);
         if (p) addChat({ system: true, text: `${p.name} left` });
         removePeer(msg.id);
+        showRoomStatus();
         break;
       }
       case 'offer':
@@ -443,6 +445,12 @@
     }
   }
 
+  function showRoomStatus() {
+    const others = state.peers.size;
+    setStatus(others ? `In room ${state.room} with ${others} other${others > 1 ? 's' : ''}.`
+      : `In room ${state.room}. Share the address to invite others (up to ${state.roomSize}).`);
+  }
+
   function onWelcome(msg) {
     state.id = msg.id;
     state.name = msg.name;
@@ -450,11 +458,11 @@
     state.retries = 0;
     setIce(msg.ice);
     $('local-name').textContent = `${msg.name} (you)`;
+    state.roomSize = msg.roomSize;
     for (const peer of msg.peers || []) addPeer(peer.id, peer.name, true);
-    const others = state.peers.size;
-    setStatus(others ? `In room ${state.room} with ${others} other${others > 1 ? 's' : ''}.`
-      : `In room ${state.room}. Share the address to invite others (up to ${msg.roomSize}).`);
-    log(`joined ${state.room} as ${state.id} (${state.peers.size} peers)`);
+    showRoomStatus();
+    const n = state.peers.size;
+    log(`joined ${state.room} as ${state.id} (${n} peer${n === 1 ? '' : 's'})`);
     startStats();
     updateButtons();
     settleJoinWaiters(null);
@@ -615,6 +623,15 @@
     pc.onicecandidate = ({ candidate }) => {
       if (candidate && candidate.candidate) {
         sendSignal({ type: 'candidate', to: id, candidate: candidate.toJSON() });
+      }
+    };
+    // Chromium reports one error per local interface that cannot reach a STUN/TURN server; tell
+    // the user only while there is no connection, so an unreachable relay is not a silent hang.
+    pc.onicecandidateerror = (e) => {
+      const what = `${e.url || 'ICE server'}: ${e.errorCode} ${e.errorText || ''}`.trim();
+      log(`${id}: ICE candidate error ${what}`);
+      if (pc.connectionState !== 'connected') {
+        setStatus(`Cannot use ${what}. Check the TURN server address, port and credentials.`, 'error');
       }
     };
     pc.ontrack = ({ track }) => {

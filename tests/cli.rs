@@ -1,0 +1,582 @@
+//! The command line beside `serve`: `credentials` (every format, TTL cap, the minted credential
+//! allocating on a running daemon), `verify-credential` (every refusal reason, `--password -`),
+//! `check-config` (redaction, key and line of a bad file), and the shipped systemd unit.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    expected_rest_password, out_text, parse_rfc3339_utc, rest_credential, run_cli, unix_now,
+    write_config_dir, Daemon, EchoPeer, Options, TempDir, TurnClient, PASSWORD, REALM, SECRET,
+    USER,
+};
+
+/// Relay ports for configs that no daemon runs with.
+const UNUSED_PORTS: (u16, u16) = (40000, 40099);
+
+fn cli_config(opts: &Options) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new("cli");
+    let config = write_config_dir(dir.path(), opts, UNUSED_PORTS);
+    (dir, config)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Runs the CLI and insists it succeeded; returns stdout.
+fn ok(args: &[&str], stdin: Option<&str>) -> String {
+    let o = run_cli(args, stdin);
+    let (out, err) = out_text(&o);
+    assert!(
+        o.status.success(),
+        "turnpike {args:?} failed ({}):\nstdout: {out}\nstderr: {err}",
+        o.status
+    );
+    out
+}
+
+/// Runs the CLI and insists it failed with an exit status (not a signal); returns stderr.
+fn fails(args: &[&str], stdin: Option<&str>) -> String {
+    let o = run_cli(args, stdin);
+    let (out, err) = out_text(&o);
+    assert!(
+        !o.status.success() && o.status.code().is_some(),
+        "turnpike {args:?} should have failed with an exit code ({}):\nstdout: {out}\nstderr: {err}",
+        o.status
+    );
+    err
+}
+
+/// Splits a REST username `<expiry>:<user>`.
+fn split_rest(username: &str) -> (u64, &str) {
+    let (expiry, user) = username.split_once(':').expect("expiry:user");
+    (expiry.parse().expect("numeric expiry"), user)
+}
+
+// ------------------------------------------------------------------ credentials
+
+#[test]
+fn credentials_ice_shape_allocates_on_a_running_daemon() {
+    let d = Daemon::start();
+    let config = d.client_config();
+    let before = unix_now();
+    let out = ok(
+        &[
+            "credentials",
+            "--config",
+            path(&config),
+            "--user",
+            "alice",
+            "--ttl",
+            "1h",
+        ],
+        None,
+    );
+    let after = unix_now();
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    let server = &v["iceServers"][0];
+    let urls: Vec<&str> = server["urls"]
+        .as_array()
+        .expect("urls array")
+        .iter()
+        .map(|u| u.as_str().expect("url string"))
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            format!("stun:127.0.0.1:{}", d.addr.port()),
+            format!("turn:127.0.0.1:{}?transport=udp", d.addr.port())
+        ],
+        "URIs name the listener on the relay address"
+    );
+    let username = server["username"].as_str().expect("username");
+    let credential = server["credential"].as_str().expect("credential");
+    assert_eq!(v["ttl"], 3600);
+    let (expiry, user) = split_rest(username);
+    assert_eq!(user, "alice");
+    assert!(
+        (before + 3600..=after + 3600).contains(&expiry),
+        "expiry {expiry} is now + 1h"
+    );
+    let expires_at = v["expires_at"].as_str().expect("expires_at string");
+    assert_eq!(
+        parse_rfc3339_utc(expires_at),
+        Some(expiry),
+        "expires_at {expires_at:?} is RFC 3339 UTC and matches the username's expiry"
+    );
+    assert_eq!(credential, expected_rest_password(username));
+
+    // The daemon accepts it: allocate and relay through an echo peer.
+    let peer = EchoPeer::start();
+    let mut c = TurnClient::new(d.addr, username, credential);
+    c.must_allocate();
+    c.must_bind_channel(0x4000, peer.addr);
+    c.echo_round_trips(0x4000, 3);
+    let created = d.wait_events("allocation created", 1, Duration::from_secs(2), |e| {
+        common::field(e, "client") == c.local().to_string()
+    });
+    assert_eq!(common::field(&created[0], "user"), username);
+}
+
+#[test]
+fn credentials_rest_and_env_formats_parse() {
+    let opts = Options {
+        extra_top: "public_host = \"turn.example.test\"".into(),
+        ..Options::default()
+    };
+    let (_dir, config) = cli_config(&opts);
+
+    let out = ok(
+        &[
+            "credentials",
+            "--config",
+            path(&config),
+            "--user",
+            "bob",
+            "--ttl",
+            "30m",
+            "--format",
+            "rest",
+        ],
+        None,
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    let username = v["username"].as_str().expect("username");
+    assert_eq!(split_rest(username).1, "bob");
+    assert_eq!(
+        v["password"].as_str(),
+        Some(&*expected_rest_password(username))
+    );
+    assert_eq!(v["ttl"], 1800);
+    let uris: Vec<&str> = v["uris"]
+        .as_array()
+        .expect("uris")
+        .iter()
+        .filter_map(|u| u.as_str())
+        .collect();
+    // The file's listener port is 0 here (no daemon runs with this file): only the host counts.
+    assert!(
+        uris.iter()
+            .any(|u| u.starts_with("stun:turn.example.test:"))
+            && uris
+                .iter()
+                .any(|u| u.starts_with("turn:turn.example.test:") && u.ends_with("?transport=udp")),
+        "URIs use public_host: {uris:?}"
+    );
+
+    // --uri overrides the URIs.
+    let out = ok(
+        &[
+            "credentials",
+            "--config",
+            path(&config),
+            "--user",
+            "bob",
+            "--format",
+            "rest",
+            "--uri",
+            "turn:relay.example.test:3478?transport=udp",
+        ],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["uris"],
+        serde_json::json!(["turn:relay.example.test:3478?transport=udp"])
+    );
+    assert_eq!(v["ttl"], 3600, "default TTL is api.default_ttl_secs");
+
+    let env = ok(
+        &[
+            "credentials",
+            "--config",
+            path(&config),
+            "--user",
+            "carol",
+            "--ttl",
+            "90s",
+            "--format",
+            "env",
+        ],
+        None,
+    );
+    let vars: std::collections::BTreeMap<&str, String> = env
+        .lines()
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not K=V: {l:?}"));
+            (k, v.trim_matches('\'').to_owned())
+        })
+        .collect();
+    let keys: Vec<&str> = vars.keys().copied().collect();
+    assert_eq!(
+        keys,
+        [
+            "TURN_EXPIRES_AT",
+            "TURN_PASSWORD",
+            "TURN_TTL",
+            "TURN_URIS",
+            "TURN_USERNAME"
+        ]
+    );
+    assert_eq!(vars["TURN_TTL"], "90");
+    let (expiry, user) = split_rest(&vars["TURN_USERNAME"]);
+    assert_eq!(user, "carol");
+    assert_eq!(parse_rfc3339_utc(&vars["TURN_EXPIRES_AT"]), Some(expiry));
+    assert_eq!(
+        vars["TURN_PASSWORD"],
+        expected_rest_password(&vars["TURN_USERNAME"])
+    );
+    // And a shell evaluates it to the same values.
+    let sh = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("eval \"$TURNPIKE_ENV\"; printf '%s|%s|%s' \"$TURN_USERNAME\" \"$TURN_PASSWORD\" \"$TURN_URIS\"")
+        .env("TURNPIKE_ENV", &env)
+        .output()
+        .expect("run sh");
+    assert_eq!(
+        String::from_utf8_lossy(&sh.stdout),
+        format!(
+            "{}|{}|{}",
+            vars["TURN_USERNAME"], vars["TURN_PASSWORD"], vars["TURN_URIS"]
+        )
+    );
+}
+
+#[test]
+fn credentials_ttl_above_the_cap_is_an_error() {
+    let (_dir, config) = cli_config(&Options::default());
+    let c = path(&config);
+    // The cap is min(api.max_ttl_secs = 86400, auth.rest_max_ttl_secs = 172800).
+    ok(
+        &["credentials", "--config", c, "--user", "a", "--ttl", "1d"],
+        None,
+    );
+    let err = fails(
+        &[
+            "credentials",
+            "--config",
+            c,
+            "--user",
+            "a",
+            "--ttl",
+            "86401",
+        ],
+        None,
+    );
+    assert!(err.contains("ttl"), "stderr names the ttl: {err}");
+    assert!(err.contains("86400"), "stderr names the cap: {err}");
+    fails(
+        &["credentials", "--config", c, "--user", "a", "--ttl", "2d"],
+        None,
+    );
+    let err = fails(
+        &["credentials", "--config", c, "--user", "a", "--ttl", "5x"],
+        None,
+    );
+    assert!(err.contains("5x"), "{err}");
+
+    // A lower api.max_ttl_secs lowers the cap.
+    let (_dir2, config2) = cli_config(&Options {
+        api: common::Api::NoToken,
+        extra_api: "max_ttl_secs = 7200".into(),
+        ..Options::default()
+    });
+    let c2 = path(&config2);
+    ok(
+        &["credentials", "--config", c2, "--user", "a", "--ttl", "2h"],
+        None,
+    );
+    let err = fails(
+        &["credentials", "--config", c2, "--user", "a", "--ttl", "3h"],
+        None,
+    );
+    assert!(err.contains("7200"), "stderr names the cap: {err}");
+    // The secret never shows, even in errors.
+    assert!(!err.contains(SECRET));
+}
+
+// ------------------------------------------------------------------ verify-credential
+
+fn verify(config: &Path, username: &str, password: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "verify-credential",
+        "--config",
+        path(config),
+        "--username",
+        username,
+        "--password",
+        password,
+    ];
+    args.extend_from_slice(extra);
+    run_cli(&args, None)
+}
+
+fn refused(o: &std::process::Output, reason: &str) {
+    let (out, err) = out_text(o);
+    assert!(
+        !o.status.success() && o.status.code().is_some(),
+        "expected a refusal ({reason}), got {}:\n{out}{err}",
+        o.status
+    );
+    assert!(
+        err.to_lowercase().contains(reason),
+        "stderr should say {reason:?}: {err}"
+    );
+    assert!(!err.contains(SECRET) && !out.contains(SECRET));
+}
+
+#[test]
+fn verify_credential_accepts_good_pairs_and_names_each_refusal() {
+    let (_dir, config) = cli_config(&Options::default());
+    let now = unix_now();
+
+    let (u, p) = rest_credential("alice", now + 600);
+    let o = verify(&config, &u, &p, &[]);
+    assert!(o.status.success(), "{:?}", out_text(&o));
+    assert!(out_text(&o).0.contains("accepted"), "{:?}", out_text(&o));
+    let o = verify(&config, USER, PASSWORD, &[]);
+    assert!(o.status.success(), "{:?}", out_text(&o));
+    let o = verify(&config, USER, PASSWORD, &["--realm", REALM]);
+    assert!(o.status.success(), "the right realm: {:?}", out_text(&o));
+
+    let (u, p) = rest_credential("alice", now - 60);
+    refused(&verify(&config, &u, &p, &[]), "expired");
+    let (u, p) = rest_credential("alice", now + common::REST_MAX_TTL_SECS + 3600);
+    refused(&verify(&config, &u, &p, &[]), "too far ahead");
+    let (u, _) = rest_credential("alice", now + 600);
+    let (_, other) = rest_credential("alice", now + 601);
+    refused(
+        &verify(&config, &u, &other, &[]),
+        "no configured rest secret matches",
+    );
+    refused(
+        &verify(&config, USER, "not-the-password", &[]),
+        "wrong password",
+    );
+    refused(
+        &verify(&config, USER, PASSWORD, &["--realm", "other.realm"]),
+        "wrong realm",
+    );
+    // Not a static user, not a REST username.
+    refused(&verify(&config, "mallory", "x", &[]), "unknown user");
+
+    // Without any REST secret, a REST-looking name is an unknown user.
+    let dir = TempDir::new("cli-nosecret");
+    let text = Options::default()
+        .config_text(UNUSED_PORTS)
+        .replace("secret_file = \"secret.txt\"", "");
+    let bare = dir.path().join("turnpike.toml");
+    std::fs::write(&bare, text).unwrap();
+    let (u, p) = rest_credential("alice", now + 600);
+    refused(&verify(&bare, &u, &p, &[]), "unknown user");
+}
+
+#[test]
+fn verify_credential_reads_the_password_from_stdin() {
+    let (_dir, config) = cli_config(&Options::default());
+    let (u, p) = rest_credential("dave", unix_now() + 600);
+    let args = [
+        "verify-credential",
+        "--config",
+        path(&config),
+        "--username",
+        &u,
+        "--password",
+        "-",
+    ];
+    let out = ok(&args, Some(&format!("{p}\n")));
+    assert!(out.contains("dave"), "{out}");
+    assert!(!out.contains(&p), "the password is not echoed: {out}");
+    // The wrong password on stdin is refused, so stdin was really read.
+    let o = run_cli(&args, Some("bm90LXRoZS1wYXNzd29yZA==\n"));
+    refused(&o, "no configured rest secret matches");
+    // Static user through stdin, without a trailing newline.
+    let out = ok(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password",
+            "-",
+        ],
+        Some(PASSWORD),
+    );
+    assert!(out.contains("static user"), "{out}");
+}
+
+// ------------------------------------------------------------------ check-config
+
+#[test]
+fn check_config_prints_the_effective_config_with_passwords_redacted() {
+    let opts = Options {
+        extra_users: vec![("bob".into(), "bob-secret-password-42".into())],
+        api: common::Api::Token,
+        ..Options::default()
+    };
+    let (_dir, config) = cli_config(&opts);
+    let out = ok(&["check-config", "--config", path(&config)], None);
+    assert!(out.contains("valid"), "{out}");
+    // The effective config parses as TOML and carries the values set in the file.
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let v: toml::Value = toml::from_str(&body).unwrap_or_else(|e| panic!("not TOML ({e}):\n{out}"));
+    assert_eq!(v["realm"].as_str(), Some(REALM));
+    assert_eq!(v["relay"]["port_min"].as_integer(), Some(40000));
+    let users = v["auth"]["users"].as_array().expect("users listed");
+    let names: Vec<&str> = users.iter().filter_map(|u| u["name"].as_str()).collect();
+    assert_eq!(names, [USER, "bob"]);
+    for secret in [
+        PASSWORD,
+        "bob-secret-password-42",
+        SECRET,
+        common::API_TOKEN,
+    ] {
+        assert!(!out.contains(secret), "{secret:?} leaked:\n{out}");
+    }
+}
+
+#[test]
+fn check_config_names_key_and_line_of_a_bad_file() {
+    let dir = TempDir::new("cli-bad");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "realm = \"x\"\n\n[limits]\nallocations_per_user = 3\ntotal_alocations = 5\n",
+    )
+    .unwrap();
+    let err = fails(&["check-config", "--config", path(&bad)], None);
+    assert!(err.contains("total_alocations"), "names the key: {err}");
+    assert!(
+        err.contains(&format!("{}:5", bad.display())),
+        "names file and line 5: {err}"
+    );
+
+    // A bad value: key and line too.
+    std::fs::write(
+        &bad,
+        "realm = \"x\"\nthreads = 1\n[limits]\nmax_lifetime_secs = 5\n",
+    )
+    .unwrap();
+    let err = fails(&["check-config", "--config", path(&bad)], None);
+    assert!(err.contains("max_lifetime_secs"), "names the key: {err}");
+    assert!(
+        err.contains(&format!("{}:4", bad.display())),
+        "line 4: {err}"
+    );
+
+    // A missing file names the file.
+    let missing = dir.path().join("missing.toml");
+    let err = fails(&["check-config", "--config", path(&missing)], None);
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+// ------------------------------------------------------------------ systemd unit
+
+const UNIT: &str = include_str!("../systemd/turnpike.service");
+
+type Check = dyn Fn(&str) -> bool;
+
+#[test]
+fn systemd_unit_has_the_promised_settings() {
+    let settings: Vec<(&str, &str)> = UNIT
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let has =
+        |k: &str, pred: &dyn Fn(&str) -> bool| settings.iter().any(|(a, v)| *a == k && pred(v));
+    let cases: [(&str, &Check); 13] = [
+        ("Type", &|v| v == "notify"),
+        ("AmbientCapabilities", &|v| v == "CAP_NET_BIND_SERVICE"),
+        ("CapabilityBoundingSet", &|v| v == "CAP_NET_BIND_SERVICE"),
+        ("NoNewPrivileges", &|v| v == "yes"),
+        ("ProtectSystem", &|v| v == "strict"),
+        ("ProtectHome", &|v| {
+            v == "yes" || v == "read-only" || v == "tmpfs"
+        }),
+        ("PrivateTmp", &|v| v == "yes"),
+        ("RestrictAddressFamilies", &|v| {
+            v.contains("AF_INET") && v.contains("AF_INET6") && v.contains("AF_UNIX")
+        }),
+        ("LimitNOFILE", &|v| {
+            v.parse::<u64>().is_ok_and(|n| n >= 16384 + 64)
+        }),
+        ("ExecReload", &|v| {
+            v.contains("-HUP") && v.contains("$MAINPID")
+        }),
+        ("WatchdogSec", &|v| !v.is_empty() && v != "0"),
+        ("LoadCredential", &|v| v.starts_with("rest-secret:")),
+        ("ExecStart", &|v| v.contains("turnpike serve --config")),
+    ];
+    for (key, pred) in cases {
+        assert!(has(key, pred), "{key}= missing or unexpected in the unit");
+    }
+    assert!(has("LoadCredential", &|v| v.starts_with("api-token:")));
+    // The unit waits longer than the default drain before SIGKILL.
+    assert!(has("TimeoutStopSec", &|v| v
+        .parse::<u64>()
+        .is_ok_and(|n| n > 30)));
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let analyze = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(analyze) = analyze else {
+        if std::env::var_os("CI").is_some() {
+            panic!("systemd-analyze is missing: install the `systemd` package (scripts/test.sh does when CI is set)");
+        }
+        eprintln!("SKIPPED systemd_analyze_verify_accepts_the_unit: systemd-analyze not installed (apt-get install systemd)");
+        return;
+    };
+    let dir = TempDir::new("unit");
+    let bin = common::turnpike_bin();
+    let mut replaced = 0;
+    let unit: String = UNIT
+        .lines()
+        .map(|l| {
+            if l.starts_with("ExecStart=") {
+                replaced += 1;
+                format!("ExecStart={bin} serve --config /etc/turnpike/turnserver.toml")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(replaced, 1, "one ExecStart= line");
+    let file = dir.path().join("turnpike.service");
+    std::fs::write(&file, unit + "\n").unwrap();
+    let o = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&file)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .expect("run systemd-analyze");
+    let (out, err) = out_text(&o);
+    // Unknown keys and bad values are only warnings (exit 0), printed as "<file>:<line>: ...".
+    let complaints: Vec<&str> = out
+        .lines()
+        .chain(err.lines())
+        .filter(|l| l.contains("turnpike.service"))
+        .collect();
+    assert!(
+        o.status.success() && complaints.is_empty(),
+        "systemd-analyze verify ({}):\n{out}{err}",
+        o.status
+    );
+}

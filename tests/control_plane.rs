@@ -1,0 +1,601 @@
+//! The HTTP control plane against the real daemon: bearer auth, credential minting in both
+//! shapes, request validation, revocation, sessions (HTTP and `turnpike sessions`), and
+//! Prometheus metrics that follow what the relay does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    expected_rest_password, field, http, out_text, parse_rfc3339_utc, rest_credential, run_cli,
+    unix_now, Api, Daemon, EchoPeer, Options, TurnClient, API_TOKEN, PASSWORD, SECRET, USER,
+};
+
+const CHANNEL: u16 = 0x4001;
+const STEP: Duration = Duration::from_secs(3);
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+/// Nothing secret in `text`: the REST secret, the API token, the static password.
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [SECRET, API_TOKEN, PASSWORD] {
+        assert!(!text.contains(secret), "{what} leaks {secret:?}:\n{text}");
+    }
+}
+
+// ------------------------------------------------------------------ auth on /api/v1
+
+#[test]
+fn api_routes_need_the_bearer_token() {
+    let d = Daemon::with(Options::with_api());
+    let routes = [
+        ("GET", "/api/v1/sessions", None),
+        ("POST", "/api/v1/credentials", Some(r#"{"user":"alice"}"#)),
+        ("GET", "/api/v1/turn?service=turn&username=alice", None),
+        ("POST", "/api/v1/revoke", Some(r#"{"user":"alice"}"#)),
+        ("DELETE", "/api/v1/sessions/0-0-0", None),
+    ];
+    let wrong = "Bearer not-the-token-0123456789abcdef";
+    for (method, path, body) in routes {
+        for headers in [
+            vec![],
+            vec![("Authorization", wrong)],
+            vec![("Authorization", API_TOKEN)], // no "Bearer " scheme
+        ] {
+            let r = http(
+                d.api_addr(),
+                method,
+                path,
+                &headers,
+                body.map(str::as_bytes),
+            );
+            assert_eq!(
+                r.status, 401,
+                "{method} {path} with {headers:?}: {}",
+                r.body
+            );
+            assert_eq!(
+                r.header("www-authenticate").map(str::to_ascii_lowercase),
+                Some("bearer".into()),
+                "{method} {path}: WWW-Authenticate"
+            );
+            r.error_message();
+            assert_no_secret("401 body", &r.body);
+        }
+    }
+    // Not revoked by the attempts above: alice still allocates with a REST credential.
+    let (u, p) = rest_credential("alice", unix_now() + 600);
+    TurnClient::new(d.addr, &u, &p).must_allocate();
+    // The right token works.
+    assert_eq!(d.api("GET", "/api/v1/sessions", None).status, 200);
+    assert_no_secret("daemon log", &d.log());
+    assert!(
+        !d.log().contains("not-the-token"),
+        "the wrong token is logged"
+    );
+}
+
+#[test]
+fn api_routes_answer_403_without_a_token_file() {
+    let d = Daemon::with(Options {
+        api: Api::NoToken,
+        ..Options::default()
+    });
+    for (method, path, body) in [
+        ("GET", "/api/v1/sessions", None),
+        ("POST", "/api/v1/credentials", Some(r#"{"user":"alice"}"#)),
+        ("GET", "/api/v1/turn?service=turn&username=alice", None),
+    ] {
+        for headers in [
+            vec![],
+            vec![("Authorization", "Bearer anything-at-all-0123456789")],
+        ] {
+            let r = http(
+                d.api_addr(),
+                method,
+                path,
+                &headers,
+                body.map(str::as_bytes),
+            );
+            assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+            assert!(r.error_message().contains("token_file"), "{}", r.body);
+        }
+    }
+    // Health and metrics need no token.
+    assert_eq!(d.get("/healthz").status, 200);
+    assert_eq!(d.get("/readyz").status, 200);
+    d.metrics();
+}
+
+// ------------------------------------------------------------------ minting
+
+#[test]
+fn minting_returns_both_shapes_with_capped_ttl_and_rejects_bad_requests() {
+    let d = Daemon::with(Options {
+        api: Api::Token,
+        extra_api: "default_ttl_secs = 600\nmax_ttl_secs = 7200".into(),
+        extra_top: "public_host = \"turn.example.test\"".into(),
+        ..Options::default()
+    });
+
+    // POST /api/v1/credentials: the iceServers shape.
+    let before = unix_now();
+    let r = d.api(
+        "POST",
+        "/api/v1/credentials",
+        Some(r#"{"user":"alice","ttl":999999}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r
+        .header("content-type")
+        .unwrap_or("")
+        .contains("application/json"));
+    let v = r.json();
+    assert_eq!(v["ttl"], 7200, "TTL capped at api.max_ttl_secs");
+    let server = &v["iceServers"][0];
+    let username = server["username"].as_str().expect("username").to_owned();
+    let credential = server["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned();
+    let (expiry, user) = username.split_once(':').expect("expiry:user");
+    let expiry: u64 = expiry.parse().unwrap();
+    assert_eq!(user, "alice");
+    assert!((before + 7200..=unix_now() + 7200).contains(&expiry));
+    assert_eq!(
+        parse_rfc3339_utc(v["expires_at"].as_str().unwrap()),
+        Some(expiry)
+    );
+    assert_eq!(credential, expected_rest_password(&username));
+    let urls = server["urls"].as_array().expect("urls");
+    assert!(urls
+        .iter()
+        .any(|u| u.as_str().unwrap().starts_with("stun:turn.example.test:")));
+    assert!(urls.iter().any(
+        |u| u.as_str().unwrap().starts_with("turn:turn.example.test:")
+            && u.as_str().unwrap().ends_with("?transport=udp")
+    ));
+
+    // Default TTL, and a small explicit one.
+    let v = d
+        .api("POST", "/api/v1/credentials", Some(r#"{"user":"bob"}"#))
+        .json();
+    assert_eq!(v["ttl"], 600, "api.default_ttl_secs");
+    let v = d
+        .api(
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"bob","ttl":120}"#),
+        )
+        .json();
+    assert_eq!(v["ttl"], 120);
+
+    // GET /api/v1/turn: the draft-uberti shape.
+    let r = d.api("GET", "/api/v1/turn?service=turn&username=alice", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let rest_user = v["username"].as_str().unwrap().to_owned();
+    assert!(rest_user.ends_with(":alice"));
+    assert_eq!(
+        v["password"].as_str().unwrap(),
+        expected_rest_password(&rest_user)
+    );
+    assert_eq!(v["ttl"], 600);
+    assert!(v["uris"].as_array().is_some_and(|u| !u.is_empty()));
+    let v = d
+        .api(
+            "GET",
+            "/api/v1/turn?service=turn&username=carol&ttl=86400",
+            None,
+        )
+        .json();
+    assert_eq!(v["ttl"], 7200, "capped on the REST route too");
+
+    // Bad requests: 400 with a JSON error that says what is wrong.
+    let bad: [(&str, &str, Option<&str>, &str); 15] = [
+        ("POST", "/api/v1/credentials", Some("{"), "json"),
+        ("POST", "/api/v1/credentials", Some("not json"), "json"),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"a","color":"red"}"#),
+            "color",
+        ),
+        ("POST", "/api/v1/credentials", Some("{}"), "user"),
+        ("POST", "/api/v1/credentials", Some(r#"{"ttl":60}"#), "user"),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"a","ttl":0}"#),
+            "ttl",
+        ),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"a","ttl":-5}"#),
+            "json",
+        ),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"a","ttl":"1h"}"#),
+            "json",
+        ),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":""}"#),
+            "user",
+        ),
+        (
+            "GET",
+            "/api/v1/turn?service=turn&username=alice&ttl=abc",
+            None,
+            "query",
+        ),
+        (
+            "GET",
+            "/api/v1/turn?service=stun&username=alice",
+            None,
+            "service",
+        ),
+        ("GET", "/api/v1/turn?username=alice", None, "service"),
+        ("GET", "/api/v1/turn?service=turn", None, "username"),
+        ("POST", "/api/v1/revoke", Some("{}"), "user"),
+        ("POST", "/api/v1/revoke", Some(r#"{"user":""}"#), "user"),
+    ];
+    for (method, path, body, says) in bad {
+        let r = d.api(method, path, body);
+        assert_eq!(r.status, 400, "{method} {path} {body:?}: {}", r.body);
+        let msg = r.error_message();
+        assert!(
+            msg.to_lowercase().contains(says),
+            "{method} {path} {body:?}: the error should mention {says:?}: {msg}"
+        );
+        assert_no_secret("400 body", &r.body);
+    }
+
+    // A body over 16 KiB: 413, whatever it holds, with or without a token.
+    let big = format!(r#"{{"user":"{}"}}"#, "a".repeat(16 * 1024));
+    let r = d.api("POST", "/api/v1/credentials", Some(&big));
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_no_secret("413 body", &r.body);
+    let r = http(
+        d.api_addr(),
+        "POST",
+        "/api/v1/revoke",
+        &[],
+        Some(big.as_bytes()),
+    );
+    assert!(matches!(r.status, 401 | 413), "{}", r.status);
+    // Exactly at the limit it is read (and refused for its contents, not its size).
+    let at_limit = format!(r#"{{"user":"a","pad":"{}"}}"#, "b".repeat(16 * 1024 - 21));
+    assert_eq!(at_limit.len(), 16 * 1024);
+    let r = d.api("POST", "/api/v1/credentials", Some(&at_limit));
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // An unknown route: 404 JSON.
+    let r = d.api("GET", "/api/v1/nope", None);
+    assert_eq!(r.status, 404);
+    r.error_message();
+
+    // Still serving: minting works and the minted credential allocates and relays.
+    let r = d.api(
+        "POST",
+        "/api/v1/credentials",
+        Some(r#"{"user":"erin","ttl":300}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let peer = EchoPeer::start();
+    let mut c = TurnClient::new(
+        d.addr,
+        v["iceServers"][0]["username"].as_str().unwrap(),
+        v["iceServers"][0]["credential"].as_str().unwrap(),
+    );
+    c.must_allocate();
+    c.must_bind_channel(CHANNEL, peer.addr);
+    c.echo_round_trips(CHANNEL, 3);
+    assert_eq!(d.get("/healthz").status, 200);
+
+    assert_no_secret("daemon log", &d.log());
+}
+
+// ------------------------------------------------------------------ revoke
+
+#[test]
+fn revoke_ends_the_users_allocations_and_refuses_new_ones() {
+    let d = Daemon::with(Options::with_api());
+    let peer = EchoPeer::start();
+    let (xu, xp) = rest_credential("xavier", unix_now() + 3600);
+    let mut x = TurnClient::new(d.addr, &xu, &xp);
+    x.must_allocate();
+    x.must_bind_channel(CHANNEL, peer.addr);
+    x.echo_round_trips(CHANNEL, 3);
+    // Another of xavier's allocations with a different credential, and one of yolanda's.
+    let (xu2, xp2) = rest_credential("xavier", unix_now() + 1800);
+    let mut x2 = TurnClient::new(d.addr, &xu2, &xp2);
+    x2.must_allocate();
+    let (yu, yp) = rest_credential("yolanda", unix_now() + 3600);
+    let mut y = TurnClient::new(d.addr, &yu, &yp);
+    y.must_allocate();
+    y.must_bind_channel(CHANNEL, peer.addr);
+
+    let r = d.api("POST", "/api/v1/revoke", Some(r#"{"user":"xavier"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["user"], "xavier");
+    assert_eq!(v["ended_allocations"], 2);
+    let until = parse_rfc3339_utc(v["refused_until"].as_str().unwrap()).expect("RFC 3339");
+    assert!(until >= unix_now() + common::REST_MAX_TTL_SECS - 5, "{v}");
+
+    let ended = d.wait_events("allocation ended", 2, STEP, |e| {
+        field(e, "reason") == "user revoked"
+    });
+    let mut users: Vec<&str> = ended.iter().map(|e| field(e, "user")).collect();
+    users.sort();
+    let mut want = [xu.as_str(), xu2.as_str()];
+    want.sort();
+    assert_eq!(users, want);
+
+    // The relay stops forwarding: nothing reaches the peer, nothing comes back.
+    let echoed = peer.count();
+    x.send_channel_data(CHANNEL, b"after revoke");
+    assert!(x
+        .recv_channel_data(CHANNEL, Duration::from_millis(300))
+        .is_none());
+    assert_eq!(peer.count(), echoed, "the peer got data after the revoke");
+    // The old allocation's client is refused too (its credential is revoked).
+    assert_eq!(x.refresh(600).code(), Some(401));
+
+    // A fresh credential for xavier is refused; yolanda is untouched and still allocates.
+    let (xu3, xp3) = rest_credential("xavier", unix_now() + 600);
+    let before = d.metric("turnpike_auth_failures_total{reason=\"revoked\"}");
+    assert_eq!(
+        TurnClient::new(d.addr, &xu3, &xp3).allocate().code(),
+        Some(401)
+    );
+    assert!(d.metric("turnpike_auth_failures_total{reason=\"revoked\"}") > before);
+    y.echo_round_trips(CHANNEL, 2);
+    let (yu2, yp2) = rest_credential("yolanda", unix_now() + 600);
+    TurnClient::new(d.addr, &yu2, &yp2).must_allocate();
+    // Static users are not affected: alice still allocates.
+    TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
+    assert_no_secret("daemon log", &d.log());
+}
+
+// ------------------------------------------------------------------ sessions
+
+fn sessions(d: &Daemon) -> Vec<serde_json::Value> {
+    let r = d.api("GET", "/api/v1/sessions", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["sessions"]
+        .as_array()
+        .expect("sessions array")
+        .clone()
+}
+
+fn session_of<'a>(list: &'a [serde_json::Value], c: &TurnClient) -> &'a serde_json::Value {
+    let client = c.local().to_string();
+    let found: Vec<_> = list
+        .iter()
+        .filter(|s| s["client"] == client.as_str())
+        .collect();
+    assert_eq!(found.len(), 1, "one session for {client} in {list:?}");
+    found[0]
+}
+
+#[test]
+fn sessions_list_and_kill_over_http() {
+    let d = Daemon::with(Options::with_api());
+    assert!(sessions(&d).is_empty());
+    let peer = EchoPeer::start();
+    let mut c = TurnClient::new(d.addr, USER, PASSWORD);
+    let relay = c.must_allocate();
+    c.must_bind_channel(CHANNEL, peer.addr);
+    let (ru, rp) = rest_credential("rest-user", unix_now() + 600);
+    let mut other = TurnClient::new(d.addr, &ru, &rp);
+    let other_relay = other.must_allocate();
+
+    let list = sessions(&d);
+    assert_eq!(list.len(), 2, "{list:?}");
+    let s = session_of(&list, &c);
+    assert_eq!(s["user"], USER);
+    assert_eq!(s["transport"], "udp");
+    assert_eq!(s["relay"], serde_json::json!([relay.to_string()]));
+    assert_eq!(s["to_peer_packets"], 0);
+    assert_eq!(s["permissions"], 1);
+    assert_eq!(s["channels"], 1);
+    let o = session_of(&list, &other);
+    assert_eq!(o["user"], ru.as_str());
+    assert_eq!(o["relay"], serde_json::json!([other_relay.to_string()]));
+    assert_ne!(s["id"], o["id"]);
+
+    // Counters move after relaying: 5 round trips of known sizes.
+    c.echo_round_trips(CHANNEL, 5);
+    let s = session_of(&sessions(&d), &c).clone();
+    let payload_bytes: usize = (0..5)
+        .map(|i| format!("round trip {i} from {}", c.local()).len())
+        .sum();
+    assert_eq!(s["to_peer_packets"], 5);
+    assert_eq!(s["to_client_packets"], 5);
+    assert_eq!(s["to_peer_bytes"], payload_bytes);
+    assert_eq!(s["to_client_bytes"], payload_bytes);
+
+    // DELETE ends it: 204, the relay stops, the log says so; a second DELETE is 404.
+    let id = s["id"].as_str().unwrap().to_owned();
+    let r = d.api("DELETE", &format!("/api/v1/sessions/{id}"), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    d.wait_events("allocation ended", 1, STEP, |e| {
+        field(e, "client") == c.local().to_string()
+    });
+    let echoed = peer.count();
+    c.send_channel_data(CHANNEL, b"after kill");
+    assert!(c
+        .recv_channel_data(CHANNEL, Duration::from_millis(300))
+        .is_none());
+    assert_eq!(peer.count(), echoed);
+    let r = d.api("DELETE", &format!("/api/v1/sessions/{id}"), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    r.error_message();
+    for junk in ["junk", "1-2", "a-b-c", "1-2-3-4", "99999999999-0-0"] {
+        let r = d.api("DELETE", &format!("/api/v1/sessions/{junk}"), None);
+        assert!(
+            matches!(r.status, 400 | 404),
+            "DELETE {junk}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let r = d.api("DELETE", "/api/v1/sessions/junk", None);
+    assert_eq!(r.status, 400);
+    r.error_message();
+    // A well-formed id of a shard that does not exist.
+    assert_eq!(d.api("DELETE", "/api/v1/sessions/7-0-0", None).status, 404);
+
+    // Only the other session is left, and it still works.
+    let list = sessions(&d);
+    assert_eq!(list.len(), 1);
+    session_of(&list, &other);
+    assert_eq!(other.refresh(600).outcome(), (true, None));
+}
+
+#[test]
+fn sessions_list_and_kill_through_the_cli() {
+    let d = Daemon::with(Options::with_api());
+    let config = d.client_config();
+    let cfg = config.to_str().unwrap();
+    let peer = EchoPeer::start();
+    let mut c = TurnClient::new(d.addr, USER, PASSWORD);
+    let relay = c.must_allocate();
+    c.must_bind_channel(CHANNEL, peer.addr);
+    c.echo_round_trips(CHANNEL, 2);
+
+    let o = run_cli(&["sessions", "--config", cfg, "list"], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "sessions list: {out}{err}");
+    let v = json(&out);
+    let list = v["sessions"].as_array().expect("sessions");
+    assert_eq!(list.len(), 1, "{out}");
+    assert_eq!(list[0]["user"], USER);
+    assert_eq!(list[0]["client"], c.local().to_string().as_str());
+    assert_eq!(list[0]["relay"], serde_json::json!([relay.to_string()]));
+    assert_eq!(list[0]["to_peer_packets"], 2);
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+
+    let o = run_cli(&["sessions", "--config", cfg, "kill", &id], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "sessions kill: {out}{err}");
+    assert!(out.contains(&id), "{out}");
+    d.wait_events("allocation ended", 1, STEP, |e| {
+        field(e, "client") == c.local().to_string()
+    });
+    assert!(sessions(&d).is_empty());
+
+    // Killing it again fails, naming the 404; a junk id fails with the 400.
+    let o = run_cli(&["sessions", "--config", cfg, "kill", &id], None);
+    let (_, err) = out_text(&o);
+    assert!(!o.status.success() && err.contains("404"), "{err}");
+    let o = run_cli(&["sessions", "--config", cfg, "kill", "junk"], None);
+    let (_, err) = out_text(&o);
+    assert!(!o.status.success() && err.contains("400"), "{err}");
+    assert_no_secret("CLI stderr", &err);
+
+    // With the daemon's own config (api.listen port 0) the CLI fails cleanly, not hangs.
+    let o = run_cli(
+        &[
+            "sessions",
+            "--config",
+            d.config_path().to_str().unwrap(),
+            "list",
+        ],
+        None,
+    );
+    assert!(!o.status.success() && o.status.code().is_some());
+}
+
+// ------------------------------------------------------------------ metrics and health
+
+#[test]
+fn metrics_follow_allocations_relaying_and_auth_failures() {
+    let d = Daemon::with(Options::with_api());
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "{:?}",
+        r.headers
+    );
+    let r = d.get("/healthz");
+    assert_eq!(r.status, 200);
+    assert_eq!(d.get("/readyz").status, 200);
+
+    let alloc = "turnpike_allocations{transport=\"udp\"}";
+    let to_peer = "turnpike_relayed_packets_total{direction=\"to_peer\"}";
+    let to_client = "turnpike_relayed_packets_total{direction=\"to_client\"}";
+    let wrong_pw = "turnpike_auth_failures_total{reason=\"wrong_password\"}";
+    let m0 = d.metrics();
+    assert_eq!(m0[alloc], 0.0);
+    // Bounded labels only: no per-user or per-address series.
+    for series in m0.keys() {
+        let labels = series
+            .split_once('{')
+            .map_or("", |(_, l)| l.trim_end_matches('}'));
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            let key = pair.split_once('=').unwrap().0;
+            assert!(
+                ["transport", "direction", "reason", "result"].contains(&key),
+                "unexpected label {key:?} in {series}"
+            );
+        }
+        assert!(!series.contains("127.0.0.1"), "address in {series}");
+    }
+
+    let peer = EchoPeer::start();
+    let mut c = TurnClient::new(d.addr, USER, PASSWORD);
+    c.must_allocate();
+    assert_eq!(d.metric(alloc), 1.0);
+    c.must_bind_channel(CHANNEL, peer.addr);
+    c.echo_round_trips(CHANNEL, 7);
+    let m1 = d.metrics();
+    assert_eq!(m1[to_peer] - m0[to_peer], 7.0);
+    assert_eq!(m1[to_client] - m0[to_client], 7.0);
+    assert_eq!(m1["turnpike_allocations_created_total"], 1.0);
+    assert_eq!(m1["turnpike_relay_sockets_open"], 1.0);
+
+    let mut bad = TurnClient::new(d.addr, USER, "not-the-password");
+    assert_eq!(bad.allocate().code(), Some(401));
+    let m2 = d.metrics();
+    let grew = m2[wrong_pw] - m1[wrong_pw];
+    assert!((1.0..=5.0).contains(&grew), "wrong_password grew by {grew}");
+
+    assert_eq!(c.refresh(0).outcome(), (true, None));
+    let m3 = d.metrics();
+    assert_eq!(m3[alloc], 0.0);
+    assert_eq!(m3["turnpike_allocations_ended_total"], 1.0);
+    assert_eq!(m3["turnpike_relay_sockets_open"], 0.0);
+    assert_eq!(m3["turnpike_draining"], 0.0);
+    assert_eq!(m3["turnpike_shards"], 2.0);
+    assert_eq!(m3["turnpike_shards_unresponsive"], 0.0);
+}
+
+/// Regression: the API once listed the configured port (0 in tests), not the bound one.
+#[test]
+fn api_minted_uris_carry_the_bound_listener_port() {
+    let d = Daemon::with(Options::with_api());
+    let v = d
+        .api("POST", "/api/v1/credentials", Some(r#"{"user":"alice"}"#))
+        .json();
+    let port = d.addr.port();
+    assert_eq!(
+        v["iceServers"][0]["urls"],
+        serde_json::json!([
+            format!("stun:127.0.0.1:{port}"),
+            format!("turn:127.0.0.1:{port}?transport=udp")
+        ])
+    );
+}
