@@ -3,9 +3,10 @@
 coturn, both on loopback, alternating A B A B in one run (the machines are shared and noisy, so
 only same-run ratios mean anything).
 
-Each uclient message goes client -> TURN -> UDP echo peer -> TURN -> client: two relay hops.
-Reported per server and scenario (medians over the rounds):
-  delivered msgs/s, loss %, server CPU seconds per million delivered messages, and ratios.
+Each uclient message goes client -> TURN -> UDP echo peer -> TURN -> client: two relayed
+packets (one each way). Reported per server and scenario (medians over the rounds): relayed
+packets/s, loss %, server CPU seconds (utime + stime of the server process) per million relayed
+packets, and the turnpike/coturn ratios.
 
 Usage: bench/compare.py [--rounds 3] [--quick] [--json results.json]
 Needs: coturn (turnserver, turnutils_uclient, turnutils_peer) and a release build of turnpike.
