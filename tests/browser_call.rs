@@ -28,11 +28,11 @@ mod browser;
 mod common;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -554,7 +554,7 @@ impl Signaling {
         )
         .expect("write config");
 
-        let mut child = Command::new(example_binary())
+        let mut child = Command::new(common::example_binary())
             .arg("--config")
             .arg(&config)
             .args(["--listen", "127.0.0.1:0"])
@@ -568,39 +568,17 @@ impl Signaling {
             .spawn()
             .expect("spawn the signaling example");
 
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("stderr piped");
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("signaling listening on http://") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
+        let stderr = common::collect_stderr(&mut child);
+        let listen = common::signaling_listen_addr(&mut child, Duration::from_secs(15));
         let mut server = Signaling {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             stderr,
             dir,
         };
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(addr) => server.addr = addr.parse().expect("signaling listen address"),
-            Err(_) => panic!(
+        match listen {
+            Some(addr) => server.addr = addr.parse().expect("signaling listen address"),
+            None => panic!(
                 "the signaling example printed no address within 15 s; stderr:\n{}",
                 server.stderr.lock().unwrap()
             ),
@@ -615,47 +593,4 @@ impl Drop for Signaling {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `target/<profile>/examples/signaling`, built with the `turnpike` binary
-/// this test runs.
-fn example_binary() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_turnpike"));
-    let path = bin
-        .parent()
-        .expect("binary directory")
-        .join("examples")
-        .join(format!("signaling{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "example binary {} is missing: build it with `cargo build --example signaling` \
-         (with --release for `cargo test --release`)",
-        path.display()
-    );
-    let built = path.metadata().and_then(|m| m.modified()).ok();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/signaling");
-    if let (Some(built), Ok(entries)) = (built, std::fs::read_dir(src.join("static"))) {
-        // The page is embedded in the binary: a stale build tests old JS.
-        let sources = std::fs::read_dir(&src)
-            .into_iter()
-            .flatten()
-            .chain(entries)
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file());
-        for file in sources {
-            let newer = file
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > built);
-            assert!(
-                !newer,
-                "example binary {} is older than {}: rebuild with `cargo build --example \
-                 signaling`",
-                path.display(),
-                file.display()
-            );
-        }
-    }
-    path
 }

@@ -5,221 +5,21 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{field, rest_credential, unix_now, Daemon, Options, REALM, REST_MAX_TTL_SECS};
-use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
-use turnpike::proto::codec::{
-    attr, decode_xor_address, method, Class, Message, MessageWriter, MAGIC_COOKIE,
+use common::{
+    field, rest_credential, unix_now, Daemon, Options, Reply, TurnClient, REST_MAX_TTL_SECS,
 };
+use turnpike::proto::codec::{attr, method, Class, MessageWriter, MAGIC_COOKIE};
 
-const RTO: Duration = Duration::from_millis(400);
-const RETRANSMITS: usize = 5;
 const CHANNEL: u16 = 0x4000;
 
-/// A response as received, parsed on demand.
-struct Reply(Vec<u8>);
-
-impl Reply {
-    fn msg(&self) -> Message<'_> {
-        Message::parse(&self.0).expect("reply parses as STUN")
-    }
-    fn class(&self) -> Class {
-        self.msg().class
-    }
-    fn code(&self) -> Option<u16> {
-        self.attr(attr::ERROR_CODE)
-            .map(|v| u16::from(v[2] & 7) * 100 + u16::from(v[3]))
-    }
-    fn attr(&self, kind: u16) -> Option<Vec<u8>> {
-        self.msg().get(kind).map(|a| a.value.to_vec())
-    }
-    fn xor_addr(&self, kind: u16) -> SocketAddr {
-        let m = self.msg();
-        decode_xor_address(
-            m.get(kind).expect("address attribute").value,
-            &m.transaction_id(),
-        )
-        .expect("address decodes")
-    }
-    /// `(class, error code)` for compact assertions.
-    fn outcome(&self) -> (Class, Option<u16>) {
-        (self.class(), self.code())
-    }
+/// A strict client ([`TurnClient::new_strict`]): these tests look at the wire, so every
+/// challenge is checked in full and a 438 reaches the test.
+fn client(d: &Daemon, user: &str, password: &str) -> TurnClient {
+    TurnClient::new_strict(d.addr, user, password)
 }
 
-/// A minimal TURN client over UDP: one socket (one 5-tuple), long-term credentials, MD5.
-struct Client {
-    sock: UdpSocket,
-    server: SocketAddr,
-    user: String,
-    key: Vec<u8>,
-    nonce: Vec<u8>,
-    n: u32,
-}
-
-impl Client {
-    fn new(d: &Daemon, user: &str, password: &str) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        Client {
-            sock,
-            server: d.addr,
-            user: user.into(),
-            key: long_term_key(PasswordAlgorithm::Md5, user, REALM, password)
-                .as_bytes()
-                .to_vec(),
-            nonce: Vec::new(),
-            n: 0,
-        }
-    }
-
-    fn static_user(d: &Daemon) -> Client {
-        Client::new(d, common::USER, common::PASSWORD)
-    }
-
-    fn local(&self) -> SocketAddr {
-        self.sock.local_addr().unwrap()
-    }
-
-    fn txid(&mut self) -> [u8; 12] {
-        self.n += 1;
-        let mut t = [0x5A; 12];
-        t[..4].copy_from_slice(&self.n.to_be_bytes());
-        t[4..8].copy_from_slice(&std::process::id().to_be_bytes());
-        t
-    }
-
-    /// Sends a request and waits for the response with its transaction id, retransmitting.
-    fn transact(&self, req: &[u8]) -> Reply {
-        let txid = &req[8..20];
-        let mut buf = vec![0u8; 2048];
-        for _ in 0..RETRANSMITS {
-            self.sock.send_to(req, self.server).unwrap();
-            let deadline = Instant::now() + RTO;
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                self.sock
-                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                    .unwrap();
-                let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
-                    break;
-                };
-                if from == self.server && n >= 20 && &buf[8..20] == txid {
-                    return Reply(buf[..n].to_vec());
-                }
-            }
-        }
-        panic!(
-            "no response from the daemon to a request from {}",
-            self.local()
-        );
-    }
-
-    /// Unauthenticated Allocate: must be a 401 challenge carrying REALM, NONCE and
-    /// PASSWORD-ALGORITHMS (MD5 and SHA-256), and no MESSAGE-INTEGRITY.
-    fn challenge(&mut self) -> Reply {
-        let mut req = Vec::new();
-        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, self.txid())
-            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-        let r = self.transact(&req);
-        assert_eq!(r.outcome(), (Class::Error, Some(401)));
-        assert_eq!(r.attr(attr::REALM).unwrap(), REALM.as_bytes());
-        assert_eq!(
-            r.attr(attr::PASSWORD_ALGORITHMS).unwrap(),
-            [0, 1, 0, 0, 0, 2, 0, 0]
-        );
-        assert!(r.attr(attr::MESSAGE_INTEGRITY).is_none());
-        self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
-        r
-    }
-
-    /// An authenticated request; fetches a nonce first when it has none.
-    fn request(&mut self, m: u16, fill: impl FnOnce(&mut MessageWriter)) -> Reply {
-        if self.nonce.is_empty() {
-            self.challenge();
-        }
-        let mut req = Vec::new();
-        let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
-        fill(&mut w);
-        w.attr(attr::USERNAME, self.user.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key);
-        let r = self.transact(&req);
-        if r.class() == Class::Success {
-            // Success responses are signed with the same long-term key.
-            assert!(r.msg().verify_integrity(&self.key), "response integrity");
-        }
-        r
-    }
-
-    fn allocate(&mut self) -> Reply {
-        self.request(method::ALLOCATE, |w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-        })
-    }
-
-    /// Allocates and returns the relayed address; panics unless it succeeds.
-    fn must_allocate(&mut self) -> SocketAddr {
-        let r = self.allocate();
-        assert_eq!(r.outcome(), (Class::Success, None), "Allocate");
-        r.xor_addr(attr::XOR_RELAYED_ADDRESS)
-    }
-
-    fn permit(&mut self, peer: SocketAddr) -> Reply {
-        self.request(method::CREATE_PERMISSION, |w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    fn bind_channel(&mut self, channel: u16, peer: SocketAddr) -> Reply {
-        self.request(method::CHANNEL_BIND, |w| {
-            let c = channel.to_be_bytes();
-            w.attr(attr::CHANNEL_NUMBER, &[c[0], c[1], 0, 0])
-                .xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    fn refresh(&mut self, lifetime: u32) -> Reply {
-        self.request(method::REFRESH, |w| {
-            w.u32_attr(attr::LIFETIME, lifetime);
-        })
-    }
-
-    fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
-        let mut ind = Vec::new();
-        MessageWriter::new(&mut ind, method::SEND, Class::Indication, self.txid())
-            .xor_address(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, data);
-        self.sock.send_to(&ind, self.server).unwrap();
-    }
-
-    fn send_channel_data(&self, channel: u16, data: &[u8]) {
-        let mut frame = channel.to_be_bytes().to_vec();
-        frame.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        frame.extend_from_slice(data);
-        self.sock.send_to(&frame, self.server).unwrap();
-    }
-
-    /// The next datagram from the server, or None after `wait`.
-    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
-        self.sock.set_read_timeout(Some(wait)).unwrap();
-        let mut buf = vec![0u8; 70_000];
-        loop {
-            let (n, from) = self.sock.recv_from(&mut buf).ok()?;
-            if from == self.server {
-                return Some(buf[..n].to_vec());
-            }
-        }
-    }
-
-    /// Discards whatever is queued (responses to junk, for instance).
-    fn drain(&self) {
-        while self.recv(Duration::from_millis(50)).is_some() {}
-    }
-
-    fn binding(&mut self) -> Reply {
-        let mut req = Vec::new();
-        MessageWriter::new(&mut req, method::BINDING, Class::Request, self.txid());
-        self.transact(&req)
-    }
+fn static_user(d: &Daemon) -> TurnClient {
+    client(d, common::USER, common::PASSWORD)
 }
 
 /// A peer socket the test drives by hand.
@@ -254,9 +54,9 @@ fn no_loopback() -> Options {
 
 /// Relays client → peer by Send indication, peer → client as a Data indication, then binds
 /// a channel and does the same with ChannelData both ways. Checks sources and contents.
-fn relay_round_trip(c: &mut Client, relayed: SocketAddr) {
+fn relay_round_trip(c: &mut TurnClient, relayed: SocketAddr) {
     let peer = Peer::new();
-    assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+    assert_eq!(c.permit(peer.addr()).class_code(), (Class::Success, None));
     c.send_indication(peer.addr(), b"via send indication");
     let (got, from) = peer
         .recv()
@@ -273,7 +73,7 @@ fn relay_round_trip(c: &mut Client, relayed: SocketAddr) {
     assert_eq!(ind.attr(attr::DATA).unwrap(), b"data indication back");
 
     assert_eq!(
-        c.bind_channel(CHANNEL, peer.addr()).outcome(),
+        c.bind_channel(CHANNEL, peer.addr()).class_code(),
         (Class::Success, None)
     );
     c.send_channel_data(CHANNEL, b"via channel");
@@ -291,19 +91,19 @@ fn relay_round_trip(c: &mut Client, relayed: SocketAddr) {
 #[test]
 fn wrong_password_and_unknown_user_get_401() {
     let d = Daemon::start();
-    let mut wrong = Client::new(&d, common::USER, "not-the-password");
+    let mut wrong = client(&d, common::USER, "not-the-password");
     let r = wrong.allocate();
-    assert_eq!(r.outcome(), (Class::Error, Some(401)));
+    assert_eq!(r.class_code(), (Class::Error, Some(401)));
     assert!(r.attr(attr::NONCE).is_some(), "a 401 carries a fresh nonce");
     assert!(r.attr(attr::MESSAGE_INTEGRITY).is_none());
     assert_eq!(
-        Client::new(&d, "mallory", "x").allocate().outcome(),
+        client(&d, "mallory", "x").allocate().class_code(),
         (Class::Error, Some(401))
     );
     assert!(d.events("allocation created").is_empty());
 
     // The same exchange with the right password succeeds: the 401s above were the password.
-    let mut ok = Client::static_user(&d);
+    let mut ok = static_user(&d);
     let relayed = ok.must_allocate();
     assert!((d.relay_ports.0..=d.relay_ports.1).contains(&relayed.port()));
     let created = d.wait_events("allocation created", 1, Duration::from_secs(2), |_| true);
@@ -313,13 +113,13 @@ fn wrong_password_and_unknown_user_get_401() {
 #[test]
 fn nonce_is_bound_to_the_client_port() {
     let d = Daemon::start();
-    let mut a = Client::static_user(&d);
+    let mut a = static_user(&d);
     a.challenge();
-    let mut b = Client::static_user(&d);
+    let mut b = static_user(&d);
     b.nonce = a.nonce.clone();
     let r = b.allocate();
     assert_eq!(
-        r.outcome(),
+        r.class_code(),
         (Class::Error, Some(438)),
         "another port's nonce is stale"
     );
@@ -337,11 +137,11 @@ fn expired_rest_credential_gets_401() {
     let d = Daemon::start();
     let (user, pass) = rest_credential("carol", unix_now() - 60);
     assert_eq!(
-        Client::new(&d, &user, &pass).allocate().outcome(),
+        client(&d, &user, &pass).allocate().class_code(),
         (Class::Error, Some(401))
     );
     let (user, pass) = rest_credential("carol", unix_now() + 600);
-    Client::new(&d, &user, &pass).must_allocate();
+    client(&d, &user, &pass).must_allocate();
 }
 
 #[test]
@@ -349,7 +149,7 @@ fn rest_expiry_beyond_max_ttl_gets_401() {
     let d = Daemon::start();
     let (user, pass) = rest_credential("dave", unix_now() + REST_MAX_TTL_SECS + 3600);
     assert_eq!(
-        Client::new(&d, &user, &pass).allocate().outcome(),
+        client(&d, &user, &pass).allocate().class_code(),
         (Class::Error, Some(401))
     );
     // Minted with a secret the daemon does not know: also 401.
@@ -357,11 +157,11 @@ fn rest_expiry_beyond_max_ttl_gets_401() {
     let pass =
         turnpike::proto::auth::mint_rest_credential(b"some-other-secret-value", "dave", 0, ':').1;
     assert_eq!(
-        Client::new(&d, &user, &pass).allocate().outcome(),
+        client(&d, &user, &pass).allocate().class_code(),
         (Class::Error, Some(401))
     );
     let (user, pass) = rest_credential("dave", unix_now() + REST_MAX_TTL_SECS - 3600);
-    Client::new(&d, &user, &pass).must_allocate();
+    client(&d, &user, &pass).must_allocate();
 }
 
 // ------------------------------------------------------------------ peer policy
@@ -369,18 +169,18 @@ fn rest_expiry_beyond_max_ttl_gets_401() {
 #[test]
 fn loopback_peers_are_forbidden_by_default() {
     let d = Daemon::with(no_loopback());
-    let mut c = Client::static_user(&d);
+    let mut c = static_user(&d);
     let relayed = c.must_allocate();
     let peer = Peer::new();
     let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), peer.addr().port());
     for p in [peer.addr(), mapped, sa("169.254.169.254:80"), d.addr] {
         assert_eq!(
-            c.permit(p).outcome(),
+            c.permit(p).class_code(),
             (Class::Error, Some(403)),
             "CreatePermission {p}"
         );
         assert_eq!(
-            c.bind_channel(CHANNEL, p).outcome(),
+            c.bind_channel(CHANNEL, p).class_code(),
             (Class::Error, Some(403)),
             "ChannelBind {p}"
         );
@@ -392,13 +192,13 @@ fn loopback_peers_are_forbidden_by_default() {
         .unwrap();
     assert!(peer.recv().is_none(), "a denied peer received relayed data");
     // Our own relay addresses stay reachable (relay to relay), loopback or not.
-    assert_eq!(c.permit(relayed).outcome(), (Class::Success, None));
+    assert_eq!(c.permit(relayed).class_code(), (Class::Success, None));
 }
 
 #[test]
 fn loopback_peers_open_with_allow_loopback_peers() {
     let d = Daemon::start();
-    let mut c = Client::static_user(&d);
+    let mut c = static_user(&d);
     let relayed = c.must_allocate();
     relay_round_trip(&mut c, relayed);
     // Never-open ranges and the daemon's own listener stay closed.
@@ -408,12 +208,12 @@ fn loopback_peers_open_with_allow_loopback_peers() {
         sa("0.0.0.0:9"),
         d.addr,
     ] {
-        assert_eq!(c.permit(p).outcome(), (Class::Error, Some(403)), "{p}");
+        assert_eq!(c.permit(p).class_code(), (Class::Error, Some(403)), "{p}");
     }
     // An IPv4-mapped spelling of loopback passes the policy (loopback is open) but this
     // allocation has no IPv6 relay to send from: Peer Address Family Mismatch.
     let mapped = sa("[::ffff:127.0.0.1]:9");
-    assert_eq!(c.permit(mapped).outcome(), (Class::Error, Some(443)));
+    assert_eq!(c.permit(mapped).class_code(), (Class::Error, Some(443)));
 }
 
 /// A client that sends data right after its CreatePermission succeeds (as ICE agents do) must
@@ -429,15 +229,15 @@ fn first_datagram_after_allocate_is_relayed() {
         .unwrap();
     let mut lost = Vec::new();
     for i in 0..20u8 {
-        let mut c = Client::static_user(&d);
+        let mut c = static_user(&d);
         let relayed = c.must_allocate();
-        assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+        assert_eq!(c.permit(peer.addr()).class_code(), (Class::Success, None));
         c.send_indication(peer.addr(), &[i; 8]);
         match peer.recv() {
             Some((data, from)) => assert_eq!((data, from), (vec![i; 8], relayed)),
             None => lost.push(i),
         }
-        assert_eq!(c.refresh(0).outcome(), (Class::Success, None));
+        assert_eq!(c.refresh(0).class_code(), (Class::Success, None));
     }
     assert!(
         lost.is_empty(),
@@ -453,26 +253,26 @@ fn third_allocation_of_a_user_gets_486() {
         allocations_per_user: 2,
         ..Options::default()
     });
-    let mut first = Client::static_user(&d);
+    let mut first = static_user(&d);
     first.must_allocate();
-    Client::static_user(&d).must_allocate();
-    let mut third = Client::static_user(&d);
+    static_user(&d).must_allocate();
+    let mut third = static_user(&d);
     let r = third.allocate();
-    assert_eq!(r.outcome(), (Class::Error, Some(486)));
+    assert_eq!(r.class_code(), (Class::Error, Some(486)));
     // The 486 is authenticated: it proves the quota, not the credential, refused it.
     assert!(r.msg().verify_integrity(&third.key));
     // Other users are not affected by alice's quota.
     let (user, pass) = rest_credential("erin", unix_now() + 600);
-    Client::new(&d, &user, &pass).must_allocate();
+    client(&d, &user, &pass).must_allocate();
     // Releasing one allocation frees a slot for the third client.
-    assert_eq!(first.refresh(0).outcome(), (Class::Success, None));
+    assert_eq!(first.refresh(0).class_code(), (Class::Success, None));
     third.must_allocate();
 }
 
 #[test]
 fn refresh_lifetime_zero_closes_the_relay_socket() {
     let d = Daemon::start();
-    let mut c = Client::static_user(&d);
+    let mut c = static_user(&d);
     let relayed = c.must_allocate();
     assert_eq!(
         UdpSocket::bind(relayed).map_err(|e| e.kind()).err(),
@@ -480,7 +280,7 @@ fn refresh_lifetime_zero_closes_the_relay_socket() {
         "the relay socket is open while the allocation lives"
     );
     let r = c.refresh(0);
-    assert_eq!(r.outcome(), (Class::Success, None));
+    assert_eq!(r.class_code(), (Class::Success, None));
     assert_eq!(r.attr(attr::LIFETIME).unwrap(), [0, 0, 0, 0]);
     let ended = d.wait_events("allocation ended", 1, Duration::from_secs(2), |_| true);
     assert_eq!(field(&ended[0], "reason"), "deleted by client");
@@ -497,10 +297,10 @@ fn refresh_lifetime_zero_closes_the_relay_socket() {
     }
     // The allocation is gone: requests on this 5-tuple are Allocation Mismatch.
     assert_eq!(
-        c.permit(sa("127.0.0.1:9")).outcome(),
+        c.permit(sa("127.0.0.1:9")).class_code(),
         (Class::Error, Some(437))
     );
-    assert_eq!(c.refresh(600).outcome(), (Class::Error, Some(437)));
+    assert_eq!(c.refresh(600).class_code(), (Class::Error, Some(437)));
 }
 
 // ------------------------------------------------------------------ robustness
@@ -539,12 +339,12 @@ fn garbage_burst_leaves_the_daemon_serving() {
     let mut rng = Rng(seed);
 
     // A live allocation with a permission and a channel, so junk also reaches the relay paths.
-    let mut c = Client::static_user(&d);
+    let mut c = static_user(&d);
     let relayed = c.must_allocate();
     let peer = Peer::new();
-    assert_eq!(c.permit(peer.addr()).outcome(), (Class::Success, None));
+    assert_eq!(c.permit(peer.addr()).class_code(), (Class::Success, None));
     assert_eq!(
-        c.bind_channel(CHANNEL, peer.addr()).outcome(),
+        c.bind_channel(CHANNEL, peer.addr()).class_code(),
         (Class::Success, None)
     );
 
@@ -561,12 +361,8 @@ fn garbage_burst_leaves_the_daemon_serving() {
         w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
             .u32_attr(attr::LIFETIME, 600)
             .attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
-            .xor_address(attr::XOR_PEER_ADDRESS, peer.addr())
-            .attr(attr::USERNAME, c.user.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &c.nonce)
-            .integrity(&c.key)
-            .fingerprint();
+            .xor_address(attr::XOR_PEER_ADDRESS, peer.addr());
+        c.sign(&mut w).fingerprint();
         templates.push(req);
     }
     let mut ind = Vec::new();
@@ -677,9 +473,9 @@ fn garbage_burst_leaves_the_daemon_serving() {
 
     // Every shard still answers: SO_REUSEPORT spreads these 16 client ports over both shards.
     for _ in 0..16 {
-        let mut probe = Client::static_user(&d);
-        let r = probe.binding();
-        assert_eq!(r.outcome(), (Class::Success, None));
+        let mut probe = static_user(&d);
+        let r = probe.binding().expect("Binding response");
+        assert_eq!(r.class_code(), (Class::Success, None));
         assert_eq!(r.xor_addr(attr::XOR_MAPPED_ADDRESS), probe.local());
     }
     // The allocation the junk was aimed at still relays.
@@ -692,7 +488,7 @@ fn garbage_burst_leaves_the_daemon_serving() {
         (b"still here".to_vec(), relayed)
     );
     // And a fresh client gets a working allocation.
-    let mut fresh = Client::static_user(&d);
+    let mut fresh = static_user(&d);
     let fresh_relay = fresh.must_allocate();
     relay_round_trip(&mut fresh, fresh_relay);
 }

@@ -23,6 +23,7 @@
 //! Needs `target/<profile>/examples/signaling` (`cargo build --release --examples`, which
 //! scripts/test.sh runs first).
 
+mod common;
 #[macro_use]
 mod nat;
 
@@ -60,7 +61,7 @@ fn symmetric_nats_connect_only_through_turn() {
         return;
     }
     let turnpike_bin = PathBuf::from(env!("CARGO_BIN_EXE_turnpike"));
-    let signaling_bin = signaling_binary(&turnpike_bin);
+    let signaling_bin = common::example_binary();
 
     netns::remove_stale();
     remove_stale_temp_dirs();
@@ -490,22 +491,6 @@ fn print_report(phase: &str, r: &PeerReport) {
 }
 
 // ------------------------------------------------------------------ servers
-
-/// `target/<profile>/examples/signaling`, next to the turnpike binary.
-fn signaling_binary(turnpike: &Path) -> PathBuf {
-    let path = turnpike
-        .parent()
-        .expect("binary directory")
-        .join("examples")
-        .join(format!("signaling{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "example binary {} is missing: build it with `cargo build --release --examples` \
-         (scripts/test.sh does; `cargo test` alone does not leave it there)",
-        path.display()
-    );
-    path
-}
 
 fn write_config(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("rest-secret"), format!("{SECRET}\n")).expect("write secret");

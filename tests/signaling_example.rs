@@ -7,12 +7,13 @@
 //! signaling_example` alone does not build examples: run `cargo build
 //! --example signaling` first in that case.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -25,80 +26,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 use turnpike::proto::auth::rest_password;
 
+use common::{collect_stderr, signaling_listen_addr, unix_now, TempDir};
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const STEP: Duration = Duration::from_secs(5);
 const TURN_PORT: u16 = 34780;
 
 // ------------------------------------------------------------------ server
-
-fn example_binary() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_turnpike"));
-    let path = bin
-        .parent()
-        .expect("binary directory")
-        .join("examples")
-        .join(format!("signaling{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "example binary {} is missing: build it with `cargo build --example signaling` \
-         (a plain `cargo test` builds it; `cargo test --test signaling_example` does not)",
-        path.display()
-    );
-    // Catch the other half of that trap: sources edited since the build.
-    let built = path.metadata().and_then(|m| m.modified()).ok();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/signaling");
-    if let (Some(built), Ok(entries)) = (built, walk(&src)) {
-        for file in entries {
-            let newer = file
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > built);
-            assert!(
-                !newer,
-                "example binary {} is older than {}: rebuild with `cargo build --example signaling`",
-                path.display(),
-                file.display()
-            );
-        }
-    }
-    path
-}
-
-fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            out.extend(walk(&path)?);
-        } else {
-            out.push(path);
-        }
-    }
-    Ok(out)
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "turnpike-signaling-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A distinct secret per server, long enough for the daemon's 16-byte floor.
 fn fresh_secret() -> String {
@@ -111,7 +46,7 @@ fn fresh_secret() -> String {
 
 /// Writes a config whose `[auth]` section is `auth` and returns its path.
 fn write_config(dir: &TempDir, auth: &str) -> PathBuf {
-    let path = dir.0.join("turnpike.toml");
+    let path = dir.path().join("turnpike.toml");
     std::fs::write(
         &path,
         format!("listen = [\"127.0.0.1:{TURN_PORT}\"]\n\n[auth]\n{auth}\n"),
@@ -135,33 +70,15 @@ impl Drop for Server {
     }
 }
 
-fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let sink = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    });
-    buf
-}
-
 fn start(args: &[&str]) -> Server {
-    let dir = TempDir::new();
+    let dir = TempDir::new("signaling-test");
     let secret = fresh_secret();
-    std::fs::write(dir.0.join("rest-secret"), format!("{secret}\n")).expect("write secret");
+    std::fs::write(dir.path().join("rest-secret"), format!("{secret}\n")).expect("write secret");
     let config = write_config(
         &dir,
         "secret_file = \"rest-secret\"\nrest_max_ttl_secs = 7200",
     );
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(common::example_binary())
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
@@ -172,20 +89,10 @@ fn start(args: &[&str]) -> Server {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the signaling example");
-    let stderr = drain_stderr(&mut child);
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(addr) = line.strip_prefix("signaling listening on http://") {
-                let _ = tx.send(addr.trim().to_owned());
-            }
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => addr.parse().expect("listen address"),
-        Err(_) => {
+    let stderr = collect_stderr(&mut child);
+    let addr = match signaling_listen_addr(&mut child, Duration::from_secs(30)) {
+        Some(addr) => addr.parse().expect("listen address"),
+        None => {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -205,10 +112,14 @@ fn start(args: &[&str]) -> Server {
 
 /// Runs the example expecting it to refuse to start; returns its stderr.
 fn start_fails(auth: &str, args: &[&str]) -> String {
-    let dir = TempDir::new();
-    std::fs::write(dir.0.join("rest-secret"), format!("{}\n", fresh_secret())).unwrap();
+    let dir = TempDir::new("signaling-test");
+    std::fs::write(
+        dir.path().join("rest-secret"),
+        format!("{}\n", fresh_secret()),
+    )
+    .unwrap();
     let config = write_config(&dir, auth);
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(common::example_binary())
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
@@ -219,7 +130,7 @@ fn start_fails(auth: &str, args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the signaling example");
-    let stderr = drain_stderr(&mut child);
+    let stderr = collect_stderr(&mut child);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -376,13 +287,6 @@ fn dechunk(mut s: &str) -> String {
         out.push_str(&rest[..size]);
         s = &rest[size + 2..];
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// Checks an `{"iceServers":[...],"ttl":..}` object minted for `user`.

@@ -40,12 +40,8 @@ async fn echo_peer() -> (
     (addr, seen, task)
 }
 
-/// Allocates as `username`, relays `ROUND_TRIPS` distinct payloads through the echo peer,
-/// closes the relay, and checks the daemon logged the allocation's life with exact counters.
-async fn relay_round_trips(d: &Daemon, username: &str, password: &str) {
-    let (peer, seen, echo) = echo_peer().await;
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let local = sock.local_addr().unwrap();
+/// A webrtc-rs TURN client of the daemon on `sock`, listening.
+async fn turn_client(d: &Daemon, sock: UdpSocket, username: &str, password: &str) -> Client {
     let client = Client::new(ClientConfig {
         stun_serv_addr: d.addr.to_string(),
         turn_serv_addr: d.addr.to_string(),
@@ -60,6 +56,16 @@ async fn relay_round_trips(d: &Daemon, username: &str, password: &str) {
     .await
     .expect("client");
     client.listen().await.expect("listen");
+    client
+}
+
+/// Allocates as `username`, relays `ROUND_TRIPS` distinct payloads through the echo peer,
+/// closes the relay, and checks the daemon logged the allocation's life with exact counters.
+async fn relay_round_trips(d: &Daemon, username: &str, password: &str) {
+    let (peer, seen, echo) = echo_peer().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = sock.local_addr().unwrap();
+    let client = turn_client(d, sock, username, password).await;
 
     let mapped = timeout(STEP, client.send_binding_request())
         .await
@@ -145,20 +151,7 @@ async fn rest_credential_allocates_and_relays_both_ways() {
 async fn wrong_password_is_refused() {
     let d = Daemon::start();
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: d.addr.to_string(),
-        turn_serv_addr: d.addr.to_string(),
-        username: USER.into(),
-        password: "not-the-password".into(),
-        realm: REALM.into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(sock),
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
+    let client = turn_client(&d, sock, USER, "not-the-password").await;
     let err = match timeout(STEP, client.allocate()).await.expect("timed out") {
         Ok(_) => panic!("allocation with a wrong password succeeded"),
         Err(e) => e.to_string(),

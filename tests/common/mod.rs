@@ -1018,15 +1018,25 @@ impl Reply {
     pub fn outcome(&self) -> (bool, Option<u16>) {
         (self.class() == Class::Success, self.code())
     }
+    /// `(class, error code)` for compact assertions.
+    pub fn class_code(&self) -> (Class, Option<u16>) {
+        (self.class(), self.code())
+    }
 }
 
-/// A minimal synchronous TURN client over UDP (one socket, long-term credentials, MD5).
+/// A minimal synchronous TURN client over UDP (one socket, one 5-tuple, long-term credentials,
+/// MD5).
 pub struct TurnClient {
     pub sock: UdpSocket,
     pub server: SocketAddr,
     pub user: String,
-    key: Vec<u8>,
-    nonce: Vec<u8>,
+    /// The long-term key requests are signed with.
+    pub key: Vec<u8>,
+    /// The nonce requests carry; empty until the first challenge.
+    pub nonce: Vec<u8>,
+    /// For tests of the wire protocol itself ([`TurnClient::new_strict`]): every challenge is
+    /// checked in full, and a 438 goes back to the caller instead of being retried.
+    strict: bool,
     n: u32,
 }
 
@@ -1040,7 +1050,17 @@ impl TurnClient {
                 .as_bytes()
                 .to_vec(),
             nonce: Vec::new(),
+            strict: false,
             n: 0,
+        }
+    }
+
+    /// A client that checks each 401 challenge in full (see [`TurnClient::challenge`]) and
+    /// returns a 438 (stale nonce) to the caller rather than retrying with the new nonce.
+    pub fn new_strict(server: SocketAddr, user: &str, password: &str) -> TurnClient {
+        TurnClient {
+            strict: true,
+            ..TurnClient::new(server, user, password)
         }
     }
 
@@ -1048,7 +1068,8 @@ impl TurnClient {
         self.sock.local_addr().unwrap()
     }
 
-    fn txid(&mut self) -> [u8; 12] {
+    /// A fresh transaction id.
+    pub fn txid(&mut self) -> [u8; 12] {
         self.n += 1;
         let mut t = [0x6B; 12];
         t[..4].copy_from_slice(&self.n.to_be_bytes());
@@ -1094,17 +1115,39 @@ impl TurnClient {
         self.try_transact(&req)
     }
 
-    /// Unauthenticated Allocate to fetch a nonce (expects 401).
-    pub fn challenge(&mut self) {
+    /// Unauthenticated Allocate to fetch a nonce (expects 401). A strict client also checks
+    /// that the 401 carries REALM, NONCE and PASSWORD-ALGORITHMS (MD5 and SHA-256), and no
+    /// MESSAGE-INTEGRITY.
+    pub fn challenge(&mut self) -> Reply {
         let mut req = Vec::new();
         MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, self.txid())
             .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
         let r = self.transact(&req);
-        assert_eq!(r.code(), Some(401), "unauthenticated Allocate");
+        if self.strict {
+            assert_eq!(r.class_code(), (Class::Error, Some(401)));
+            assert_eq!(r.attr(attr::REALM).unwrap(), REALM.as_bytes());
+            assert_eq!(
+                r.attr(attr::PASSWORD_ALGORITHMS).unwrap(),
+                [0, 1, 0, 0, 0, 2, 0, 0]
+            );
+            assert!(r.attr(attr::MESSAGE_INTEGRITY).is_none());
+        } else {
+            assert_eq!(r.code(), Some(401), "unauthenticated Allocate");
+        }
         self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
+        r
     }
 
-    /// An authenticated request; fetches a nonce first when it has none, and once more on 438.
+    /// Appends USERNAME, REALM, NONCE and MESSAGE-INTEGRITY: signs `w` as this client.
+    pub fn sign<'w, 'b>(&self, w: &'w mut MessageWriter<'b>) -> &'w mut MessageWriter<'b> {
+        w.attr(attr::USERNAME, self.user.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, &self.nonce)
+            .integrity(&self.key)
+    }
+
+    /// An authenticated request; fetches a nonce first when it has none, and (unless strict)
+    /// once more on 438.
     pub fn request(&mut self, m: u16, fill: impl Fn(&mut MessageWriter)) -> Reply {
         if self.nonce.is_empty() {
             self.challenge();
@@ -1113,16 +1156,14 @@ impl TurnClient {
             let mut req = Vec::new();
             let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
             fill(&mut w);
-            w.attr(attr::USERNAME, self.user.as_bytes())
-                .attr(attr::REALM, REALM.as_bytes())
-                .attr(attr::NONCE, &self.nonce)
-                .integrity(&self.key);
+            self.sign(&mut w);
             let r = self.transact(&req);
-            if r.code() == Some(438) {
+            if r.code() == Some(438) && !self.strict {
                 self.nonce = r.attr(attr::NONCE).expect("NONCE in 438");
                 continue;
             }
             if r.class() == Class::Success {
+                // Success responses are signed with the same long-term key.
                 assert!(r.msg().verify_integrity(&self.key), "response integrity");
             }
             return r;
@@ -1166,6 +1207,32 @@ impl TurnClient {
         self.request(method::REFRESH, |w| {
             w.u32_attr(attr::LIFETIME, lifetime);
         })
+    }
+
+    /// A Send indication carrying `data` to `peer`.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        let mut ind = Vec::new();
+        MessageWriter::new(&mut ind, method::SEND, Class::Indication, self.txid())
+            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
+        self.sock.send_to(&ind, self.server).unwrap();
+    }
+
+    /// The next datagram from the server, or None after `wait`.
+    pub fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let (n, from) = self.sock.recv_from(&mut buf).ok()?;
+            if from == self.server {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+
+    /// Discards whatever is queued (responses to junk, for instance).
+    pub fn drain(&self) {
+        while self.recv(Duration::from_millis(50)).is_some() {}
     }
 
     pub fn send_channel_data(&self, channel: u16, data: &[u8]) {
@@ -1263,4 +1330,93 @@ impl Drop for EchoPeer {
             let _ = t.join();
         }
     }
+}
+
+// ------------------------------------------------------------------ signaling example
+
+/// `target/<profile>/examples/signaling`, next to the `turnpike` binary this test runs; panics
+/// when it is missing or older than a file under `examples/signaling`.
+pub fn example_binary() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_turnpike"));
+    let path = bin
+        .parent()
+        .expect("binary directory")
+        .join("examples")
+        .join(format!("signaling{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "example binary {} is missing: build it with `cargo build --release --examples` \
+         (scripts/test.sh does; `cargo build --example signaling` for a debug `cargo test`). \
+         A plain `cargo test` builds it; `cargo test --test <name>` alone does not",
+        path.display()
+    );
+    // Catch the other half of that trap: sources edited since the build. The pages are
+    // embedded in the binary too: a stale build tests old JS.
+    let built = path.metadata().and_then(|m| m.modified()).ok();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/signaling");
+    if let (Some(built), Ok(entries)) = (built, walk(&src)) {
+        for file in entries {
+            let newer = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built);
+            assert!(
+                !newer,
+                "example binary {} is older than {}: rebuild with `cargo build --example \
+                 signaling` (with --release for `cargo test --release`)",
+                path.display(),
+                file.display()
+            );
+        }
+    }
+    path
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(walk(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Collects a child's piped stderr on a thread, as it comes.
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let sink = Arc::clone(&buf);
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buf
+}
+
+/// The address in the signaling example's `signaling listening on http://ADDR` line on its
+/// piped stdout, or None when it prints none within `within`.
+pub fn signaling_listen_addr(child: &mut Child, within: Duration) -> Option<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("signaling listening on http://") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    rx.recv_timeout(within).ok()
 }
