@@ -145,8 +145,7 @@ fn credentials_command(
     format: CredentialFormat,
 ) -> anyhow::Result<()> {
     let secrets = config.load_rest_secrets()?;
-    let max = credentials::max_ttl(config);
-    let ttl = ttl.unwrap_or(config.api.default_ttl_secs.min(max));
+    let ttl = ttl.unwrap_or(credentials::default_ttl(config));
     let uris = if uris.is_empty() {
         let advertised = match config.relay.address {
             turnpike::config::RelayAddress::Ip(ip) => Some(ip.into()),
@@ -161,15 +160,7 @@ fn credentials_command(
     } else {
         uris
     };
-    let minted = credentials::mint(
-        &secrets,
-        config.auth.rest_separator,
-        user,
-        ttl,
-        max,
-        unix_now(),
-        uris,
-    )?;
+    let minted = credentials::mint_for(config, &secrets, user, ttl, unix_now(), uris)?;
     match format {
         CredentialFormat::Ice => println!(
             "{}",

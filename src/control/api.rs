@@ -134,22 +134,17 @@ fn mint(
 ) -> Result<credentials::Minted, Response> {
     let live = state.lock_live();
     let config = &live.config;
-    let max = credentials::max_ttl(config);
-    let ttl = ttl.unwrap_or(config.api.default_ttl_secs).min(max);
+    // The API caps a longer TTL (the CLI refuses it: an explicit flag should not be ignored).
+    let ttl = ttl
+        .unwrap_or(credentials::default_ttl(config))
+        .min(credentials::max_ttl(config));
     let host = credentials::public_host(config, state.advertised);
     let uris = credentials::default_uris(&state.listeners, &host);
-    credentials::mint(
-        &live.rest_secrets,
-        config.auth.rest_separator,
-        user,
-        ttl,
-        max,
-        unix_now(),
-        uris,
-    )
-    .map_err(|e| match e {
-        MintError::NoSecret => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        _ => error(StatusCode::BAD_REQUEST, e),
+    credentials::mint_for(config, &live.rest_secrets, user, ttl, unix_now(), uris).map_err(|e| {
+        match e {
+            MintError::NoSecret => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            _ => error(StatusCode::BAD_REQUEST, e),
+        }
     })
 }
 

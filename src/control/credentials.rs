@@ -39,6 +39,24 @@ pub fn max_ttl(config: &Config) -> u64 {
     config.api.max_ttl_secs.min(config.auth.rest_max_ttl_secs)
 }
 
+/// The TTL of a credential minted without one.
+pub fn default_ttl(config: &Config) -> u64 {
+    config.api.default_ttl_secs.min(max_ttl(config))
+}
+
+/// Mints under the configuration's rules: its REST separator, and at most [`max_ttl`].
+pub fn mint_for(
+    config: &Config,
+    secrets: &[Vec<u8>],
+    user: &str,
+    ttl_secs: u64,
+    now_unix: u64,
+    uris: Vec<String>,
+) -> Result<Minted, MintError> {
+    let (sep, max) = (config.auth.rest_separator, max_ttl(config));
+    mint(secrets, sep, user, ttl_secs, max, now_unix, uris)
+}
+
 /// The host clients should use: `public_host`, else the advertised relay address.
 pub fn public_host(config: &Config, advertised: Option<IpAddr>) -> String {
     if !config.public_host.is_empty() {
