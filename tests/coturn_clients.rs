@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{field, Daemon, PASSWORD, SECRET, USER};
+use common::{field, Daemon, Options, PASSWORD, SECRET, USER};
 
 const TOOLS: [&str; 3] = [
     "turnutils_uclient",
@@ -71,29 +71,31 @@ fn run_bounded(cmd: &mut Command) -> Output {
     }
 }
 
-/// `turnutils_peer`, an echo server on loopback; killed on drop.
+/// `turnutils_peer`, an echo server on a loopback address; killed on drop.
 struct EchoPeer {
     child: std::process::Child,
+    ip: &'static str,
     port: u16,
 }
 
 impl EchoPeer {
-    fn start() -> EchoPeer {
+    /// `ip` is "127.0.0.1" or "::1".
+    fn start(ip: &'static str) -> EchoPeer {
         // Learn a free port from the kernel, then hand it to the tool (tiny race, retried below).
         for _ in 0..5 {
-            let port = UdpSocket::bind("127.0.0.1:0")
+            let port = UdpSocket::bind((ip, 0))
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
             let child = Command::new("turnutils_peer")
-                .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-L", ip, "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn turnutils_peer");
-            let mut peer = EchoPeer { child, port };
+            let mut peer = EchoPeer { child, ip, port };
             if peer.echoes() {
                 return peer;
             }
@@ -103,12 +105,12 @@ impl EchoPeer {
     }
 
     fn echoes(&mut self) -> bool {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let s = UdpSocket::bind((self.ip, 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut buf = [0u8; 64];
         for _ in 0..15 {
-            let _ = s.send_to(b"ping", ("127.0.0.1", self.port));
+            let _ = s.send_to(b"ping", (self.ip, self.port));
             if let Ok((n, _)) = s.recv_from(&mut buf) {
                 return &buf[..n] == b"ping";
             }
@@ -127,11 +129,24 @@ impl Drop for EchoPeer {
 /// Runs `turnutils_uclient` with `auth` and `mode` flags and checks that every message came
 /// back, by the tool's own count and by the daemon's per-allocation counters.
 fn uclient_relays_everything(auth: &[&str], mode: &[&str], expect_user: impl Fn(&str) -> bool) {
+    uclient_relays_everything_on("127.0.0.1", auth, mode, expect_user);
+}
+
+/// The same over `ip` ("127.0.0.1" or "::1"): client, server, relay and echo peer all on it.
+fn uclient_relays_everything_on(
+    ip: &'static str,
+    auth: &[&str],
+    mode: &[&str],
+    expect_user: impl Fn(&str) -> bool,
+) {
     if !tools_available() {
         return;
     }
-    let d = Daemon::start();
-    let peer = EchoPeer::start();
+    let d = Daemon::with(Options {
+        ipv6: ip == "::1",
+        ..Options::default()
+    });
+    let peer = EchoPeer::start(ip);
     let out = run_bounded(
         Command::new("turnutils_uclient")
             .args(["-p", &d.addr.port().to_string()])
@@ -139,8 +154,8 @@ fn uclient_relays_everything(auth: &[&str], mode: &[&str], expect_user: impl Fn(
             .args(mode)
             .args(["-n", &MSGS.to_string(), "-m", &CLIENTS.to_string()])
             .args(["-l", "160", "-z", "5", "-c"])
-            .args(["-e", "127.0.0.1", "-r", &peer.port.to_string()])
-            .arg("127.0.0.1"),
+            .args(["-e", ip, "-r", &peer.port.to_string()])
+            .arg(ip),
     );
     let text = format!(
         "{}{}",
@@ -179,6 +194,12 @@ fn uclient_relays_everything(auth: &[&str], mode: &[&str], expect_user: impl Fn(
         assert!(expect_user(field(e, "user")), "user in {e}");
         assert_eq!(e["dropped_packets"], 0, "{e}");
     }
+    // The relays are in the family of the peer (RFC 6156): "[::1]:port" or "127.0.0.1:port".
+    for e in &ended {
+        let relay: std::net::SocketAddr =
+            field(e, "relay").parse().unwrap_or_else(|_| panic!("{e}"));
+        assert_eq!(relay.ip().to_string(), ip, "relay family in {e}");
+    }
     let sum = |k: &str| ended.iter().map(|e| e[k].as_u64().unwrap()).sum::<u64>();
     assert_eq!(sum("to_peer_packets"), total);
     assert_eq!(sum("to_client_packets"), total);
@@ -208,6 +229,12 @@ fn uclient_client_to_client() {
 fn uclient_send_indications() {
     // -s: Send/Data indications instead of ChannelData.
     uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-s"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_ipv6_gets_ipv6_relays() {
+    // RFC 6156: an IPv6 client relaying to an IPv6 peer through IPv6 relay addresses.
+    uclient_relays_everything_on("::1", &["-u", USER, "-w", PASSWORD], &[], |u| u == USER);
 }
 
 #[test]

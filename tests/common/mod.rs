@@ -68,6 +68,9 @@ pub struct Options {
     /// Start through `sh -c '<prefix>; exec turnpike serve ...'`, so the prefix can use the
     /// daemon's own pid as `$$` (e.g. `export WATCHDOG_PID=$$`).
     pub sh_prefix: Option<String>,
+    /// Listen on [::1] instead of 127.0.0.1 and add an IPv6 relay on ::1 (RFC 6156); the IPv4
+    /// relay on 127.0.0.1 stays.
+    pub ipv6: bool,
 }
 
 /// How the `[api]` table is configured.
@@ -96,6 +99,7 @@ impl Default for Options {
             env: Vec::new(),
             notify_socket: false,
             sh_prefix: None,
+            ipv6: false,
         }
     }
 }
@@ -119,7 +123,7 @@ impl Options {
             cfg,
             r#"realm = "{REALM}"
 threads = 2
-listen = ["127.0.0.1:0"]
+listen = ["{}"]
 log_format = "json"
 log_level = "{}"
 drain_secs = {}
@@ -127,6 +131,7 @@ drain_secs = {}
 
 [relay]
 address = "127.0.0.1"
+{}
 port_min = {}
 port_max = {}
 
@@ -137,7 +142,17 @@ secret_file = "secret.txt"
 name = "{USER}"
 password = "{PASSWORD}"
 "#,
-            log_level, self.drain_secs, self.extra_top, relay_ports.0, relay_ports.1,
+            if self.ipv6 { "[::1]:0" } else { "127.0.0.1:0" },
+            log_level,
+            self.drain_secs,
+            self.extra_top,
+            if self.ipv6 {
+                "address_v6 = \"::1\""
+            } else {
+                ""
+            },
+            relay_ports.0,
+            relay_ports.1,
         )
         .unwrap();
         for (name, password) in &self.extra_users {
