@@ -1351,3 +1351,45 @@ fn sessions_list_kill_and_end_user() {
     assert_eq!(h.core.allocation_count(), 0);
     assert_eq!(h.shared.total_allocations(), 0);
 }
+
+#[test]
+fn one_to_one_nat_peer_at_our_external_address_reaches_the_local_relay() {
+    // A cloud VM: relay sockets bind 192.0.2.10, clients are told 203.0.113.50.
+    let mut cfg = config(limits(), false, false);
+    let local: IpAddr = "192.0.2.10".parse().unwrap();
+    let external: IpAddr = "203.0.113.50".parse().unwrap();
+    cfg.relay_v4 = Some(RelayAddress {
+        local,
+        advertised: external,
+    });
+    cfg.policy = PeerPolicy::new(PolicyConfig {
+        relay_ips: vec![local],
+        external_ips: vec![(external, local)],
+        relay_ports: (49152, 65535),
+        ..PolicyConfig::default()
+    });
+    let mut h = Harness::with(cfg);
+    let (a, b) = (client(1), client(2));
+    let advertised_a = h.allocate(&a);
+    let advertised_b = h.allocate(&b);
+    assert_eq!(advertised_b.ip(), external);
+    // a only knows b's advertised address; the core sends to b's local socket instead of
+    // relying on the cloud NAT to hairpin.
+    assert_eq!(h.bind(&a, 0x4000, advertised_b), (Class::Success, None));
+    assert_eq!(h.permit(&b, advertised_a), (Class::Success, None));
+    let local_b = SocketAddr::new(local, advertised_b.port());
+    let local_a = SocketAddr::new(local, advertised_a.port());
+    match h.send(&a, &[0x40, 0x00, 0x00, 0x01, 7, 0, 0, 0]) {
+        ClientAction::ToPeer { peer, .. } => assert_eq!(peer, local_b),
+        other => panic!("{other:?}"),
+    }
+    // What b's relay receives from a's local socket is shown to b as a's advertised address.
+    let (to, frame) = h.peer_sends(local_b, local_a, b"hi").unwrap();
+    assert_eq!(to, b);
+    let m = Message::parse(&frame).unwrap();
+    let from = m.get(attr::XOR_PEER_ADDRESS).unwrap();
+    assert_eq!(
+        codec::decode_xor_address(from.value, &m.transaction_id()),
+        Some(advertised_a)
+    );
+}
