@@ -13,11 +13,11 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
-use crate::control::{self, ControlState, Live, Shards};
+use crate::control::{self, credentials, ControlState, Live, Shards};
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
 use crate::io::udp::bind_udp;
-use crate::proto::auth::{mint_rest_credential, Authenticator, RestConfig, StaticUser};
+use crate::proto::auth::{Authenticator, RestConfig, StaticUser};
 use crate::proto::policy::{canonical_ip, PeerPolicy, PolicyConfig};
 use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
 
@@ -107,12 +107,13 @@ fn is_non_public(ip: IpAddr) -> bool {
 }
 
 /// Where relay sockets bind and what they advertise, per family.
+#[derive(Debug, Clone, Copy)]
 pub struct ResolvedRelays {
     pub v4: Option<RelayAddress>,
     pub v6: Option<RelayAddress>,
 }
 
-pub fn resolve_relays(config: &Config) -> Result<ResolvedRelays, DaemonError> {
+pub fn resolve_relays(config: &Config) -> ResolvedRelays {
     let local_v4 = match config.relay.address {
         RelayAddressConfig::Ip(ip) => ip,
         RelayAddressConfig::Auto => primary_ipv4().unwrap_or_else(|| {
@@ -137,7 +138,7 @@ pub fn resolve_relays(config: &Config) -> Result<ResolvedRelays, DaemonError> {
             );
         }
     }
-    Ok(ResolvedRelays { v4: Some(v4), v6 })
+    ResolvedRelays { v4: Some(v4), v6 }
 }
 
 /// Builds the core's view of the configuration. `rest_secrets` are already loaded.
@@ -246,40 +247,28 @@ fn concrete_listeners(
 /// The quick-start output when no credentials are configured: an ephemeral secret, one credential,
 /// and the `iceServers` JSON for `new RTCPeerConnection(...)`.
 fn quickstart(secret: &[u8], config: &Config, relays: &ResolvedRelays, listeners: &[SocketAddr]) {
-    let host = relays
-        .v4
-        .map(|r| r.advertised)
-        .or_else(|| listeners.first().map(|l| l.ip()))
-        .map(|ip| match ip {
-            IpAddr::V6(v6) => format!("[{v6}]"),
-            v4 => v4.to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = listeners.first().map_or(3478, |l| l.port());
     let ttl = QUICKSTART_TTL.as_secs().min(config.auth.rest_max_ttl_secs);
-    let (username, credential) = mint_rest_credential(
-        secret,
-        "quickstart",
-        unix_now() + ttl,
-        config.auth.rest_separator,
-    );
-    let ice = serde_json::json!({
-        "iceServers": [{
-            "urls": [format!("stun:{host}:{port}"), format!("turn:{host}:{port}?transport=udp")],
-            "username": username,
-            "credential": credential,
-        }]
-    });
+    let host = credentials::public_host(config, relays.v4.map(|r| r.advertised));
+    let uris = credentials::default_uris(listeners, &host);
+    let secrets = [secret.to_vec()];
+    let minted = match credentials::mint_for(config, &secrets, "quickstart", ttl, unix_now(), uris)
+    {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not mint the quick-start credential");
+            return;
+        }
+    };
     tracing::warn!(
         "NO CREDENTIALS CONFIGURED: generated an EPHEMERAL REST secret for this run only; \
          credentials minted from it stop working when the daemon restarts. \
          Set auth.secret_file or auth.secret_env (or add [[auth.users]]) for production."
     );
     println!("turnpike quick-start credential (valid {} h):", ttl / 3600);
-    println!("  username: {username}");
-    println!("  password: {credential}");
+    println!("  username: {}", minted.username);
+    println!("  password: {}", minted.password);
     println!("iceServers for new RTCPeerConnection(...):");
-    println!("{ice}");
+    println!("{}", credentials::ice_json(&minted));
 }
 
 /// Every relay socket is a file descriptor: lift the soft limit to the hard one (systemd's
@@ -316,7 +305,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     raise_fd_limit(&config);
     let mut rest_secrets = config.load_rest_secrets()?;
     let api_token = config.load_api_token()?;
-    let relays = resolve_relays(&config)?;
+    let relays = resolve_relays(&config);
     let (listeners, holders) = concrete_listeners(&config.listen)?;
     let ephemeral = rest_secrets.is_empty() && config.auth.users.is_empty();
     if ephemeral {
@@ -398,10 +387,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     // Every shard holds the port now; the placeholders must not take a share of the traffic.
     drop(holders);
 
-    let build_relays = ResolvedRelays {
-        v4: relays.v4,
-        v6: relays.v6,
-    };
+    let build_relays = relays;
     let build_endpoints = endpoints.clone();
     let state = Arc::new(ControlState {
         shards: Shards::new(senders),
@@ -467,15 +453,8 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
 
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
-    let mut total = ShardReport::default();
-    for h in handles {
-        if let Ok(r) = h.join() {
-            total.core.allocations_created += r.core.allocations_created;
-            total.core.to_peer_packets += r.core.to_peer_packets;
-            total.core.to_client_packets += r.core.to_client_packets;
-            total.send_errors += r.send_errors;
-        }
-    }
+    let finals: Vec<ShardReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let total = control::metrics::sum(&finals);
     tracing::info!(
         allocations = total.core.allocations_created,
         to_peer_packets = total.core.to_peer_packets,

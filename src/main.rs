@@ -150,8 +150,8 @@ fn credentials_command(
         let advertised = match config.relay.address {
             turnpike::config::RelayAddress::Ip(ip) => Some(ip.into()),
             turnpike::config::RelayAddress::Auto => turnpike::daemon::resolve_relays(config)
-                .ok()
-                .and_then(|r| r.v4.map(|v| v.advertised)),
+                .v4
+                .map(|v| v.advertised),
         };
         credentials::default_uris(
             &config.listen,

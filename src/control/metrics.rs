@@ -16,7 +16,8 @@ pub struct Extra {
     pub uptime_secs: u64,
 }
 
-fn sum(reports: &[ShardReport]) -> ShardReport {
+/// The shards' counters added up.
+pub fn sum(reports: &[ShardReport]) -> ShardReport {
     let mut t = ShardReport::default();
     for r in reports {
         let (c, s) = (&mut t.core, &r.core);
