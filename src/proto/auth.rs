@@ -309,6 +309,12 @@ impl Authenticator {
         self.rest.is_some()
     }
 
+    /// Whether `username` is one of the configured static users (whose one credential is often
+    /// shared by every client of an app, so quotas count them per source address too).
+    pub fn is_static_user(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+    }
+
     /// The name quotas count by: a static user's name, or the user part of a REST username, so
     /// credentials minted with different expiries share one user's allocation quota. A bare
     /// expiry (no user part) counts as its whole username.
