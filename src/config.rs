@@ -264,20 +264,24 @@ impl Default for AuthConfig {
     }
 }
 
+/// The defaults are the core's own (`crate::proto::server::Limits::default()`), so the file and
+/// a core built in code cannot drift apart.
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let l = crate::proto::server::Limits::default();
         LimitsConfig {
-            allocations_per_user: 10,
-            total_allocations: 100_000,
-            permissions_per_allocation: 64,
-            channels_per_allocation: 64,
-            default_lifetime_secs: 600,
-            max_lifetime_secs: 3600,
-            permission_lifetime_secs: 300,
-            channel_lifetime_secs: 600,
-            allocation_bandwidth_bytes_per_sec: 0,
-            unauth_replies_per_sec: 20,
-            unauth_replies_burst: 40,
+            allocations_per_user: l.allocations_per_user,
+            total_allocations: l.total_allocations,
+            permissions_per_allocation: u32::try_from(l.permissions_per_allocation)
+                .unwrap_or(u32::MAX),
+            channels_per_allocation: u32::try_from(l.channels_per_allocation).unwrap_or(u32::MAX),
+            default_lifetime_secs: l.default_lifetime.as_secs(),
+            max_lifetime_secs: l.max_lifetime.as_secs(),
+            permission_lifetime_secs: l.permission_lifetime.as_secs(),
+            channel_lifetime_secs: l.channel_lifetime.as_secs(),
+            allocation_bandwidth_bytes_per_sec: l.bandwidth_bytes_per_sec,
+            unauth_replies_per_sec: l.unauth_replies_per_sec,
+            unauth_replies_burst: l.unauth_replies_burst,
         }
     }
 }
@@ -535,6 +539,53 @@ impl Config {
         Ok(secrets)
     }
 
+    /// Files holding secrets that users other than the owner may access, or that belong to
+    /// neither root nor the user running turnpike: `auth.secret_file`, `api.token_file`, and the
+    /// config file itself when it holds clear-text static user passwords. Files that cannot be
+    /// inspected are skipped (loading them reports the error), and so are files systemd hands
+    /// over in `$CREDENTIALS_DIRECTORY` (`LoadCredential=`): systemd restricts those itself.
+    /// For warnings only: a daemon with loose permissions still starts.
+    pub fn permission_warnings(&self, config_path: &Path) -> Vec<PermissionWarning> {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let mut out = Vec::new();
+        let mut check = |key: &'static str, path: &Path, holds: &str, fix_hint: &str| {
+            if creds.as_deref().is_some_and(|dir| path.starts_with(dir)) {
+                return;
+            }
+            out.extend(permission_warning(key, path, holds, fix_hint));
+        };
+        if let Some(path) = &self.auth.secret_file {
+            check(
+                "auth.secret_file",
+                path,
+                "REST secrets (whoever reads them can mint TURN credentials)",
+                "",
+            );
+        }
+        if let Some(path) = &self.api.token_file {
+            check(
+                "api.token_file",
+                path,
+                "the HTTP API bearer token (whoever reads it can mint credentials and end sessions)",
+                "",
+            );
+        }
+        if self
+            .auth
+            .users
+            .iter()
+            .any(|u| matches!(u.secret, UserSecret::Password(_)))
+        {
+            check(
+                "auth.users",
+                config_path,
+                "clear-text static user passwords (auth.users[].password)",
+                ", or replace each password by its key (key = \"0x...\", MD5(name:realm:password))",
+            );
+        }
+        out
+    }
+
     /// The effective configuration (defaults filled in) as TOML, every
     /// password and key replaced by `"<redacted>"`. Secret file paths and
     /// variable names are not secrets and are shown.
@@ -546,6 +597,89 @@ impl Config {
         toml::to_string(&raw::Config::from_typed(self, redact))
             .expect("plain strings, integers, booleans and arrays always serialize")
     }
+}
+
+// ---------------------------------------------------------------------------
+// Permissions of files that hold secrets
+// ---------------------------------------------------------------------------
+
+/// A file holding secrets that others may read or change. `Display` is the whole warning: the
+/// key, the file, its mode or owner, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionWarning {
+    /// The key naming the file: `auth.secret_file`, `api.token_file`, or `auth.users` for the
+    /// config file itself.
+    pub key: &'static str,
+    pub path: PathBuf,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub message: String,
+}
+
+impl fmt::Display for PermissionWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The warnings for one file: group/other permission bits, and an owner that is neither root
+/// nor the effective user. None when the file is private (or cannot be inspected).
+fn permission_warning(
+    key: &'static str,
+    path: &Path,
+    holds: &str,
+    fix_hint: &str,
+) -> Option<PermissionWarning> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o7777;
+    let uid = meta.uid();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut problems = Vec::new();
+    let mut fixes = Vec::new();
+    if mode & 0o077 != 0 {
+        let mut who = Vec::new();
+        if mode & 0o070 != 0 {
+            who.push("its group");
+        }
+        if mode & 0o007 != 0 {
+            who.push("all other users");
+        }
+        problems.push(format!(
+            "has mode {mode:04o} (open to {})",
+            who.join(" and ")
+        ));
+        fixes.push(format!("chmod 600 {}", path.display()));
+    }
+    if uid != 0 && uid != me {
+        problems.push(format!(
+            "is owned by uid {uid}, neither root nor the user running turnpike (uid {me}), \
+             who can read and replace it"
+        ));
+        let owner = if me == 0 {
+            "root".to_owned()
+        } else {
+            me.to_string()
+        };
+        fixes.push(format!("chown {owner} {}", path.display()));
+    }
+    if problems.is_empty() {
+        return None;
+    }
+    Some(PermissionWarning {
+        key,
+        path: path.to_owned(),
+        mode,
+        uid,
+        message: format!(
+            "{key}: {} holds {holds} but {}; fix: {}{fix_hint}",
+            path.display(),
+            problems.join(" and "),
+            fixes.join(" && "),
+        ),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1682,8 +1816,11 @@ fn build_limits(raw: raw::Limits, cx: &mut Cx<'_>) -> LimitsConfig {
         cx.invalid(
             "limits.unauth_replies_burst",
             0,
-            "must be at least 1 while limits.unauth_replies_per_sec is set \
-             (a zero burst would never let a reply out)",
+            format!(
+                "must be at least 1 while limits.unauth_replies_per_sec is above 0 (it is \
+                 {unauth_replies_per_sec}; a zero burst would never let a reply out); set both \
+                 to 0 to turn the limit off"
+            ),
         );
     }
     LimitsConfig {
@@ -1911,17 +2048,34 @@ mod tests {
         assert_eq!(c.auth.rest_separator, ':');
         assert_eq!(c.auth.rest_max_ttl_secs, 172800);
         assert!(c.auth.users.is_empty());
-        assert_eq!(c.limits.allocations_per_user, 10);
-        assert_eq!(c.limits.total_allocations, 100_000);
-        assert_eq!(c.limits.permissions_per_allocation, 64);
-        assert_eq!(c.limits.channels_per_allocation, 64);
-        assert_eq!(c.limits.default_lifetime_secs, 600);
-        assert_eq!(c.limits.max_lifetime_secs, 3600);
-        assert_eq!(c.limits.permission_lifetime_secs, 300);
-        assert_eq!(c.limits.channel_lifetime_secs, 600);
-        assert_eq!(c.limits.allocation_bandwidth_bytes_per_sec, 0);
-        assert_eq!(c.limits.unauth_replies_per_sec, 20);
-        assert_eq!(c.limits.unauth_replies_burst, 40);
+        // [limits] defaults are the core's: one place for each value.
+        let core = crate::proto::server::Limits::default();
+        let l = &c.limits;
+        assert_eq!(l.allocations_per_user, core.allocations_per_user);
+        assert_eq!(l.total_allocations, core.total_allocations);
+        assert_eq!(
+            l.permissions_per_allocation as usize,
+            core.permissions_per_allocation
+        );
+        assert_eq!(
+            l.channels_per_allocation as usize,
+            core.channels_per_allocation
+        );
+        assert_eq!(l.default_lifetime_secs, core.default_lifetime.as_secs());
+        assert_eq!(l.max_lifetime_secs, core.max_lifetime.as_secs());
+        assert_eq!(
+            l.permission_lifetime_secs,
+            core.permission_lifetime.as_secs()
+        );
+        assert_eq!(l.channel_lifetime_secs, core.channel_lifetime.as_secs());
+        assert_eq!(
+            l.allocation_bandwidth_bytes_per_sec,
+            core.bandwidth_bytes_per_sec
+        );
+        assert_eq!(l.unauth_replies_per_sec, core.unauth_replies_per_sec);
+        assert_eq!(l.unauth_replies_burst, core.unauth_replies_burst);
+        // The defaults pass the file's own range checks (e.g. burst >= 1 while a rate is set).
+        assert!(l.unauth_replies_per_sec == 0 || l.unauth_replies_burst >= 1);
         assert!(c.peers.allow.is_empty() && c.peers.deny.is_empty());
         assert!(!c.peers.allow_loopback_peers);
         c.validate().unwrap();
@@ -2917,5 +3071,94 @@ allow_loopback_peers = true
         let m = c.validate().unwrap_err().to_string();
         assert!(m.contains("limits.channels_per_allocation = 5000"), "{m}");
         assert!(m.starts_with("<config>:"), "{m}");
+    }
+
+    // ---- permissions of files holding secrets ---------------------------
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn permission_warnings_name_the_file_its_mode_and_the_fix() {
+        let secret = TempFile::new(b"0123456789abcdef0123\n");
+        let token = TempFile::new(b"token-0123456789abcdef\n");
+        let config_file = TempFile::new(b"# the config\n");
+        let mut c = with_secret_file(&secret.0);
+        c.api.token_file = Some(token.0.clone());
+        for f in [&secret, &token, &config_file] {
+            chmod(&f.0, 0o600);
+        }
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+
+        chmod(&secret.0, 0o644);
+        chmod(&token.0, 0o640);
+        let w = c.permission_warnings(&config_file.0);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!((w[0].key, w[0].mode), ("auth.secret_file", 0o644));
+        let m = w[0].to_string();
+        for part in [
+            "auth.secret_file",
+            &secret.0.display().to_string(),
+            "0644",
+            "all other users",
+            &format!("chmod 600 {}", secret.0.display()),
+        ] {
+            assert!(m.contains(part), "{part:?} missing in: {m}");
+        }
+        assert_eq!((w[1].key, w[1].mode), ("api.token_file", 0o640));
+        assert!(w[1].to_string().contains("its group"), "{}", w[1]);
+        assert!(!w[1].to_string().contains("other users"), "{}", w[1]);
+        // Write access alone is as bad: whoever writes the file chooses the secret.
+        chmod(&secret.0, 0o602);
+        chmod(&token.0, 0o600);
+        assert_eq!(c.permission_warnings(&config_file.0).len(), 1);
+        chmod(&secret.0, 0o400);
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+
+        // The config file counts only when it holds clear-text passwords.
+        chmod(&config_file.0, 0o644);
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+        c.auth.users.push(UserEntry {
+            name: "k".into(),
+            secret: UserSecret::Md5KeyHex("00".repeat(16)),
+        });
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+        c.auth.users.push(UserEntry {
+            name: "p".into(),
+            secret: UserSecret::Password("hunter2-hunter2".into()),
+        });
+        let w = c.permission_warnings(&config_file.0);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].key, "auth.users");
+        let m = w[0].to_string();
+        assert!(m.contains("password") && m.contains("0644") && m.contains("chmod 600"));
+        assert!(!m.contains("hunter2"), "{m}");
+        chmod(&config_file.0, 0o600);
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+
+        // A file that cannot be inspected is left to the loader to report.
+        c.auth.secret_file = Some(PathBuf::from("/nonexistent/turnpike/secret"));
+        assert_eq!(c.permission_warnings(&config_file.0), Vec::new());
+    }
+
+    #[test]
+    fn permission_warnings_name_a_foreign_owner() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED permission_warnings_name_a_foreign_owner: needs root to chown");
+            return;
+        }
+        let secret = TempFile::new(b"0123456789abcdef0123\n");
+        chmod(&secret.0, 0o600);
+        let c = with_secret_file(&secret.0);
+        assert_eq!(c.permission_warnings(Path::new("/nonexistent")), Vec::new());
+        std::os::unix::fs::chown(&secret.0, Some(65534), None).unwrap();
+        let w = c.permission_warnings(Path::new("/nonexistent"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].uid, 65534);
+        let m = w[0].to_string();
+        assert!(m.contains("uid 65534") && m.contains("chown root "), "{m}");
     }
 }
