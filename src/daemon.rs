@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
 use crate::control::{self, credentials, ControlState, Live, Shards};
+use crate::io::interfaces::interface_addresses;
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
 use crate::io::udp::bind_udp;
@@ -55,25 +56,14 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], DaemonError> {
 
 /// The first global-scope IPv4 address of an interface that is up, else the first private one.
 fn primary_ipv4() -> Option<Ipv4Addr> {
-    let mut found: Vec<Ipv4Addr> = Vec::new();
-    // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
-    unsafe {
-        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut list) != 0 {
-            return None;
-        }
-        let mut cur = list;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
-            if up && !ifa.ifa_addr.is_null() && (*ifa.ifa_addr).sa_family == libc::AF_INET as u16 {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
+    let found: Vec<Ipv4Addr> = interface_addresses()
+        .into_iter()
+        .filter(|a| a.up)
+        .filter_map(|a| match a.ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     let usable = |ip: &&Ipv4Addr| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified();
     found
         .iter()
@@ -186,6 +176,8 @@ pub fn core_config(
         external_ips,
         relay_ports: (config.relay.port_min, config.relay.port_max),
         service_endpoints: listeners.to_vec(),
+        // Read on every start and reload: a wildcard listener answers on each of them.
+        host_ips: interface_addresses().into_iter().map(|a| a.ip).collect(),
     });
     let l = &config.limits;
     let limits = Limits {

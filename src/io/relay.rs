@@ -7,7 +7,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::task::JoinHandle;
@@ -16,34 +15,28 @@ use super::udp::{bind_udp, register, RegisteredSocket};
 use crate::proto::allocation::RelayId;
 use crate::proto::server::{OpenedRelay, RelayOpenError, RelayProvider, RelayRequest};
 
-/// RFC 8656 §7.2: a reserved port is held for about 30 seconds.
-const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Random probes before falling back to a linear scan of the range.
 const RANDOM_PROBES: usize = 32;
 
-/// Ports reserved by EVEN-PORT R=1, claimable from any shard with their token.
+/// Sockets of ports reserved by EVEN-PORT R=1, claimable from any shard with their token. The
+/// core decides when a reservation ends (claimed, expired, or its allocation gone); this only
+/// holds the sockets meanwhile.
 #[derive(Default)]
 pub struct Reservations {
-    held: Mutex<HashMap<u64, (std::net::UdpSocket, Instant)>>,
+    held: Mutex<HashMap<u64, std::net::UdpSocket>>,
 }
 
 impl Reservations {
-    fn put(&self, token: u64, socket: std::net::UdpSocket, now: Instant) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.insert(token, (socket, now + RESERVATION_LIFETIME));
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, std::net::UdpSocket>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, token: u64, now: Instant) -> Option<std::net::UdpSocket> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.remove(&token)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(s, _)| s)
+    fn put(&self, token: u64, socket: std::net::UdpSocket) {
+        self.lock().insert(token, socket);
     }
 
-    /// Drops reservations nobody claimed in time, freeing their ports.
-    pub fn sweep(&self, now: Instant) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|_, (_, expires)| *expires > now);
+    fn take(&self, token: u64) -> Option<std::net::UdpSocket> {
+        self.lock().remove(&token)
     }
 }
 
@@ -183,10 +176,14 @@ impl ShardRelays {
                 return Ok(found);
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "every relay port is in use",
-        ))
+        Err(io::ErrorKind::AddrInUse.into())
+    }
+}
+
+fn open_error(e: io::Error) -> RelayOpenError {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => RelayOpenError::NoPort,
+        kind => RelayOpenError::Os(kind),
     }
 }
 
@@ -207,24 +204,19 @@ fn set_dont_fragment(socket: &std::net::UdpSocket) {
 
 impl RelayProvider for ShardRelays {
     fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
+        // No log here: the core logs refusals, throttled, since a client can cause them at will.
         let (socket, next) = self
             .bind_in_range(req.ip, req.even_port, req.reserve_next)
-            .map_err(|e| {
-                tracing::warn!(error = %e, "cannot open a relay socket");
-                RelayOpenError::NoPort
-            })?;
+            .map_err(open_error)?;
         if req.dont_fragment && req.ip.is_ipv4() {
             set_dont_fragment(&socket);
         }
+        let local = self.install(req.id, socket).map_err(open_error)?;
         let reservation_token = next.map(|next| {
             let token = self.random_u64();
-            self.reservations.put(token, next, Instant::now());
+            self.reservations.put(token, next);
             token
         });
-        let local = self.install(req.id, socket).map_err(|e| {
-            tracing::warn!(error = %e, "relay socket registration failed");
-            RelayOpenError::NoPort
-        })?;
         Ok(OpenedRelay {
             local,
             reservation_token,
@@ -234,9 +226,13 @@ impl RelayProvider for ShardRelays {
     fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
         let socket = self
             .reservations
-            .take(token, Instant::now())
+            .take(token)
             .ok_or(RelayOpenError::UnknownToken)?;
-        self.install(id, socket).map_err(|_| RelayOpenError::NoPort)
+        self.install(id, socket).map_err(open_error)
+    }
+
+    fn drop_reservation(&mut self, token: u64) {
+        self.reservations.take(token);
     }
 
     fn close(&mut self, id: RelayId) {

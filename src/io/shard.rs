@@ -65,6 +65,8 @@ pub struct ShardSetup {
 
 struct ShardState {
     core: Core<ShardRelays>,
+    /// Reserved ports belong to no shard; shard 0 counts them once for the whole server.
+    counts_reservations: bool,
     listeners: Vec<Rc<Listener>>,
     reply: Vec<u8>,
     peers: PeerBatch,
@@ -102,7 +104,13 @@ impl ShardState {
         ShardReport {
             core: *self.core.stats(),
             allocations: self.core.allocation_count(),
-            relay_sockets: self.core.relays().open_count(),
+            // A reserved port's socket is open and its port taken, claimed or not.
+            relay_sockets: self.core.relays().open_count()
+                + if self.counts_reservations {
+                    self.core.shared().reserved_ports()
+                } else {
+                    0
+                },
             send_errors: self.send_errors,
         }
     }
@@ -154,6 +162,7 @@ async fn serve(
     let core = Core::new(setup.config, setup.shared, relays, setup.seed);
     let state: Shard = Rc::new(RefCell::new(ShardState {
         core,
+        counts_reservations: setup.index == 0,
         listeners: listeners.clone(),
         reply: Vec::with_capacity(1500),
         peers: PeerBatch::new(),
@@ -162,7 +171,7 @@ async fn serve(
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
     }
-    tokio::task::spawn_local(timers(Rc::clone(&state), setup.reservations, setup.index));
+    tokio::task::spawn_local(timers(Rc::clone(&state)));
     tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
 
     let mut shutdown = setup.shutdown;
@@ -324,17 +333,13 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {
     }
 }
 
-async fn timers(state: Shard, reservations: Arc<Reservations>, index: usize) {
+async fn timers(state: Shard) {
     loop {
         let next = state.borrow().core.poll_timeout();
         let cap = Instant::now() + Duration::from_secs(1);
         let wake = next.map_or(cap, |t| t.min(cap));
         tokio::time::sleep_until(wake.into()).await;
         let now = Instant::now();
-        let mut st = state.borrow_mut();
-        st.core.handle_timeout(now);
-        if index == 0 {
-            reservations.sweep(now);
-        }
+        state.borrow_mut().core.handle_timeout(now);
     }
 }

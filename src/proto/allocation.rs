@@ -7,7 +7,18 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::quota::QuotaKey;
 use super::FiveTuple;
+
+/// RFC 8656 §7.2: a port reserved by EVEN-PORT with the R bit is held for about 30 seconds.
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The neighbour port an allocation reserved (EVEN-PORT, R bit) and has not seen claimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub token: u64,
+    pub expires: Instant,
+}
 
 /// Names one relay socket. The I/O layer stores sockets by (slot, v6) and checks `gen`, so a
 /// packet that races an allocation's end never reaches the slot's next occupant.
@@ -97,6 +108,10 @@ pub struct Allocation {
     pub username: Box<str>,
     /// The name the per-user quota counts by (the user part of a REST username).
     pub quota_user: Box<str>,
+    /// What the allocation's quota unit is counted under.
+    pub quota_key: QuotaKey,
+    /// Ends with the allocation unless claimed first.
+    pub reservation: Option<Reservation>,
     pub created: Instant,
     pub expires: Instant,
     /// Index 0 is the IPv4 relay, 1 the IPv6 relay (RFC 8656 dual allocation).
@@ -219,6 +234,8 @@ mod tests {
             },
             username: "u".into(),
             quota_user: "u".into(),
+            quota_key: QuotaKey::rest("u"),
+            reservation: None,
             created: now,
             expires: now + Duration::from_secs(600),
             relays: [None, None],

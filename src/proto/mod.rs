@@ -8,8 +8,10 @@ pub mod allocation;
 pub mod auth;
 pub mod codec;
 pub mod policy;
+pub mod quota;
 pub mod ratelimit;
 pub mod server;
+pub mod timers;
 
 use std::net::SocketAddr;
 

@@ -37,8 +37,10 @@
 //!    (a misconfiguration; the deny wins).
 //! 5. Service endpoints (our listeners, HTTP API, metrics): same port and the same IP,
 //!    or an unspecified endpoint IP (bound on all addresses) and a peer IP that is
-//!    loopback, a relay IP or an external IP → `Deny(ServerOwn)`. These never open,
-//!    not even with `allow_loopback`.
+//!    loopback, a relay IP, an external IP or any other address of this host →
+//!    `Deny(ServerOwn)`. These never open, not even with `allow_loopback`. Any other
+//!    port on a (non-loopback) host address is `Deny(ServerOwn)` too: whatever listens
+//!    there is this server's business, not a TURN client's.
 //! 6. Operator deny list, matched on the canonical IP and the original spelling →
 //!    `Deny(Configured)`. It wins over the allow list and over `allow_loopback`.
 //! 7. Loopback (127.0.0.0/8, `::1`, and every embedded spelling of them) → `Allow`
@@ -92,14 +94,22 @@ pub struct PolicyConfig {
     /// Our own listeners and control-plane (HTTP API, metrics) sockets. The IP may be
     /// unspecified (0.0.0.0 / `::`), meaning any of our addresses.
     pub service_endpoints: Vec<SocketAddr>,
+    /// Every address of this host's interfaces (enumerated at start and on reload). A
+    /// wildcard listener, the API and whatever else runs here answer on each of them, so
+    /// none is a peer, whatever the port (relay addresses excepted: see `relay_ips`).
+    pub host_ips: Vec<IpAddr>,
 }
 
 /// The outcome of a peer check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Relaying is allowed; send to `send_to`, which differs from the peer only after
-    /// external → local translation.
-    Allow { send_to: SocketAddr },
+    /// external → local translation. `canonical` is the one spelling of the destination
+    /// that every later check compares (embedded IPv4 reduced, translation applied).
+    Allow {
+        send_to: SocketAddr,
+        canonical: SocketAddr,
+    },
     /// Relaying is refused; the reason is for logs and metrics (the client gets 403).
     Deny(DenyReason),
 }
@@ -371,6 +381,8 @@ pub struct PeerPolicy {
     nat: Vec<NatMapping>,
     relay_ports: (u16, u16),
     services: Vec<ServiceEndpoint>,
+    /// Canonical; loopback excluded (step 7 and `allow_loopback` govern it).
+    host_ips: Vec<IpAddr>,
 }
 
 impl PeerPolicy {
@@ -405,6 +417,14 @@ impl PeerPolicy {
                 port: ep.port(),
             })
             .collect();
+        let mut host_ips: Vec<IpAddr> = cfg
+            .host_ips
+            .iter()
+            .map(|&ip| canonical_ip(ip))
+            .filter(|ip| !is_loopback(*ip) && !ip.is_unspecified() && !relay_ips.contains(ip))
+            .collect();
+        host_ips.sort_unstable();
+        host_ips.dedup();
         PeerPolicy {
             allow: cfg.allow,
             deny: cfg.deny,
@@ -413,6 +433,7 @@ impl PeerPolicy {
             nat,
             relay_ports: cfg.relay_ports,
             services,
+            host_ips,
         }
     }
 
@@ -433,6 +454,7 @@ impl PeerPolicy {
 
         let translated = self.translate(canon);
         let target = translated.map_or(canon, |m| m.local);
+        let canonical = SocketAddr::new(target, port);
 
         if self.relay_ips.contains(&target) {
             if self.is_service(target, port) {
@@ -443,7 +465,7 @@ impl PeerPolicy {
                     Some(m) => SocketAddr::new(in_family_of(m.local_configured, orig), port),
                     None => peer,
                 };
-                return Verdict::Allow { send_to };
+                return Verdict::Allow { send_to, canonical };
             }
             // Another port on our own relay address is the server itself (its SSH, say),
             // unless it is loopback and the operator opened loopback explicitly (a test rig
@@ -453,7 +475,7 @@ impl PeerPolicy {
             }
         }
 
-        if self.is_service(canon, port) {
+        if self.is_service(canon, port) || self.host_ips.contains(&canon) {
             return Verdict::Deny(DenyReason::ServerOwn);
         }
 
@@ -463,7 +485,10 @@ impl PeerPolicy {
 
         if is_loopback(canon) || is_loopback(orig) {
             return if self.allow_loopback {
-                Verdict::Allow { send_to: peer }
+                Verdict::Allow {
+                    send_to: peer,
+                    canonical,
+                }
             } else {
                 Verdict::Deny(DenyReason::Loopback)
             };
@@ -484,7 +509,10 @@ impl PeerPolicy {
             }
         }
 
-        Verdict::Allow { send_to: peer }
+        Verdict::Allow {
+            send_to: peer,
+            canonical,
+        }
     }
 
     /// Whether loopback peers were opened explicitly (`allow_loopback`).
@@ -534,7 +562,10 @@ impl PeerPolicy {
     /// Addresses a socket bound on 0.0.0.0 / `::` is reachable on, as far as we know
     /// them. `ip` must be canonical.
     fn is_own_ip(&self, ip: IpAddr) -> bool {
-        is_loopback(ip) || self.relay_ips.contains(&ip) || self.nat.iter().any(|m| m.external == ip)
+        is_loopback(ip)
+            || self.relay_ips.contains(&ip)
+            || self.host_ips.contains(&ip)
+            || self.nat.iter().any(|m| m.external == ip)
     }
 }
 
@@ -587,7 +618,11 @@ mod tests {
     }
 
     fn allow_to(peer: &str) -> Verdict {
-        Verdict::Allow { send_to: sa(peer) }
+        let peer = sa(peer);
+        Verdict::Allow {
+            send_to: peer,
+            canonical: SocketAddr::new(canonical_ip(peer.ip()), peer.port()),
+        }
     }
 
     // ---- canonical_ip -------------------------------------------------------------
@@ -1211,7 +1246,7 @@ mod tests {
         assert_eq!(p.present(sa("8.8.8.8:53")), sa("8.8.8.8:53"));
         assert_eq!(p.present(sa("203.0.113.7:50000")), sa("203.0.113.7:50000"));
         // Round trip: what check() sends to, present() shows as the advertised address.
-        if let Verdict::Allow { send_to } = p.check(sa("203.0.113.7:50000")) {
+        if let Verdict::Allow { send_to, .. } = p.check(sa("203.0.113.7:50000")) {
             assert_eq!(p.present(send_to), sa("203.0.113.7:50000"));
         } else {
             panic!("external relay address must be allowed");
@@ -1260,6 +1295,40 @@ mod tests {
             service_endpoints: vec![sa("0.0.0.0:3478"), sa("127.0.0.1:9090"), sa("[::]:5349")],
             ..PolicyConfig::default()
         })
+    }
+
+    #[test]
+    fn every_host_address_is_ours_whatever_the_port_and_the_allow_list() {
+        // A wildcard listener answers on a second address of the host too: TURN over TURN
+        // through our own listener, or the API, must not be reachable that way.
+        let p = PeerPolicy::new(PolicyConfig {
+            allow: nets(&["0.0.0.0/0", "::/0"]),
+            relay_ips: vec![ip("198.18.0.1")],
+            relay_ports: (49152, 65535),
+            service_endpoints: vec![sa("0.0.0.0:3478"), sa("[::]:8080")],
+            host_ips: vec![
+                ip("198.18.0.1"),
+                ip("198.18.0.2"),
+                ip("2001:db8::2"),
+                ip("127.0.0.1"),
+            ],
+            ..PolicyConfig::default()
+        });
+        for peer in [
+            "198.18.0.2:3478",
+            "198.18.0.2:8080",
+            "198.18.0.2:60000",
+            "[::ffff:198.18.0.2]:3478",
+            "[64:ff9b::c612:2]:3478",
+            "[2001:db8::2]:3478",
+            "[2001:db8::2]:60000",
+            "198.18.0.1:3478",
+        ] {
+            assert_eq!(denied_for(&p, peer), Some(DenyReason::ServerOwn), "{peer}");
+        }
+        // The relay address keeps its relay-range ports (the core checks they are live).
+        assert!(allowed(&p, "198.18.0.1:60000"));
+        assert!(allowed(&p, "198.18.0.3:3478"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Bounded per-source rate limiting for unauthenticated replies (401, 438).
+//! Bounded per-source rate limiting for unauthenticated replies (401, 438, 400, 420).
 //!
 //! Anyone can make the server answer 401 with a fresh nonce, and with UDP the source
 //! can be spoofed, so the server must neither keep state per unauthenticated source
@@ -9,8 +9,12 @@
 //! share a bucket; size the table well above the number of concurrently misbehaving
 //! sources you expect and collisions only make the limit slightly stricter.
 //!
+//! One table serves every shard: the kernel spreads one source's datagrams over the
+//! shards by port, so a table per shard would multiply the limit by the shard count.
 //! Each bucket is a GCRA cell (the token bucket written as one "theoretical arrival
-//! time"), so a slot is a single `u64` and a check is a compare and an add.
+//! time"), so a slot is a single atomic `u64` and a check is a load, a compare and a
+//! compare-and-swap: no lock, and contention only between shards answering the same
+//! misbehaving source.
 //!
 //! Source keys: an IPv4-mapped IPv6 source counts as its IPv4 address (a dual-stack
 //! listener sees IPv4 clients that way), and an IPv6 source counts by its /64,
@@ -18,87 +22,95 @@
 //! 2^64 addresses to spread over every bucket.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 /// Token bucket per source IP in a fixed-size table indexed by a keyed hash of the IP
 /// (colliding sources share a bucket: bounded memory, no per-client allocation, no
-/// state kept for unauthenticated sources beyond the table).
-#[derive(Debug, Clone)]
+/// state kept for unauthenticated sources beyond the table). Shared by all shards.
+#[derive(Debug)]
 pub struct SourceRateLimiter {
     /// Nanoseconds between tokens; 0 means unlimited.
-    interval_ns: u64,
+    interval_ns: AtomicU64,
     /// How far a bucket's arrival time may run ahead of now: (burst - 1) intervals.
-    tolerance_ns: u64,
+    tolerance_ns: AtomicU64,
     /// Per slot: the theoretical arrival time of the next conforming request, in
     /// nanoseconds since `epoch`. 0 (or anything in the past) is a full bucket.
-    slots: Box<[u64]>,
+    slots: Box<[AtomicU64]>,
     k0: u64,
     k1: u64,
-    /// Set by the first check: the core reads no clock, so the time origin is the
-    /// first `now` it is given.
-    epoch: Option<Instant>,
+    /// The time origin: the core reads no clock, so the caller gives one.
+    epoch: Instant,
 }
 
 impl SourceRateLimiter {
-    /// `per_second` tokens refill per second per bucket, up to `burst` (a burst of 0
-    /// is taken as 1: a limiter that refuses everything is better expressed by not
-    /// replying at all). `slots` is the table size (at least 1). `hash_key` should be
-    /// random per process. `per_second == 0` means unlimited and allocates no table.
-    pub fn new(per_second: u32, burst: u32, slots: usize, hash_key: u64) -> Self {
-        let interval_ns = if per_second == 0 {
-            0
-        } else {
-            // Rates above 1e9/s round to a zero interval, i.e. unlimited, which is
-            // what such a rate means in practice.
-            NANOS_PER_SEC / u64::from(per_second)
-        };
-        let burst = u64::from(burst.max(1));
-        let tolerance_ns = interval_ns.saturating_mul(burst - 1);
-        let slots = if interval_ns == 0 {
-            Vec::new().into_boxed_slice()
-        } else {
-            vec![0u64; slots.max(1)].into_boxed_slice()
-        };
-        SourceRateLimiter {
-            interval_ns,
-            tolerance_ns,
-            slots,
+    /// `per_second` tokens refill per second per bucket, up to `burst` (see
+    /// [`SourceRateLimiter::set_rate`]). `slots` is the table size (at least 1).
+    /// `hash_key` should be random per process. `epoch` is any instant not after the
+    /// first check.
+    pub fn new(per_second: u32, burst: u32, slots: usize, hash_key: u64, epoch: Instant) -> Self {
+        let limiter = SourceRateLimiter {
+            interval_ns: AtomicU64::new(0),
+            tolerance_ns: AtomicU64::new(0),
+            slots: (0..slots.max(1)).map(|_| AtomicU64::new(0)).collect(),
             k0: hash_key,
             // SipHash wants 128 bits of key; derive the second half so the API stays
             // one u64. The constant only decorrelates the halves; the secrecy is all
             // in `hash_key`.
             k1: hash_key.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15,
-            epoch: None,
-        }
+            epoch,
+        };
+        limiter.set_rate(per_second, burst);
+        limiter
+    }
+
+    /// Changes the rate (a reload); buckets keep their state. A burst of 0 is taken as
+    /// 1: a limiter that refuses everything is better expressed by not replying at all.
+    /// `per_second == 0` means unlimited.
+    pub fn set_rate(&self, per_second: u32, burst: u32) {
+        // Rates above 1e9/s round to a zero interval, i.e. unlimited, which is what
+        // such a rate means in practice.
+        let interval_ns = NANOS_PER_SEC
+            .checked_div(u64::from(per_second))
+            .unwrap_or(0);
+        let burst = u64::from(burst.max(1));
+        self.interval_ns.store(interval_ns, Ordering::Relaxed);
+        self.tolerance_ns
+            .store(interval_ns.saturating_mul(burst - 1), Ordering::Relaxed);
     }
 
     /// Whether a reply to `ip` may be sent now; consumes a token when it may.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if self.interval_ns == 0 {
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let interval_ns = self.interval_ns.load(Ordering::Relaxed);
+        if interval_ns == 0 {
             return true;
         }
-        let epoch = *self.epoch.get_or_insert(now);
-        // A `now` earlier than the first one (callers on different threads' clocks)
-        // counts as the epoch rather than panicking or wrapping.
+        let tolerance_ns = self.tolerance_ns.load(Ordering::Relaxed);
+        // A `now` earlier than the epoch (callers on different threads' clocks) counts
+        // as the epoch rather than panicking or wrapping.
         let now_ns =
-            u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
-
-        let index = self.index(ip);
-        let Some(tat) = self.slots.get_mut(index) else {
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let Some(cell) = self.slots.get(self.index(ip)) else {
             // Unreachable: index() reduces into the table and the table is non-empty.
             return false;
         };
-        if tat.saturating_sub(now_ns) > self.tolerance_ns {
-            return false;
+        let mut tat = cell.load(Ordering::Relaxed);
+        loop {
+            if tat.saturating_sub(now_ns) > tolerance_ns {
+                return false;
+            }
+            let next = tat.max(now_ns).saturating_add(interval_ns);
+            match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(current) => tat = current,
+            }
         }
-        *tat = (*tat).max(now_ns).saturating_add(self.interval_ns);
-        true
     }
 
     fn index(&self, ip: IpAddr) -> usize {
-        let hash = match source_key(ip) {
+        let hash = match SourceKey::of(ip) {
             SourceKey::V4(octets) => siphash24(self.k0, self.k1, &octets),
             SourceKey::V6Prefix(octets) => siphash24(self.k0, self.k1, &octets),
         };
@@ -108,23 +120,27 @@ impl SourceRateLimiter {
     }
 }
 
-/// What a source is counted as. The two variants hash different lengths (4 and 8
-/// bytes), so an IPv4 address and an IPv6 prefix never collide by construction.
-enum SourceKey {
+/// What a source address is counted as, here and by per-source quotas. The two
+/// variants hash different lengths (4 and 8 bytes), so an IPv4 address and an IPv6
+/// prefix never collide by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKey {
     V4([u8; 4]),
     V6Prefix([u8; 8]),
 }
 
-fn source_key(ip: IpAddr) -> SourceKey {
-    match ip {
-        IpAddr::V4(v4) => SourceKey::V4(v4.octets()),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SourceKey::V4(v4.octets()),
-            None => {
-                let o = v6.octets();
-                SourceKey::V6Prefix([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
-            }
-        },
+impl SourceKey {
+    pub fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(v4) => SourceKey::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(v4.octets()),
+                None => {
+                    let o = v6.octets();
+                    SourceKey::V6Prefix([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+                }
+            },
+        }
     }
 }
 
@@ -192,7 +208,7 @@ mod tests {
     }
 
     /// Counts how many of `n` back-to-back requests at `now` pass.
-    fn passes(rl: &mut SourceRateLimiter, src: IpAddr, now: Instant, n: u32) -> u32 {
+    fn passes(rl: &SourceRateLimiter, src: IpAddr, now: Instant, n: u32) -> u32 {
         (0..n).filter(|_| rl.allow(src, now)).count() as u32
     }
 
@@ -200,9 +216,9 @@ mod tests {
     fn burst_passes_exactly_then_refuses() {
         let t0 = Instant::now();
         for burst in [1, 2, 5, 20, 1000] {
-            let mut rl = SourceRateLimiter::new(10, burst, 1024, 42);
+            let rl = SourceRateLimiter::new(10, burst, 1024, 42, t0);
             let src = ip("198.51.100.1");
-            assert_eq!(passes(&mut rl, src, t0, burst + 50), burst, "burst {burst}");
+            assert_eq!(passes(&rl, src, t0, burst + 50), burst, "burst {burst}");
             assert!(!rl.allow(src, t0));
         }
     }
@@ -210,24 +226,24 @@ mod tests {
     #[test]
     fn refills_over_simulated_time() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(10, 5, 1024, 7);
+        let rl = SourceRateLimiter::new(10, 5, 1024, 7, t0);
         let src = ip("198.51.100.1");
-        assert_eq!(passes(&mut rl, src, t0, 10), 5);
+        assert_eq!(passes(&rl, src, t0, 10), 5);
         // One token every 100 ms.
         assert!(!rl.allow(src, t0 + Duration::from_millis(99)));
         assert!(rl.allow(src, t0 + Duration::from_millis(100)));
         assert!(!rl.allow(src, t0 + Duration::from_millis(150)));
         assert!(rl.allow(src, t0 + Duration::from_millis(200)));
         // 350 ms later: 3 more tokens (at 300, 400, 500 ms of the schedule).
-        assert_eq!(passes(&mut rl, src, t0 + Duration::from_millis(550), 10), 3);
+        assert_eq!(passes(&rl, src, t0 + Duration::from_millis(550), 10), 3);
         // After a long idle period the bucket is full again, but never above burst.
-        assert_eq!(passes(&mut rl, src, t0 + Duration::from_secs(3600), 100), 5);
+        assert_eq!(passes(&rl, src, t0 + Duration::from_secs(3600), 100), 5);
     }
 
     #[test]
     fn sustained_rate_matches_per_second() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(50, 10, 64, 1);
+        let rl = SourceRateLimiter::new(50, 10, 64, 1, t0);
         let src = ip("2001:db8::1");
         // Hammer once per millisecond for 10 s: burst + rate * duration.
         let mut passed = 0;
@@ -243,13 +259,13 @@ mod tests {
     #[test]
     fn different_sources_do_not_share_in_a_large_table() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(1, 3, 1 << 16, 0xdead_beef);
+        let rl = SourceRateLimiter::new(1, 3, 1 << 16, 0xdead_beef, t0);
         let a = ip("198.51.100.1");
         let b = ip("198.51.100.2");
         let c = ip("2001:db8:1::1");
-        assert_eq!(passes(&mut rl, a, t0, 10), 3);
-        assert_eq!(passes(&mut rl, b, t0, 10), 3);
-        assert_eq!(passes(&mut rl, c, t0, 10), 3);
+        assert_eq!(passes(&rl, a, t0, 10), 3);
+        assert_eq!(passes(&rl, b, t0, 10), 3);
+        assert_eq!(passes(&rl, c, t0, 10), 3);
         assert!(!rl.allow(a, t0));
     }
 
@@ -258,11 +274,11 @@ mod tests {
         // 1000 sources in 65536 slots: collisions are rare (birthday bound ~7.6 pairs
         // expected at worst), so nearly every source gets its own full burst.
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(1, 2, 1 << 16, 12345);
+        let rl = SourceRateLimiter::new(1, 2, 1 << 16, 12345, t0);
         let mut full = 0;
         for i in 0..1000u32 {
             let src = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            if passes(&mut rl, src, t0, 2) == 2 {
+            if passes(&rl, src, t0, 2) == 2 {
                 full += 1;
             }
         }
@@ -272,39 +288,38 @@ mod tests {
     #[test]
     fn colliding_sources_share_a_bucket() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(1, 4, 1, 99);
-        assert_eq!(passes(&mut rl, ip("198.51.100.1"), t0, 2), 2);
-        assert_eq!(passes(&mut rl, ip("203.0.113.9"), t0, 10), 2);
+        let rl = SourceRateLimiter::new(1, 4, 1, 99, t0);
+        assert_eq!(passes(&rl, ip("198.51.100.1"), t0, 2), 2);
+        assert_eq!(passes(&rl, ip("203.0.113.9"), t0, 10), 2);
     }
 
     #[test]
     fn unlimited_mode() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(0, 0, 1024, 5);
-        assert!(rl.slots.is_empty());
+        let rl = SourceRateLimiter::new(0, 0, 1024, 5, t0);
         let src = ip("198.51.100.1");
-        assert_eq!(passes(&mut rl, src, t0, 100_000), 100_000);
+        assert_eq!(passes(&rl, src, t0, 100_000), 100_000);
     }
 
     #[test]
     fn degenerate_parameters_are_clamped() {
         let t0 = Instant::now();
         // burst 0 behaves as 1, slots 0 as 1.
-        let mut rl = SourceRateLimiter::new(10, 0, 0, 5);
+        let rl = SourceRateLimiter::new(10, 0, 0, 5, t0);
         let src = ip("198.51.100.1");
-        assert_eq!(passes(&mut rl, src, t0, 10), 1);
+        assert_eq!(passes(&rl, src, t0, 10), 1);
         assert!(rl.allow(src, t0 + Duration::from_millis(100)));
         // A rate beyond nanosecond resolution is unlimited.
-        let mut fast = SourceRateLimiter::new(u32::MAX, 1, 16, 5);
-        assert_eq!(passes(&mut fast, src, t0, 1000), 1000);
+        let fast = SourceRateLimiter::new(u32::MAX, 1, 16, 5, t0);
+        assert_eq!(passes(&fast, src, t0, 1000), 1000);
     }
 
     #[test]
     fn time_going_backwards_does_not_refill_or_panic() {
         let t0 = Instant::now() + Duration::from_secs(10);
-        let mut rl = SourceRateLimiter::new(1, 2, 16, 5);
+        let rl = SourceRateLimiter::new(1, 2, 16, 5, t0);
         let src = ip("198.51.100.1");
-        assert_eq!(passes(&mut rl, src, t0, 5), 2);
+        assert_eq!(passes(&rl, src, t0, 5), 2);
         assert!(!rl.allow(src, t0 - Duration::from_secs(5)));
         assert!(rl.allow(src, t0 + Duration::from_secs(1)));
     }
@@ -312,31 +327,60 @@ mod tests {
     #[test]
     fn mapped_source_counts_as_ipv4() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(1, 2, 1 << 16, 5);
-        assert_eq!(passes(&mut rl, ip("198.51.100.1"), t0, 1), 1);
-        assert_eq!(passes(&mut rl, ip("::ffff:198.51.100.1"), t0, 5), 1);
+        let rl = SourceRateLimiter::new(1, 2, 1 << 16, 5, t0);
+        assert_eq!(passes(&rl, ip("198.51.100.1"), t0, 1), 1);
+        assert_eq!(passes(&rl, ip("::ffff:198.51.100.1"), t0, 5), 1);
     }
 
     #[test]
     fn ipv6_sources_count_by_slash_64() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(1, 2, 1 << 16, 5);
-        assert_eq!(passes(&mut rl, ip("2001:db8:0:1::1"), t0, 1), 1);
-        assert_eq!(passes(&mut rl, ip("2001:db8:0:1:ffff:1:2:3"), t0, 5), 1);
+        let rl = SourceRateLimiter::new(1, 2, 1 << 16, 5, t0);
+        assert_eq!(passes(&rl, ip("2001:db8:0:1::1"), t0, 1), 1);
+        assert_eq!(passes(&rl, ip("2001:db8:0:1:ffff:1:2:3"), t0, 5), 1);
         // The neighbouring /64 is another source.
-        assert_eq!(passes(&mut rl, ip("2001:db8:0:2::1"), t0, 5), 2);
+        assert_eq!(passes(&rl, ip("2001:db8:0:2::1"), t0, 5), 2);
     }
 
     #[test]
     fn hash_key_changes_the_slot_assignment() {
         // Two limiters with different keys should disagree on where most sources go.
-        let a = SourceRateLimiter::new(1, 1, 1 << 16, 1);
-        let b = SourceRateLimiter::new(1, 1, 1 << 16, 2);
+        let t0 = Instant::now();
+        let a = SourceRateLimiter::new(1, 1, 1 << 16, 1, t0);
+        let b = SourceRateLimiter::new(1, 1, 1 << 16, 2, t0);
         let differ = (0..100u32)
             .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0xc633_6400 + i)))
             .filter(|&src| a.index(src) != b.index(src))
             .count();
         assert!(differ > 95, "{differ}");
+    }
+
+    #[test]
+    fn one_table_holds_across_threads() {
+        // Eight shards answering one source: the burst holds in total, not per shard.
+        let t0 = Instant::now();
+        let rl = std::sync::Arc::new(SourceRateLimiter::new(20, 40, 1024, 3, t0));
+        let src = ip("198.51.100.7");
+        let passed: u32 = (0..8)
+            .map(|_| {
+                let rl = std::sync::Arc::clone(&rl);
+                std::thread::spawn(move || passes(&rl, src, t0, 1000))
+            })
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(passed, 40);
+    }
+
+    #[test]
+    fn set_rate_takes_effect_without_a_new_table() {
+        let t0 = Instant::now();
+        let rl = SourceRateLimiter::new(0, 0, 64, 3, t0);
+        let src = ip("198.51.100.7");
+        assert_eq!(passes(&rl, src, t0, 500), 500);
+        rl.set_rate(1, 3);
+        assert_eq!(passes(&rl, src, t0, 10), 3);
+        rl.set_rate(0, 0);
+        assert_eq!(passes(&rl, src, t0, 10), 10);
     }
 
     #[test]

@@ -4,14 +4,14 @@
 //! shard, so the packet path touches no lock. Cross-shard state is limited to what Allocate needs
 //! (per-user and total allocation counts in [`Shared`]) and the nonce key.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::allocation::{Allocation, BindError, Counters, Relay, RelayId, TokenBucket};
+use super::allocation::{Reservation, RESERVATION_LIFETIME};
 use super::auth::{
     AuthReject, Authenticator, LongTermKey, NonceIssuer, NonceStatus, PasswordAlgorithm,
 };
@@ -19,8 +19,10 @@ use super::codec::{
     self, attr, decode_xor_address, frame_channel_data, frame_data_indication, method, Class,
     Message, MessageWriter, CHANNEL_MAX, CHANNEL_MIN, HEADROOM,
 };
-use super::policy::{PeerPolicy, Verdict};
+use super::policy::{canonical_ip, PeerPolicy, Verdict};
+use super::quota::{QuotaError, QuotaKey, Quotas};
 use super::ratelimit::SourceRateLimiter;
+use super::timers::DeadlineQueue;
 use super::FiveTuple;
 
 /// Limits and lifetimes the core enforces.
@@ -53,8 +55,10 @@ impl Default for Limits {
             permission_lifetime: Duration::from_secs(300),
             channel_lifetime: Duration::from_secs(600),
             bandwidth_bytes_per_sec: 0,
-            unauth_replies_per_sec: 100,
-            unauth_replies_burst: 200,
+            // About 100 bytes out per reply: a spoofed source's victim gets at most ~20 kB/s
+            // from us, while 500 users behind one NAT can each allocate within a few seconds.
+            unauth_replies_per_sec: 200,
+            unauth_replies_burst: 500,
         }
     }
 }
@@ -121,21 +125,20 @@ impl LiveRelayPorts {
     }
 }
 
-/// State all shards share. Touched only on Allocate and on an allocation's end, never per packet.
+/// State all shards share. Touched on Allocate, on an allocation's end and on unauthenticated
+/// replies, never per relayed packet.
 pub struct Shared {
     nonces: NonceIssuer,
     anchor: Instant,
     anchor_unix: u64,
-    users: Mutex<HashMap<Box<str>, u32>>,
-    total: AtomicU32,
+    quotas: Quotas,
     live_relays: LiveRelayPorts,
+    /// One limit per source across every shard (the kernel spreads a source's ports over them).
+    limiter: SourceRateLimiter,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QuotaError {
-    User,
-    Total,
-}
+/// Buckets in the unauthenticated-reply table: 128 KiB, far above the sources that misbehave at once.
+const LIMITER_SLOTS: usize = 16_384;
 
 impl Shared {
     /// `anchor`/`anchor_unix` pin the monotonic clock to wall-clock time once, so the core can check
@@ -146,13 +149,27 @@ impl Shared {
         anchor: Instant,
         anchor_unix: u64,
     ) -> Self {
+        // The limiter's hash key must be unpredictable; derive it from the (random) nonce key
+        // one-way, so neither reveals the other.
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[b"turnpike rate limiter".as_slice(), &nonce_secret].concat(),
+        );
+        let hash_key = u64::from_le_bytes(digest.as_ref()[..8].try_into().unwrap_or_default());
+        let limits = Limits::default();
         Shared {
             nonces: NonceIssuer::new(nonce_secret, nonce_lifetime_secs),
             anchor,
             anchor_unix,
-            users: Mutex::new(HashMap::new()),
-            total: AtomicU32::new(0),
+            quotas: Quotas::default(),
             live_relays: LiveRelayPorts::default(),
+            limiter: SourceRateLimiter::new(
+                limits.unauth_replies_per_sec,
+                limits.unauth_replies_burst,
+                LIMITER_SLOTS,
+                hash_key,
+                anchor,
+            ),
         }
     }
 
@@ -160,33 +177,27 @@ impl Shared {
         self.anchor_unix + now.saturating_duration_since(self.anchor).as_secs()
     }
 
+    /// Quota units held: live allocations plus unclaimed port reservations.
     pub fn total_allocations(&self) -> u32 {
-        self.total.load(Ordering::Relaxed)
+        self.quotas.total()
     }
 
-    fn reserve(&self, user: &str, limits: &Limits) -> Result<(), QuotaError> {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let count = users.get(user).copied().unwrap_or(0);
-        if limits.allocations_per_user != 0 && count >= limits.allocations_per_user {
-            return Err(QuotaError::User);
-        }
-        if self.total.load(Ordering::Relaxed) >= limits.total_allocations {
-            return Err(QuotaError::Total);
-        }
-        self.total.fetch_add(1, Ordering::Relaxed);
-        *users.entry(user.into()).or_insert(0) += 1;
-        Ok(())
+    /// Relay ports held by EVEN-PORT reservations nobody has claimed yet.
+    pub fn reserved_ports(&self) -> usize {
+        self.quotas.reserved_ports()
     }
 
-    fn release(&self, user: &str) {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = users.get_mut(user) {
-            *c -= 1;
-            if *c == 0 {
-                users.remove(user);
-            }
-        }
-        self.total.fetch_sub(1, Ordering::Relaxed);
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    fn take_quota(&self, key: &QuotaKey, units: u32, limits: &Limits) -> Result<(), QuotaError> {
+        self.quotas.take(
+            key,
+            units,
+            limits.allocations_per_user,
+            limits.total_allocations,
+        )
     }
 }
 
@@ -209,17 +220,25 @@ pub struct OpenedRelay {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RelayOpenError {
-    #[error("no free relay port")]
+    #[error("every relay port is in use")]
     NoPort,
     #[error("unknown or expired reservation token")]
     UnknownToken,
+    /// The operating system refused the socket (out of file descriptors, say).
+    #[error("relay socket refused: {0}")]
+    Os(std::io::ErrorKind),
 }
 
+/// Relay sockets, opened and closed on the core's word. The core decides every lifetime,
+/// reservations' included; the provider only holds the sockets.
 pub trait RelayProvider {
     fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError>;
-    /// Takes the socket reserved under `token` (any shard may have reserved it).
+    /// Takes the socket reserved under `token` (any shard may have reserved it). The core has
+    /// already checked that the reservation is live.
     fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError>;
     fn close(&mut self, id: RelayId);
+    /// Closes the socket reserved under `token`, if nobody has claimed it.
+    fn drop_reservation(&mut self, token: u64);
 }
 
 /// What the I/O layer does with a client datagram.
@@ -337,9 +356,10 @@ pub struct Core<P> {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     by_client: HashMap<FiveTuple, u32>,
-    /// Allocation expiry times; stale entries (refreshed or ended allocations) are skipped on pop.
-    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
-    limiter: SourceRateLimiter,
+    /// One deadline per live allocation slot: the sooner of its expiry and its reservation's.
+    timers: DeadlineQueue,
+    /// Failed relay opens not yet logged: an authenticated user must not be able to flood the log.
+    relay_failures: LogThrottle,
     rng: u64,
     keys: Vec<LongTermKey>,
     stats: Stats,
@@ -429,12 +449,10 @@ fn family_of(value: &[u8]) -> Option<u8> {
 
 impl<P: RelayProvider> Core<P> {
     pub fn new(config: Arc<CoreConfig>, shared: Arc<Shared>, relays: P, seed: u64) -> Self {
-        let limiter = SourceRateLimiter::new(
-            config.limits.unauth_replies_per_sec,
-            config.limits.unauth_replies_burst,
-            4096,
-            seed ^ 0x5bd1_e995,
-        );
+        let limits = &config.limits;
+        shared
+            .limiter
+            .set_rate(limits.unauth_replies_per_sec, limits.unauth_replies_burst);
         Core {
             config,
             shared,
@@ -442,8 +460,8 @@ impl<P: RelayProvider> Core<P> {
             slots: Vec::new(),
             free_slots: Vec::new(),
             by_client: HashMap::new(),
-            timers: BinaryHeap::new(),
-            limiter,
+            timers: DeadlineQueue::default(),
+            relay_failures: LogThrottle::default(),
             rng: seed | 1,
             keys: Vec::with_capacity(4),
             stats: Stats::default(),
@@ -453,6 +471,10 @@ impl<P: RelayProvider> Core<P> {
 
     /// Swaps in a reloaded configuration; allocations, permissions and channels stay.
     pub fn set_config(&mut self, config: Arc<CoreConfig>) {
+        let limits = &config.limits;
+        self.shared
+            .limiter
+            .set_rate(limits.unauth_replies_per_sec, limits.unauth_replies_burst);
         self.config = config;
     }
 
@@ -464,26 +486,50 @@ impl<P: RelayProvider> Core<P> {
         self.by_client.len()
     }
 
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     pub fn relays(&mut self) -> &mut P {
         &mut self.relays
     }
 
     /// The earliest instant `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _, _))| *t)
+        self.timers.next()
     }
 
-    /// Ends every allocation whose lifetime has run out.
+    /// Ends every allocation whose lifetime has run out and every reservation nobody claimed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&Reverse((t, slot, gen))) = self.timers.peek() {
-            if t > now {
-                break;
+        while let Some(slot) = self.timers.pop_due(now) {
+            let Some(a) = self.slots[slot as usize].alloc.as_mut() else {
+                continue;
+            };
+            if let Some(r) = a.reservation.filter(|r| r.expires <= now) {
+                a.reservation = None;
+                self.end_reservation(r.token);
             }
-            self.timers.pop();
-            let expired = self.slot(slot, gen).is_some_and(|a| a.expires <= now);
-            if expired {
+            if self.alloc_mut(slot).expires <= now {
                 self.end_allocation(slot, now, "expired");
+            } else {
+                self.arm(slot);
             }
+        }
+    }
+
+    /// (Re)sets a live slot's one timer entry to its next deadline.
+    fn arm(&mut self, slot: u32) {
+        let a = self.alloc_mut(slot);
+        let at = a
+            .reservation
+            .map_or(a.expires, |r| r.expires.min(a.expires));
+        self.timers.set(slot, at);
+    }
+
+    /// Ends a reservation (claimed, expired, or its allocation ended) and frees its port.
+    fn end_reservation(&mut self, token: u64) {
+        if self.shared.quotas.end_reservation(token) {
+            self.relays.drop_reservation(token);
         }
     }
 
@@ -656,7 +702,7 @@ impl<P: RelayProvider> Core<P> {
                 | method::CHANNEL_BIND,
             ) => self.turn_request(now, ft, &msg, reply),
             (Class::Request, _) => {
-                if !self.limiter.allow(ft.client.ip(), now) {
+                if !self.shared.limiter.allow(ft.client.ip(), now) {
                     self.stats.rate_limited += 1;
                     return ClientAction::Drop;
                 }
@@ -698,7 +744,7 @@ impl<P: RelayProvider> Core<P> {
         self.stats.binding_requests += 1;
         let (unknown, n) = Self::unknown_attributes(msg, BINDING_KNOWN);
         if n > 0 {
-            if !self.limiter.allow(ft.client.ip(), now) {
+            if !self.shared.limiter.allow(ft.client.ip(), now) {
                 self.stats.rate_limited += 1;
                 return ClientAction::Drop;
             }
@@ -888,7 +934,7 @@ impl<P: RelayProvider> Core<P> {
         reply: &mut Vec<u8>,
         code: u16,
     ) -> ClientAction {
-        if !self.limiter.allow(ft.client.ip(), now) {
+        if !self.shared.limiter.allow(ft.client.ip(), now) {
             self.stats.rate_limited += 1;
             return ClientAction::Drop;
         }
@@ -915,7 +961,7 @@ impl<P: RelayProvider> Core<P> {
         reply: &mut Vec<u8>,
         code: u16,
     ) -> ClientAction {
-        if !self.limiter.allow(ft.client.ip(), now) {
+        if !self.shared.limiter.allow(ft.client.ip(), now) {
             self.stats.rate_limited += 1;
             return ClientAction::Drop;
         }
@@ -1042,12 +1088,24 @@ impl<P: RelayProvider> Core<P> {
             return self.error(reply, msg, 440, Some(signer));
         }
         let quota_user = config.auth.quota_user(username);
-        match self.shared.reserve(quota_user, &config.limits) {
-            Ok(()) => {}
-            Err(q) => {
-                self.stats.quota_rejections += 1;
-                let code = if q == QuotaError::User { 486 } else { 508 };
-                return self.error(reply, msg, code, Some(signer));
+        let quota_key = if config.auth.is_static_user(username) {
+            QuotaKey::per_source(quota_user, ft.client.ip())
+        } else {
+            QuotaKey::rest(quota_user)
+        };
+        // A reserved neighbour port is capacity held for this user until it is claimed or dies
+        // with this allocation, so it takes a unit of the quota too.
+        let units = if reserve_next == Some(true) { 2 } else { 1 };
+        if let Err(q) = self.shared.take_quota(&quota_key, units, &config.limits) {
+            self.stats.quota_rejections += 1;
+            let code = if q == QuotaError::User { 486 } else { 508 };
+            return self.error(reply, msg, code, Some(signer));
+        }
+        // The reservation is ours to claim only while the core that made it still holds it.
+        if let Some(t) = token {
+            if !self.shared.quotas.end_reservation(t) {
+                self.shared.quotas.give_back(&quota_key, units);
+                return self.error(reply, msg, 508, Some(signer));
             }
         }
         let slot = match self.free_slots.pop() {
@@ -1096,7 +1154,14 @@ impl<P: RelayProvider> Core<P> {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(client = %ft.client, error = %e, "relay socket unavailable");
+                    if let Some(suppressed) = self.relay_failures.should_log(now) {
+                        tracing::warn!(
+                            client = %ft.client,
+                            error = %e,
+                            similar_failures_not_logged = suppressed,
+                            "allocation refused: relay socket unavailable"
+                        );
+                    }
                     failed = true;
                     break;
                 }
@@ -1106,17 +1171,37 @@ impl<P: RelayProvider> Core<P> {
             for r in relays.iter().flatten() {
                 self.relays.close(r.id);
             }
+            if let Some(t) = reservation {
+                self.relays.drop_reservation(t);
+            }
             self.free_slots.push(slot);
-            self.shared.release(quota_user);
+            self.shared.quotas.give_back(&quota_key, units);
             return self.error(reply, msg, 508, Some(signer));
         }
-        let lifetime = self.lifetime(msg).max(Duration::from_secs(1));
+        let reservation = reservation.map(|token| {
+            self.shared.quotas.hold_for_reservation(token, &quota_key);
+            Reservation {
+                token,
+                expires: now + RESERVATION_LIFETIME,
+            }
+        });
+        if reserve_next == Some(true) && reservation.is_none() {
+            // Nothing to hold for (the provider reserved no port): return the unit.
+            self.shared.quotas.give_back(&quota_key, 1);
+        }
+        // RFC 8656 §7.2: a LIFETIME of 0 in an Allocate is no request at all: the default applies.
+        let lifetime = match self.lifetime(msg) {
+            Duration::ZERO => config.limits.default_lifetime,
+            l => l,
+        };
         let bw = config.limits.bandwidth_bytes_per_sec;
         let budget = (bw > 0).then(|| TokenBucket::new(bw, now));
         let allocation = Allocation {
             five_tuple: *ft,
             username: username.into(),
             quota_user: quota_user.into(),
+            quota_key,
+            reservation,
             created: now,
             expires: now + lifetime,
             relays,
@@ -1133,7 +1218,7 @@ impl<P: RelayProvider> Core<P> {
         }
         self.slots[slot as usize].alloc = Some(allocation);
         self.by_client.insert(*ft, slot);
-        self.timers.push(Reverse((now + lifetime, slot, gen)));
+        self.arm(slot);
         self.stats.allocations_created += 1;
         tracing::info!(
             user = username,
@@ -1164,8 +1249,8 @@ impl<P: RelayProvider> Core<P> {
             w.attr(attr::ADDRESS_ERROR_CODE, &v[..4 + r.len()]);
         }
         w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
-        if let Some(t) = reservation {
-            w.attr(attr::RESERVATION_TOKEN, &t.to_be_bytes());
+        if let Some(r) = reservation {
+            w.attr(attr::RESERVATION_TOKEN, &r.token.to_be_bytes());
         }
         w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
         self.finish(&mut w, msg, Some(signer));
@@ -1196,10 +1281,8 @@ impl<P: RelayProvider> Core<P> {
         if lifetime.is_zero() {
             self.end_allocation(slot, now, "deleted by client");
         } else {
-            let a = self.alloc_mut(slot);
-            a.expires = now + lifetime;
-            let gen = self.slots[slot as usize].gen;
-            self.timers.push(Reverse((now + lifetime, slot, gen)));
+            self.alloc_mut(slot).expires = now + lifetime;
+            self.arm(slot);
         }
         let mut w =
             MessageWriter::new(reply, method::REFRESH, Class::Success, msg.transaction_id());
@@ -1211,8 +1294,10 @@ impl<P: RelayProvider> Core<P> {
     /// The peer policy plus one rule it cannot know: on our own relay address, only ports we
     /// have open as relays are peers. Returns the address to send to.
     fn peer_verdict(&mut self, peer: SocketAddr) -> Option<SocketAddr> {
-        let target = match self.config.policy.check(peer) {
-            Verdict::Allow { send_to } => send_to,
+        // `canonical` is the one spelling every check compares (embedded IPv4 reduced, our
+        // external address translated); `send_to` keeps the family the relay socket needs.
+        let (send_to, canonical) = match self.config.policy.check(peer) {
+            Verdict::Allow { send_to, canonical } => (send_to, canonical),
             Verdict::Deny(why) => {
                 self.stats.denied_peers += 1;
                 tracing::debug!(peer = %peer, reason = why.as_str(), "peer denied");
@@ -1223,15 +1308,15 @@ impl<P: RelayProvider> Core<P> {
         let ours = [config.relay_v4, config.relay_v6]
             .iter()
             .flatten()
-            .any(|r| r.local == target.ip());
+            .any(|r| canonical_ip(r.local) == canonical.ip());
         // A loopback test rig that opened loopback explicitly keeps its echo peers.
-        let opened_loopback = target.ip().is_loopback() && config.policy.allows_loopback();
-        if ours && !opened_loopback && !self.shared.live_relays.contains(&target) {
+        let opened_loopback = canonical.ip().is_loopback() && config.policy.allows_loopback();
+        if ours && !opened_loopback && !self.shared.live_relays.contains(&canonical) {
             self.stats.denied_peers += 1;
             tracing::debug!(peer = %peer, "peer denied: our relay address, but not one of our relay ports");
             return None;
         }
-        Some(target)
+        Some(send_to)
     }
 
     fn admit_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<SocketAddr, u16> {
@@ -1359,12 +1444,17 @@ impl<P: RelayProvider> Core<P> {
         let s = &mut self.slots[slot as usize];
         s.gen = s.gen.wrapping_add(1);
         self.free_slots.push(slot);
+        self.timers.remove(slot);
         self.by_client.remove(&a.five_tuple);
         for r in a.relays.iter().flatten() {
             self.relays.close(r.id);
             self.shared.live_relays.remove(&r.local);
         }
-        self.shared.release(&a.quota_user);
+        // An unclaimed reservation dies with the allocation that made it.
+        if let Some(r) = a.reservation {
+            self.end_reservation(r.token);
+        }
+        self.shared.quotas.give_back(&a.quota_key, 1);
         self.stats.allocations_ended += 1;
         let c = a.counters;
         tracing::info!(
@@ -1447,6 +1537,32 @@ impl<P: RelayProvider> Core<P> {
             to,
             start: s,
             end: e,
+        }
+    }
+}
+
+/// Lets one line through per interval and counts the rest, so a failure a client can trigger at
+/// will (a full relay range, no file descriptors left) costs the log one line per minute.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    /// `Some(lines suppressed since the last one)` when this one should be logged.
+    fn should_log(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < Self::INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
         }
     }
 }

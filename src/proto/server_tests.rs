@@ -9,6 +9,7 @@ use super::*;
 use crate::proto::auth::{long_term_key, mint_rest_credential, RestConfig, StaticUser};
 use crate::proto::codec::{attr, method, Class, Message, MessageWriter, TAILROOM};
 use crate::proto::policy::{PeerPolicy, PolicyConfig};
+use crate::proto::quota::QuotaKey;
 use crate::proto::Transport;
 
 const REALM: &str = "test.realm";
@@ -21,6 +22,7 @@ struct FakeRelays {
     open: HashMap<RelayId, SocketAddr>,
     reserved: HashMap<u64, SocketAddr>,
     closed: Vec<RelayId>,
+    dropped_reservations: Vec<u64>,
     exhausted: bool,
 }
 
@@ -67,6 +69,14 @@ impl RelayProvider for FakeRelays {
             "closed twice or never opened"
         );
         self.closed.push(id);
+    }
+
+    fn drop_reservation(&mut self, token: u64) {
+        assert!(
+            self.reserved.remove(&token).is_some(),
+            "reservation dropped twice or never made"
+        );
+        self.dropped_reservations.push(token);
     }
 }
 
@@ -123,6 +133,7 @@ fn config(limits: Limits, allow_loopback: bool, with_v6: bool) -> CoreConfig {
         external_ips: vec![],
         relay_ports: (49152, 65535),
         service_endpoints: vec!["0.0.0.0:3478".parse().unwrap()],
+        host_ips: vec!["192.0.2.99".parse().unwrap()],
     });
     CoreConfig {
         software: None,
@@ -1392,4 +1403,280 @@ fn one_to_one_nat_peer_at_our_external_address_reaches_the_local_relay() {
         codec::decode_xor_address(from.value, &m.transaction_id()),
         Some(advertised_a)
     );
+}
+
+// ------------------------------------------------------------------ hardening (issue 7)
+
+fn client_at(ip: &str, port: u16) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::new(ip.parse().unwrap(), port),
+        ..client(port)
+    }
+}
+
+#[test]
+fn embedded_ipv4_spellings_of_our_relay_address_reach_only_live_relay_ports() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    assert_eq!(
+        h.allocate_with(&ft, &alice(), |w| {
+            w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        }),
+        (Class::Success, None)
+    );
+    // 192.0.2.10 is the IPv4 relay address; 60000 is in the relay range but not open.
+    for spelling in [
+        "192.0.2.10:60000",
+        "[::ffff:192.0.2.10]:60000",
+        "[64:ff9b::c000:20a]:60000",
+        "[2002:c000:20a::]:60000",
+        "[::c000:20a]:60000",
+    ] {
+        assert_eq!(
+            h.permit(&ft, peer(spelling)),
+            (Class::Error, Some(403)),
+            "CreatePermission {spelling}"
+        );
+        assert_eq!(
+            h.bind(&ft, 0x4001, peer(spelling)),
+            (Class::Error, Some(403)),
+            "ChannelBind {spelling}"
+        );
+        assert_eq!(
+            h.send_indication(&ft, peer(spelling), b"x"),
+            ClientAction::Drop,
+            "Send {spelling}"
+        );
+    }
+    // A live relay port stays a peer, however it is spelt.
+    let other = h.allocate(&client(2));
+    let mapped = SocketAddr::new("::ffff:192.0.2.10".parse().unwrap(), other.port());
+    assert_eq!(h.permit(&ft, mapped), (Class::Success, None));
+}
+
+#[test]
+fn other_host_addresses_are_never_peers() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    // 192.0.2.99 is another address of this host (see `config`): our wildcard listener,
+    // the API and anything else running here answer on it.
+    for p in [
+        "192.0.2.99:3478",
+        "192.0.2.99:60000",
+        "[::ffff:192.0.2.99]:22",
+    ] {
+        assert_eq!(h.permit(&ft, peer(p)), (Class::Error, Some(403)), "{p}");
+    }
+}
+
+#[test]
+fn unauthenticated_reply_limit_holds_across_shards() {
+    let mut l = limits();
+    l.unauth_replies_per_sec = 20;
+    l.unauth_replies_burst = 40;
+    let cfg = Arc::new(config(l, false, false));
+    let t0 = Instant::now();
+    let shared = Arc::new(Shared::new([9; 32], 600, t0, UNIX0));
+    let mut shards: Vec<Core<FakeRelays>> = (0..8)
+        .map(|i| {
+            Core::new(
+                Arc::clone(&cfg),
+                Arc::clone(&shared),
+                FakeRelays::default(),
+                i,
+            )
+        })
+        .collect();
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [1; 12])
+        .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let mut reply = Vec::new();
+    let mut replies = 0;
+    // One address over 256 source ports, which the kernel spreads over the shards.
+    for port in 0..256u16 {
+        for _ in 0..4 {
+            let ft = client(1000 + port);
+            let shard = &mut shards[port as usize % 8];
+            if shard.handle_client(t0, &ft, &req, &mut reply) == ClientAction::Reply {
+                replies += 1;
+            }
+        }
+    }
+    assert_eq!(replies, 40);
+    // The rate applies in total too: one second later, 20 more.
+    let t1 = t0 + Duration::from_secs(1);
+    let mut later = 0;
+    for port in 0..256u16 {
+        let shard = &mut shards[port as usize % 8];
+        if shard.handle_client(t1, &client(port), &req, &mut reply) == ClientAction::Reply {
+            later += 1;
+        }
+    }
+    assert_eq!(later, 20);
+}
+
+#[test]
+fn refresh_keeps_one_timer_entry_and_delete_frees_it() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let nonce = h.nonce(&ft);
+    for _ in 0..20_000 {
+        let txid = h.txid();
+        let req = h.request(method::REFRESH, txid, &alice(), &nonce, |w| {
+            w.u32_attr(attr::LIFETIME, 600);
+        });
+        assert_eq!(h.call(&ft, &req), (Class::Success, None));
+    }
+    assert_eq!(h.core.timers.len(), 1);
+    assert_eq!(h.refresh(&ft, 0), (Class::Success, None));
+    assert_eq!(h.core.timers.len(), 0);
+    assert_eq!(h.core.poll_timeout(), None);
+}
+
+#[test]
+fn allocate_with_lifetime_zero_gets_the_default_lifetime() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.allocate_with(&client(1), &alice(), |w| {
+            w.u32_attr(attr::LIFETIME, 0);
+        }),
+        (Class::Success, None)
+    );
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 600u32.to_be_bytes());
+    assert_eq!(h.core.poll_timeout(), Some(h.t0 + Duration::from_secs(600)));
+}
+
+fn reserve(h: &mut Harness, ft: &FiveTuple, c: &Creds) -> Vec<u8> {
+    assert_eq!(
+        h.allocate_with(ft, c, |w| {
+            w.attr(attr::EVEN_PORT, &[0x80]);
+        }),
+        (Class::Success, None)
+    );
+    h.reply_attr(attr::RESERVATION_TOKEN).unwrap()
+}
+
+#[test]
+fn an_unclaimed_reservation_dies_with_its_allocation() {
+    let mut l = limits();
+    l.allocations_per_user = 10;
+    l.total_allocations = 10;
+    let mut h = Harness::with(config(l, false, true));
+    let alice_key = QuotaKey::per_source("alice", client(1).client.ip());
+    for round in 0..50 {
+        let ft = client(1);
+        let token = reserve(&mut h, &ft, &alice());
+        assert_eq!(h.shared.reserved_ports(), 1);
+        assert_eq!(h.shared.quotas().held_by(&alice_key), 2, "round {round}");
+        assert_eq!(h.refresh(&ft, 0), (Class::Success, None));
+        assert_eq!(h.shared.reserved_ports(), 0);
+        assert_eq!(h.shared.total_allocations(), 0);
+        assert!(h.core.relays().reserved.is_empty());
+        // The token died with it.
+        assert_eq!(
+            h.allocate_with(&client(2), &creds("bob", "builder"), |w| {
+                w.attr(attr::RESERVATION_TOKEN, &token);
+            }),
+            (Class::Error, Some(508))
+        );
+    }
+    assert_eq!(h.core.relays().dropped_reservations.len(), 50);
+}
+
+#[test]
+fn an_unclaimed_reservation_expires_after_30_seconds_and_its_allocation_lives_on() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let token = reserve(&mut h, &ft, &alice());
+    assert_eq!(h.core.poll_timeout(), Some(h.t0 + RESERVATION_LIFETIME));
+    h.advance(31);
+    assert_eq!(h.shared.reserved_ports(), 0);
+    assert_eq!(h.shared.total_allocations(), 1);
+    assert_eq!(h.core.allocation_count(), 1);
+    assert_eq!(h.core.timers.len(), 1);
+    assert_eq!(h.core.poll_timeout(), Some(h.t0 + Duration::from_secs(600)));
+    assert_eq!(
+        h.allocate_with(&client(2), &creds("bob", "builder"), |w| {
+            w.attr(attr::RESERVATION_TOKEN, &token);
+        }),
+        (Class::Error, Some(508))
+    );
+}
+
+#[test]
+fn a_reservation_counts_against_the_quota_until_claimed() {
+    // limits(): two allocations per user. The reservation takes alice's second unit.
+    let mut h = Harness::new();
+    let token = reserve(&mut h, &client(1), &alice());
+    assert_eq!(
+        h.allocate_with(&client(2), &alice(), |_| {}),
+        (Class::Error, Some(486))
+    );
+    // Bob claims it: the unit moves from alice's reservation to bob's allocation.
+    assert_eq!(
+        h.allocate_with(&client(3), &creds("bob", "builder"), |w| {
+            w.attr(attr::RESERVATION_TOKEN, &token);
+        }),
+        (Class::Success, None)
+    );
+    assert_eq!(h.shared.reserved_ports(), 0);
+    assert_eq!(h.shared.total_allocations(), 2);
+    // Ending alice's allocation now leaves bob's claimed socket alone.
+    assert_eq!(h.refresh(&client(1), 0), (Class::Success, None));
+    assert!(h.core.relays().dropped_reservations.is_empty());
+    assert_eq!(h.core.allocation_count(), 1);
+}
+
+#[test]
+fn static_users_count_per_source_rest_users_across_sources() {
+    let mut l = limits();
+    l.total_allocations = 100;
+    let mut h = Harness::with(config(l, false, false));
+    // limits(): two per user. A static user is counted per source address.
+    for (i, ip) in ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+        .iter()
+        .enumerate()
+    {
+        for port in 0..2u16 {
+            let ft = client_at(ip, 100 * i as u16 + port);
+            assert_eq!(
+                h.allocate_with(&ft, &alice(), |_| {}),
+                (Class::Success, None)
+            );
+        }
+        let ft = client_at(ip, 100 * i as u16 + 50);
+        assert_eq!(
+            h.allocate_with(&ft, &alice(), |_| {}),
+            (Class::Error, Some(486)),
+            "{ip}"
+        );
+    }
+    // A REST user part is one count wherever it comes from.
+    let frank = rest("frank", UNIX0 + 60, SECRET);
+    assert_eq!(
+        h.allocate_with(&client_at("198.51.100.1", 1), &frank, |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(&client_at("198.51.100.2", 1), &frank, |_| {}),
+        (Class::Success, None)
+    );
+    assert_eq!(
+        h.allocate_with(&client_at("198.51.100.3", 1), &frank, |_| {}),
+        (Class::Error, Some(486))
+    );
+}
+
+#[test]
+fn failed_relay_opens_are_logged_once_a_minute() {
+    let t0 = Instant::now();
+    let mut throttle = LogThrottle::default();
+    assert_eq!(throttle.should_log(t0), Some(0));
+    for s in 1..60 {
+        assert_eq!(throttle.should_log(t0 + Duration::from_secs(s)), None);
+    }
+    assert_eq!(throttle.should_log(t0 + Duration::from_secs(60)), Some(59));
+    assert_eq!(throttle.should_log(t0 + Duration::from_secs(61)), None);
 }
