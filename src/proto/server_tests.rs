@@ -23,6 +23,7 @@ struct FakeRelays {
     reserved: HashMap<u64, SocketAddr>,
     closed: Vec<RelayId>,
     dropped_reservations: Vec<u64>,
+    tokens_issued: u64,
     exhausted: bool,
 }
 
@@ -41,7 +42,8 @@ impl RelayProvider for FakeRelays {
         self.next_port += 1;
         let mut token = None;
         if req.reserve_next {
-            let t = 0x1122_3344_5566_7788 + self.reserved.len() as u64;
+            self.tokens_issued += 1;
+            let t = 0x1122_3344_5566_7788 + self.tokens_issued;
             self.reserved
                 .insert(t, SocketAddr::new(req.ip, self.next_port));
             self.next_port += 1;
@@ -1680,3 +1682,6 @@ fn failed_relay_opens_are_logged_once_a_minute() {
     assert_eq!(throttle.should_log(t0 + Duration::from_secs(60)), Some(59));
     assert_eq!(throttle.should_log(t0 + Duration::from_secs(61)), None);
 }
+
+#[path = "soak_tests.rs"]
+mod soak;
