@@ -17,6 +17,54 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("malformed HTTP response from the API")]
     Malformed,
+    /// A method, path or header value that would change the request's framing (CR, LF or another
+    /// control character, a space in the path): refused before anything is sent.
+    #[error("refusing to send the request: {what} {reason}")]
+    Invalid { what: &'static str, reason: String },
+}
+
+/// HTTP method: a non-empty run of ASCII letters (GET, POST, DELETE).
+fn check_method(method: &str) -> Result<(), ClientError> {
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(ClientError::Invalid {
+            what: "method",
+            reason: format!("{method:?} is not a run of ASCII letters"),
+        });
+    }
+    Ok(())
+}
+
+/// Request target: origin form, visible ASCII only (no space, no control character, no
+/// non-ASCII byte: a caller percent-encodes those).
+fn check_path(path: &str) -> Result<(), ClientError> {
+    if !path.starts_with('/') {
+        return Err(ClientError::Invalid {
+            what: "path",
+            reason: format!("{path:?} does not start with '/'"),
+        });
+    }
+    if let Some(b) = path.bytes().find(|b| !b.is_ascii_graphic()) {
+        return Err(ClientError::Invalid {
+            what: "path",
+            reason: format!("{path:?} contains the byte 0x{b:02x} (a space, control character or non-ASCII byte)"),
+        });
+    }
+    Ok(())
+}
+
+/// Header value: printable ASCII and spaces, so it cannot end the header line. The value is not
+/// echoed (it may be the bearer token).
+fn check_header_value(what: &'static str, value: &str) -> Result<(), ClientError> {
+    if let Some(b) = value
+        .bytes()
+        .find(|&b| !(b == b' ' || b.is_ascii_graphic()))
+    {
+        return Err(ClientError::Invalid {
+            what,
+            reason: format!("contains the byte 0x{b:02x} (a control character or non-ASCII byte)"),
+        });
+    }
+    Ok(())
 }
 
 /// Sends one request and returns (status, body).
@@ -27,6 +75,11 @@ pub fn request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, String), ClientError> {
+    check_method(method)?;
+    check_path(path)?;
+    if let Some(t) = token {
+        check_header_value("the bearer token", t)?;
+    }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|source| ClientError::Connect { addr, source })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -83,6 +136,41 @@ fn dechunk(mut s: &str) -> Result<String, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_request_smuggling_before_connecting() {
+        // A listener that records whether anyone connected.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let smuggle =
+            "/api/v1/sessions/0-1-2 HTTP/1.1\r\nHost: x\r\n\r\nDELETE /api/v1/sessions/0-0-0";
+        let cases: [(&str, &str, Option<&str>, &str); 9] = [
+            ("DELETE", smuggle, None, "path"),
+            ("DELETE", "/api/v1/sessions/1-2-3\n", None, "path"),
+            ("DELETE", "/api/v1/sessions/1 2 3", None, "path"),
+            ("DELETE", "/api/v1/sessions/\u{e9}", None, "path"),
+            ("GET", "api/v1/sessions", None, "path"),
+            ("GET /x HTTP/1.1\r\n", "/", None, "method"),
+            ("", "/", None, "method"),
+            ("GET", "/", Some("token\r\nX-Evil: 1"), "token"),
+            ("GET", "/", Some("tok\u{7f}en"), "token"),
+        ];
+        for (method, path, token, what) in cases {
+            let e = request(addr, method, path, token, None).unwrap_err();
+            let ClientError::Invalid { what: w, .. } = &e else {
+                panic!("{method:?} {path:?}: expected Invalid, got {e:?}");
+            };
+            assert!(w.contains(what), "{method:?} {path:?}: {e}");
+            let text = e.to_string();
+            assert!(!text.contains('\r') && !text.contains('\n'), "{text}");
+            assert!(!text.contains("X-Evil"), "the token is not echoed: {text}");
+        }
+        assert!(
+            listener.accept().is_err(),
+            "nothing may reach the API when a request is refused"
+        );
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {
