@@ -8,7 +8,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -22,7 +21,8 @@ use serde_json::json;
 
 use super::credentials::{self, MintError};
 use super::metrics::{self, Extra};
-use super::ControlState;
+use super::{unix_now, ControlState, REST_REVOCATION_RULE, STATIC_REVOCATION_RULE};
+use crate::proto::auth::parse_rest_username;
 use crate::proto::codec::constant_time_eq;
 
 /// Requests are tiny JSON objects; anything bigger is refused with 413 before it is read.
@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/credentials", post(mint_credentials))
         .route("/api/v1/turn", get(rest_turn))
         .route("/api/v1/revoke", post(revoke))
+        .route("/api/v1/unrevoke", post(unrevoke))
         .route("/api/v1/sessions", get(sessions))
         .route("/api/v1/sessions/{id}", delete(kill_session))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
@@ -47,12 +48,6 @@ pub fn router(state: AppState) -> Router {
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn healthz() -> &'static str {
@@ -126,7 +121,8 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response>
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
 }
 
-/// Mints with the configuration in force; TTL defaults and caps come from `[api]`.
+/// Mints with the configuration in force; TTL defaults and caps come from `[api]`. A credential
+/// the server would refuse as revoked is not handed out: 409.
 fn mint(
     state: &ControlState,
     user: &str,
@@ -140,12 +136,25 @@ fn mint(
         .min(credentials::max_ttl(config));
     let host = credentials::public_host(config, state.advertised);
     let uris = credentials::default_uris(&state.listeners, &host);
-    credentials::mint_for(config, &live.rest_secrets, user, ttl, unix_now(), uris).map_err(|e| {
-        match e {
+    let minted = credentials::mint_for(config, &live.rest_secrets, user, ttl, unix_now(), uris)
+        .map_err(|e| match e {
             MintError::NoSecret => error(StatusCode::SERVICE_UNAVAILABLE, e),
             _ => error(StatusCode::BAD_REQUEST, e),
-        }
-    })
+        })?;
+    // The user part as the server reads it back from the username, under the same rule.
+    let refused = parse_rest_username(&minted.username, config.auth.rest_separator)
+        .and_then(|(expiry, part)| live.core.auth.rest_refused_until(part, expiry));
+    if let Some(until) = refused {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "user {user:?} is revoked until {} (unix {until}): the server would refuse this \
+                 credential; POST /api/v1/unrevoke lifts the revocation",
+                credentials::rfc3339(until)
+            ),
+        ));
+    }
+    Ok(minted)
 }
 
 #[derive(Deserialize)]
@@ -227,27 +236,61 @@ async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     if req.user.is_empty() {
         return error(StatusCode::BAD_REQUEST, "user must not be empty");
     }
-    let (ended, until) = state.revoke(&req.user, unix_now()).await;
+    let r = state.revoke(&req.user, unix_now()).await;
+    let mut body = json!({
+        "user": req.user,
+        "ended_allocations": r.ended,
+        "refused_until": credentials::rfc3339(r.until),
+        "refused_until_unix": r.until,
+        "rest_rule": REST_REVOCATION_RULE,
+        "static_user": r.static_user,
+    });
+    if r.static_user {
+        body["static_rule"] = json!(STATIC_REVOCATION_RULE);
+    }
+    Json(body).into_response()
+}
+
+/// Lifts a revocation made by `POST /api/v1/revoke`: REST credentials of the user and the static
+/// user of that name are accepted again. Unknown or not revoked: 200 with both flags false.
+async fn unrevoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let req: RevokeRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if req.user.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "user must not be empty");
+    }
+    let lifted = state.unrevoke(&req.user);
     Json(json!({
         "user": req.user,
-        "ended_allocations": ended,
-        "refused_until": credentials::rfc3339(until),
+        "was_revoked": lifted.rest || lifted.static_user,
+        "rest_revocation_lifted": lifted.rest,
+        "static_revocation_lifted": lifted.static_user,
     }))
     .into_response()
 }
 
 /// Session ids name the shard, the slot and its generation: unique, and stale ids never hit a
 /// newer allocation.
-fn session_id(shard: usize, slot: u32, gen: u32) -> String {
+pub fn session_id(shard: usize, slot: u32, gen: u32) -> String {
     format!("{shard}-{slot}-{gen}")
 }
 
-fn parse_session_id(id: &str) -> Option<(usize, u32, u32)> {
+/// The API's own spelling only: `session_id` of the parsed parts must give `id` back, so no
+/// sign, leading zero, space or other byte slips through (`"+1-02-3"` is refused).
+pub fn parse_session_id(id: &str) -> Option<(usize, u32, u32)> {
     let mut parts = id.split('-');
     let shard = parts.next()?.parse().ok()?;
     let slot = parts.next()?.parse().ok()?;
     let gen = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((shard, slot, gen))
+    if parts.next().is_some() || session_id(shard, slot, gen) != id {
+        return None;
+    }
+    Some((shard, slot, gen))
 }
 
 async fn sessions(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -289,7 +332,11 @@ async fn kill_session(
         return r;
     }
     let Some((shard, slot, gen)) = parse_session_id(&id) else {
-        return error(StatusCode::BAD_REQUEST, "session id must look like 0-12-3");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "session id must be <shard>-<slot>-<generation> in decimal without signs or \
+             leading zeros, as GET /api/v1/sessions lists it, e.g. 0-12-3",
+        );
     };
     if state.shards.kill(shard, slot, gen).await {
         StatusCode::NO_CONTENT.into_response()
@@ -308,7 +355,31 @@ mod tests {
             parse_session_id(&session_id(1, 22, 333)),
             Some((1, 22, 333))
         );
-        for junk in ["", "1", "1-2", "1-2-3-4", "a-b-c", "-1-2-3", "1--2"] {
+        for id in ["0-0-0", "12-345-6789", "3-4294967295-4294967295"] {
+            assert_eq!(
+                parse_session_id(id).map(|(a, b, c)| session_id(a, b, c)),
+                Some(id.into())
+            );
+        }
+        for junk in [
+            "",
+            "1",
+            "1-2",
+            "1-2-3-4",
+            "a-b-c",
+            "-1-2-3",
+            "1--2",
+            "+1-2-3",
+            "1-+2-3",
+            "01-2-3",
+            "1-2-03",
+            " 1-2-3",
+            "1-2-3 ",
+            "1-2-3\r\nDELETE /api/v1/sessions/0-0-0",
+            "1-2-3\n",
+            "1-2-4294967296",
+            "\u{0661}-2-3",
+        ] {
             assert_eq!(parse_session_id(junk), None, "{junk}");
         }
     }

@@ -11,16 +11,42 @@ pub mod notify;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::io::shard::{ShardCommand, ShardReport};
+use crate::proto::auth::Unrevoked;
 use crate::proto::server::{CoreConfig, SessionInfo, Shared};
 
 /// How long the control plane waits for a shard to answer before reporting it as stuck.
 const SHARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a static-user revocation means, for the API's answer and the log.
+pub const STATIC_REVOCATION_RULE: &str = "refused until POST /api/v1/unrevoke, or until a \
+     reload whose configuration changes or removes this user's password or key";
+
+/// What a REST revocation means.
+pub const REST_REVOCATION_RULE: &str = "REST credentials of this user that expire at or before \
+     refused_until are refused, across reloads, until POST /api/v1/unrevoke";
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What `ControlState::revoke` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// Allocations ended.
+    pub ended: usize,
+    /// REST credentials of the user expiring at or before this unix time are refused.
+    pub until: u64,
+    /// The name is a static user, now refused until un-revoked or her credential changes.
+    pub static_user: bool,
+}
 
 /// Command channels to every shard.
 pub struct Shards {
@@ -167,6 +193,7 @@ impl ControlState {
 
     fn try_reload(&self) -> Result<(), String> {
         let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        warn_about_permissions(&config, &self.config_path);
         let mut secrets = config.load_rest_secrets().map_err(|e| e.to_string())?;
         let api_token = config.load_api_token().map_err(|e| e.to_string())?;
         let mut live = self.lock_live();
@@ -206,22 +233,79 @@ impl ControlState {
         Ok(())
     }
 
-    /// Refuses a user's REST credentials until every one minted now would have expired, and ends
-    /// their allocations. Returns (allocations ended, refused until unix time).
-    pub async fn revoke(&self, user: &str, now_unix: u64) -> (usize, u64) {
-        let until = {
+    /// Refuses a user's REST credentials until every one minted now would have expired, refuses
+    /// the static user of that name (if any) until un-revoked or her credential changes on a
+    /// reload, and ends their allocations. Also prunes REST revocations that have run out.
+    pub async fn revoke(&self, user: &str, now_unix: u64) -> Revoked {
+        let (until, static_user) = {
             let mut live = self.lock_live();
             let until = now_unix + live.config.auth.rest_max_ttl_secs;
             let mut core = (*live.core).clone();
+            core.auth.prune_revocations(now_unix);
             core.auth.revoke_user(user, until);
+            let static_user = core.auth.revoke_static_user(user);
             let core = Arc::new(core);
             self.shards.set_config(&core);
             live.core = core;
-            until
+            (until, static_user)
         };
         let ended = self.shards.end_user(user).await;
-        tracing::info!(user, ended, "user revoked");
-        (ended, until)
+        tracing::info!(user, ended, static_user, "user revoked");
+        Revoked {
+            ended,
+            until,
+            static_user,
+        }
+    }
+
+    /// Lifts every revocation of `user` (REST and static). Shards get a new configuration only
+    /// when something changed.
+    pub fn unrevoke(&self, user: &str) -> Unrevoked {
+        let mut live = self.lock_live();
+        let mut core = (*live.core).clone();
+        let lifted = core.auth.unrevoke_user(user);
+        if lifted != Unrevoked::default() {
+            let core = Arc::new(core);
+            self.shards.set_config(&core);
+            live.core = core;
+            tracing::info!(
+                user,
+                rest = lifted.rest,
+                static_user = lifted.static_user,
+                "user un-revoked"
+            );
+        }
+        lifted
+    }
+
+    /// Drops REST revocations whose covered credentials have all expired; returns how many.
+    /// Shards get a new configuration only when there was something to drop.
+    pub fn prune_revocations(&self, now_unix: u64) -> usize {
+        let mut live = self.lock_live();
+        let n = live.core.auth.prunable_revocations(now_unix);
+        if n > 0 {
+            let mut core = (*live.core).clone();
+            core.auth.prune_revocations(now_unix);
+            let core = Arc::new(core);
+            self.shards.set_config(&core);
+            live.core = core;
+            tracing::debug!(pruned = n, "expired revocations dropped");
+        }
+        n
+    }
+}
+
+/// Logs a WARN for each file holding secrets that others may read or change (see
+/// `Config::permission_warnings`); at start and on every reload.
+pub fn warn_about_permissions(config: &Config, config_path: &std::path::Path) {
+    for w in config.permission_warnings(config_path) {
+        tracing::warn!(
+            key = w.key,
+            path = %w.path.display(),
+            mode = %format_args!("{:04o}", w.mode),
+            "{}",
+            w.message
+        );
     }
 }
 
@@ -255,6 +339,7 @@ pub async fn run_until_stopped(state: Arc<ControlState>) -> std::io::Result<()> 
             }
             _ = status_tick.tick() => {
                 notify::status(&format!("serving {} allocations", state.shared.total_allocations()));
+                state.prune_revocations(unix_now());
             }
         }
     }
@@ -291,5 +376,145 @@ async fn drain(
             _ = int.recv() => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::{core_config, ResolvedRelays};
+    use crate::proto::auth::{AuthReject, LongTermKey, PasswordAlgorithm};
+    use crate::proto::server::RelayAddress;
+
+    const NOW: u64 = 1_700_000_000;
+    const SECRET: &str = "0123456789abcdef-control-test";
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config_text(password: &str) -> String {
+        format!(
+            "realm = \"r\"\n[relay]\naddress = \"127.0.0.1\"\n[auth]\nsecret_file = \"secret\"\n\
+             rest_max_ttl_secs = 3600\n[[auth.users]]\nname = \"alice\"\npassword = \"{password}\"\n"
+        )
+    }
+
+    /// A control plane with no shards, on a config file in a temp dir.
+    fn state(tag: &str) -> (Dir, ControlState) {
+        let dir =
+            std::env::temp_dir().join(format!("turnpike-control-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), SECRET).unwrap();
+        let path = dir.join("turnpike.toml");
+        std::fs::write(&path, config_text("one")).unwrap();
+        let config = Config::load(&path).unwrap();
+        let relays = ResolvedRelays {
+            v4: Some(RelayAddress {
+                local: [127, 0, 0, 1].into(),
+                advertised: [127, 0, 0, 1].into(),
+            }),
+            v6: None,
+        };
+        let build = move |c: &Config, s: Vec<Vec<u8>>| {
+            core_config(c, &relays, s, &[]).map_err(|e| e.to_string())
+        };
+        let secrets = config.load_rest_secrets().unwrap();
+        let core = Arc::new(build(&config, secrets.clone()).unwrap());
+        let state = ControlState {
+            shards: Shards::new(Vec::new()),
+            shared: Arc::new(Shared::new([1; 32], 600, Instant::now(), NOW)),
+            live: Mutex::new(Live {
+                config,
+                core,
+                rest_secrets: secrets,
+                api_token: None,
+                ephemeral_secret: None,
+            }),
+            config_path: path,
+            build_core: Box::new(build),
+            draining: AtomicBool::new(false),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            relay_port_span: 1,
+            advertised: None,
+            listeners: Vec::new(),
+            started: Instant::now(),
+        };
+        (Dir(dir), state)
+    }
+
+    fn check(state: &ControlState, username: &str, now: u64) -> Result<(), AuthReject> {
+        let mut out: Vec<LongTermKey> = Vec::new();
+        let live = state.lock_live();
+        live.core
+            .auth
+            .candidate_keys(username, PasswordAlgorithm::Md5, now, &mut out)
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn revoke_prunes_and_the_tick_prunes_expired_rest_revocations() {
+        let (_dir, s) = state("prune");
+        let r = block_on(s.revoke("bob", NOW));
+        assert_eq!((r.until, r.static_user, r.ended), (NOW + 3600, false, 0));
+        let bob = format!("{}:bob", NOW + 60);
+        assert_eq!(check(&s, &bob, NOW), Err(AuthReject::Revoked));
+        // Nothing to prune while a covered credential can still be valid.
+        assert_eq!(s.prune_revocations(NOW + 3600), 0);
+        assert_eq!(check(&s, &bob, NOW), Err(AuthReject::Revoked));
+        // The periodic prune drops it once every covered credential has expired.
+        assert_eq!(s.prune_revocations(NOW + 3601), 1);
+        assert!(format!("{:?}", s.lock_live().core.auth).contains("revoked_users: 0"));
+        // A revoke prunes too: carol's old entry goes when dave is revoked later.
+        block_on(s.revoke("carol", NOW));
+        block_on(s.revoke("dave", NOW + 4000));
+        let auth = format!("{:?}", s.lock_live().core.auth);
+        assert!(auth.contains("revoked_users: 1"), "{auth}");
+        // Static revocations are never pruned by time.
+        assert!(block_on(s.revoke("alice", NOW)).static_user);
+        assert_eq!(s.prune_revocations(u64::MAX), 2);
+        assert_eq!(check(&s, "alice", u64::MAX), Err(AuthReject::Revoked));
+    }
+
+    #[test]
+    fn static_revocation_survives_a_plain_reload_and_ends_with_unrevoke_or_a_new_password() {
+        let (dir, s) = state("static");
+        assert!(check(&s, "alice", NOW).is_ok());
+        let r = block_on(s.revoke("alice", NOW));
+        assert!(r.static_user);
+        assert_eq!(check(&s, "alice", NOW), Err(AuthReject::Revoked));
+        // REST credentials with her name are revoked too.
+        let rest = format!("{}:alice", NOW + 60);
+        assert_eq!(check(&s, &rest, NOW), Err(AuthReject::Revoked));
+
+        // A reload of the same file keeps both.
+        s.reload().unwrap();
+        assert_eq!(check(&s, "alice", NOW), Err(AuthReject::Revoked));
+        assert_eq!(check(&s, &rest, NOW), Err(AuthReject::Revoked));
+        // Un-revoke lifts both, and only sends a new config when something changed.
+        let lifted = s.unrevoke("alice");
+        assert!(lifted.rest && lifted.static_user);
+        assert!(check(&s, "alice", NOW).is_ok());
+        assert!(check(&s, &rest, NOW).is_ok());
+        assert_eq!(s.unrevoke("alice"), Unrevoked::default());
+
+        // Revoked again, then a reload with a new password lifts the static part only.
+        block_on(s.revoke("alice", NOW));
+        std::fs::write(dir.0.join("turnpike.toml"), config_text("two")).unwrap();
+        s.reload().unwrap();
+        assert!(check(&s, "alice", NOW).is_ok());
+        assert_eq!(check(&s, &rest, NOW), Err(AuthReject::Revoked));
     }
 }

@@ -232,6 +232,43 @@ struct StaticKeys {
     md5: LongTermKey,
     /// None for a user configured by MD5 key: SHA-256 needs the password.
     sha256: Option<LongTermKey>,
+    /// Identifies the configured password or key (not the realm), so a reload can tell
+    /// whether the credential of a revoked user changed.
+    fingerprint: [u8; 32],
+    /// Refused with `AuthReject::Revoked` until un-revoked, or until a reload changes or
+    /// removes this user's credential.
+    revoked: bool,
+}
+
+/// SHA-256 over a domain tag, the name and the configured password or key. Realm-independent:
+/// changing the realm does not change "the credential" for revocation purposes.
+fn credential_fingerprint(name: &str, user: &StaticUser) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"turnpike static credential\0");
+    ctx.update(name.as_bytes());
+    ctx.update(b"\0");
+    match user {
+        StaticUser::Password(p) => {
+            ctx.update(b"password\0");
+            ctx.update(p.as_bytes());
+        }
+        StaticUser::Md5Key(k) => {
+            ctx.update(b"md5-key\0");
+            ctx.update(k);
+        }
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// What `Authenticator::unrevoke_user` lifted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unrevoked {
+    /// A REST revocation of this user part was in force.
+    pub rest: bool,
+    /// The static user of this name was revoked.
+    pub static_user: bool,
 }
 
 #[derive(Clone)]
@@ -258,6 +295,10 @@ impl fmt::Debug for Authenticator {
             .field("static_users", &self.users.len())
             .field("rest_secrets", &self.rest.as_ref().map(|r| r.keys.len()))
             .field("revoked_users", &self.revoked.len())
+            .field(
+                "revoked_static_users",
+                &self.users.values().filter(|k| k.revoked).count(),
+            )
             .finish()
     }
 }
@@ -271,14 +312,19 @@ impl Authenticator {
         let users = users
             .into_iter()
             .map(|(name, u)| {
+                let fingerprint = credential_fingerprint(&name, &u);
                 let keys = match u {
                     StaticUser::Password(p) => StaticKeys {
                         md5: long_term_key(PasswordAlgorithm::Md5, &name, &realm, &p),
                         sha256: Some(long_term_key(PasswordAlgorithm::Sha256, &name, &realm, &p)),
+                        fingerprint,
+                        revoked: false,
                     },
                     StaticUser::Md5Key(k) => StaticKeys {
                         md5: LongTermKey::from_md5(k),
                         sha256: None,
+                        fingerprint,
+                        revoked: false,
                     },
                 };
                 (name, keys)
@@ -333,8 +379,9 @@ impl Authenticator {
 
     /// Fills `out` (cleared first) with every key that could verify a request
     /// from `username`: one for a static user, one per secret for a REST
-    /// username (rotation). Static users win over REST parsing. Allocates only
-    /// if `out` must grow, so a reused `out` makes the steady state heap-free.
+    /// username (rotation). Static users win over REST parsing; a revoked static
+    /// user is refused. Allocates only if `out` must grow, so a reused `out`
+    /// makes the steady state heap-free.
     pub fn candidate_keys(
         &self,
         username: &str,
@@ -344,6 +391,9 @@ impl Authenticator {
     ) -> Result<(), AuthReject> {
         out.clear();
         if let Some(keys) = self.users.get(username) {
+            if keys.revoked {
+                return Err(AuthReject::Revoked);
+            }
             let key = match alg {
                 PasswordAlgorithm::Md5 => keys.md5,
                 PasswordAlgorithm::Sha256 => keys.sha256.ok_or(AuthReject::UnsupportedAlgorithm)?,
@@ -360,7 +410,7 @@ impl Authenticator {
         if expiry > unix_now.saturating_add(rest.max_ttl_secs) {
             return Err(AuthReject::ExpiryTooFarAhead);
         }
-        if self.revoked.get(user).is_some_and(|&until| expiry <= until) {
+        if self.rest_refused_until(user, expiry).is_some() {
             return Err(AuthReject::Revoked);
         }
         for key in &rest.keys {
@@ -378,17 +428,72 @@ impl Authenticator {
         *until = (*until).max(until_unix);
     }
 
-    /// Drops revocations that can no longer matter: once `until < now`, every
-    /// credential they cover is refused as expired anyway.
+    /// Refuses the static user `name` (`AuthReject::Revoked`) until
+    /// `unrevoke_user`, or until a reload whose configuration changes or
+    /// removes her password or key. Returns false when `name` is no static user.
+    pub fn revoke_static_user(&mut self, name: &str) -> bool {
+        match self.users.get_mut(name) {
+            Some(keys) => {
+                keys.revoked = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lifts every revocation of `name`: the REST one of that user part and the
+    /// static user of that name.
+    pub fn unrevoke_user(&mut self, name: &str) -> Unrevoked {
+        let rest = self.revoked.remove(name).is_some();
+        let static_user = self
+            .users
+            .get_mut(name)
+            .is_some_and(|keys| std::mem::replace(&mut keys.revoked, false));
+        Unrevoked { rest, static_user }
+    }
+
+    /// The cut-off that refuses a REST credential of `user` expiring at
+    /// `expiry`, if one does (the one rule `candidate_keys` applies, for
+    /// callers that mint credentials and must not hand out refused ones).
+    pub fn rest_refused_until(&self, user: &str, expiry: u64) -> Option<u64> {
+        self.revoked
+            .get(user)
+            .copied()
+            .filter(|&until| expiry <= until)
+    }
+
+    /// Whether the static user `name` is revoked.
+    pub fn is_static_revoked(&self, name: &str) -> bool {
+        self.users.get(name).is_some_and(|k| k.revoked)
+    }
+
+    /// REST revocations that `prune_revocations(unix_now)` would drop.
+    pub fn prunable_revocations(&self, unix_now: u64) -> usize {
+        self.revoked.values().filter(|&&u| u < unix_now).count()
+    }
+
+    /// Drops REST revocations that can no longer matter: once `until < now`,
+    /// every credential they cover is refused as expired anyway. Static
+    /// revocations have no expiry and stay.
     pub fn prune_revocations(&mut self, unix_now: u64) {
         self.revoked.retain(|_, until| *until >= unix_now);
     }
 
     /// Copies the revocations of `old` into `self`, so a reload (which builds a
-    /// fresh `Authenticator`) does not silently un-revoke anyone.
+    /// fresh `Authenticator`) does not silently un-revoke anyone. REST
+    /// revocations always carry over. A static revocation carries over only
+    /// while the user keeps the same password or key: a reload that changes
+    /// or removes her credential lifts it (a changed realm alone does not).
     pub fn carry_revocations_from(&mut self, old: &Self) {
         for (user, &until) in &old.revoked {
             self.revoke_user(user, until);
+        }
+        for (name, old_keys) in old.users.iter().filter(|(_, k)| k.revoked) {
+            if let Some(keys) = self.users.get_mut(name) {
+                if keys.fingerprint == old_keys.fingerprint {
+                    keys.revoked = true;
+                }
+            }
         }
     }
 }
@@ -1178,6 +1283,113 @@ mod tests {
         a.prune_revocations(NOW + 101);
         assert!(keys(&a, &format!("{}:alice", NOW + 101), md5, NOW).is_ok());
         assert!(format!("{a:?}").contains("revoked_users: 1")); // "user" at u64::MAX stays
+    }
+
+    fn static_auth(realm: &str, users: &[(&str, StaticUser)]) -> Authenticator {
+        let users = users
+            .iter()
+            .map(|(n, u)| ((*n).to_owned(), u.clone()))
+            .collect();
+        Authenticator::new(realm.to_owned(), users, None)
+    }
+
+    #[test]
+    fn static_revocation_holds_until_unrevoke_or_a_changed_credential() {
+        let md5 = PasswordAlgorithm::Md5;
+        let pw = |p: &str| StaticUser::Password(p.to_owned());
+        let key = StaticUser::Md5Key([0x42; 16]);
+        let mut a = auth(&[b"secret"]);
+        assert!(!a.revoke_static_user("nobody"), "not a static user");
+        assert!(a.revoke_static_user("user"));
+        assert!(a.is_static_revoked("user"));
+        for alg in [md5, PasswordAlgorithm::Sha256] {
+            assert_eq!(keys(&a, "user", alg, NOW), Err(AuthReject::Revoked));
+        }
+        // Not by time: no clock value lets her back in, and pruning keeps it.
+        a.prune_revocations(u64::MAX);
+        assert_eq!(keys(&a, "user", md5, u64::MAX), Err(AuthReject::Revoked));
+        // Other static users and REST users are untouched.
+        assert!(keys(&a, "keyed", md5, NOW).is_ok());
+        assert!(keys(&a, &format!("{}:user", NOW + 60), md5, NOW).is_ok());
+        assert!(format!("{a:?}").contains("revoked_static_users: 1"));
+        // An explicit un-revoke lifts it.
+        assert_eq!(
+            a.unrevoke_user("user"),
+            Unrevoked {
+                rest: false,
+                static_user: true
+            }
+        );
+        assert!(keys(&a, "user", md5, NOW).is_ok());
+        assert_eq!(a.unrevoke_user("user"), Unrevoked::default());
+
+        // Reloads: the same credential stays revoked, whatever else changed (even the realm).
+        let mut old = static_auth("realm", &[("eve", pw("one")), ("kay", key.clone())]);
+        old.revoke_static_user("eve");
+        old.revoke_static_user("kay");
+        let mut same = static_auth("other-realm", &[("eve", pw("one")), ("kay", key.clone())]);
+        same.carry_revocations_from(&old);
+        assert_eq!(keys(&same, "eve", md5, NOW), Err(AuthReject::Revoked));
+        assert_eq!(keys(&same, "kay", md5, NOW), Err(AuthReject::Revoked));
+        // A changed password or key lifts it; so does a removal (and a later re-add).
+        let mut changed = static_auth(
+            "realm",
+            &[("eve", pw("two")), ("kay", StaticUser::Md5Key([0x43; 16]))],
+        );
+        changed.carry_revocations_from(&same);
+        assert!(keys(&changed, "eve", md5, NOW).is_ok());
+        assert!(keys(&changed, "kay", md5, NOW).is_ok());
+        let mut removed = static_auth("realm", &[("kay", key.clone())]);
+        removed.carry_revocations_from(&same);
+        assert_eq!(keys(&removed, "kay", md5, NOW), Err(AuthReject::Revoked));
+        let mut readded = static_auth("realm", &[("eve", pw("one")), ("kay", key.clone())]);
+        readded.carry_revocations_from(&removed);
+        assert!(keys(&readded, "eve", md5, NOW).is_ok());
+        assert_eq!(keys(&readded, "kay", md5, NOW), Err(AuthReject::Revoked));
+        // A password that equals the old key's hex is still another credential.
+        assert_ne!(
+            credential_fingerprint("kay", &key),
+            credential_fingerprint("kay", &pw(&"42".repeat(16)))
+        );
+        assert_ne!(
+            credential_fingerprint("eve", &pw("one")),
+            credential_fingerprint("eva", &pw("one"))
+        );
+    }
+
+    #[test]
+    fn unrevoke_and_prune_rest_revocations() {
+        let md5 = PasswordAlgorithm::Md5;
+        let mut a = auth(&[b"secret"]);
+        a.revoke_user("alice", NOW + 100);
+        a.revoke_user("bob", NOW + 200);
+        assert_eq!(a.rest_refused_until("alice", NOW + 100), Some(NOW + 100));
+        assert_eq!(a.rest_refused_until("alice", NOW + 101), None);
+        assert_eq!(a.rest_refused_until("carol", NOW), None);
+        assert_eq!(
+            a.unrevoke_user("alice"),
+            Unrevoked {
+                rest: true,
+                static_user: false
+            }
+        );
+        assert!(keys(&a, &format!("{}:alice", NOW + 50), md5, NOW).is_ok());
+        // Pruning counts and drops only entries whose covered credentials have all expired.
+        a.revoke_user("alice", NOW + 100);
+        a.revoke_static_user("user");
+        assert_eq!(a.prunable_revocations(NOW + 100), 0);
+        assert_eq!(a.prunable_revocations(NOW + 101), 1);
+        assert_eq!(a.prunable_revocations(NOW + 201), 2);
+        a.prune_revocations(NOW + 101);
+        assert!(format!("{a:?}").contains("revoked_users: 1"), "{a:?}");
+        assert_eq!(a.rest_refused_until("bob", NOW + 200), Some(NOW + 200));
+        a.prune_revocations(NOW + 201);
+        assert!(format!("{a:?}").contains("revoked_users: 0"), "{a:?}");
+        assert_eq!(a.prunable_revocations(u64::MAX), 0);
+        assert!(
+            a.is_static_revoked("user"),
+            "static revocations are not pruned"
+        );
     }
 
     #[test]
