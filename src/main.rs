@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use turnpike::config::{Config, LogFormat};
-use turnpike::control::{client, credentials};
+use turnpike::control::{api, client, credentials};
 
 #[derive(Parser)]
 #[command(name = "turnpike", version, about = "A STUN/TURN relay daemon")]
@@ -72,14 +72,20 @@ enum Command {
         format: CredentialFormat,
     },
     /// Say whether the configuration accepts a username/password pair, and if not, why.
+    /// The password comes from standard input (`--password -`) or a file (`--password-file`),
+    /// never from the command line, where every local user can read it.
+    #[command(group(clap::ArgGroup::new("password_source").required(true)))]
     VerifyCredential {
         #[arg(short, long, default_value = "turnserver.toml")]
         config: PathBuf,
         #[arg(long)]
         username: String,
-        /// The password; "-" reads it from standard input (keeps it out of the process list).
-        #[arg(long)]
-        password: String,
+        /// Only "-": read the password from standard input (one line).
+        #[arg(long, group = "password_source", value_name = "-")]
+        password: Option<String>,
+        /// Read the password from this file (its first line).
+        #[arg(long, group = "password_source", value_name = "PATH")]
+        password_file: Option<PathBuf>,
         /// The realm the client uses, if known.
         #[arg(long)]
         realm: Option<String>,
@@ -90,6 +96,20 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         action: SessionsAction,
+    },
+    /// Revoke a user through the daemon's HTTP API: end her allocations and refuse her REST
+    /// credentials minted so far; a static user of that name is refused until `unrevoke` or a
+    /// reload that changes or removes her password or key.
+    Revoke {
+        #[arg(short, long, default_value = "turnserver.toml")]
+        config: PathBuf,
+        user: String,
+    },
+    /// Lift a revocation through the daemon's HTTP API.
+    Unrevoke {
+        #[arg(short, long, default_value = "turnserver.toml")]
+        config: PathBuf,
+        user: String,
     },
 }
 
@@ -175,7 +195,8 @@ fn credentials_command(
     Ok(())
 }
 
-fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<()> {
+/// Where the daemon's API listens (an unspecified address means localhost) and its token.
+fn api_endpoint(config: &Config) -> anyhow::Result<(std::net::SocketAddr, String)> {
     let Some(mut addr) = config.api.listen else {
         bail!("api.listen is not set in the config: the daemon has no HTTP API to ask");
     };
@@ -189,6 +210,21 @@ fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<(
     let token = config
         .load_api_token()?
         .context("api.token_file is not set in the config")?;
+    Ok((addr, token))
+}
+
+fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<()> {
+    // Only ids in the API's own format go into the request line: anything else (CR, LF, a
+    // space, a slash) could change what the request does, with the operator's token.
+    if let SessionsAction::Kill { id } = &action {
+        if api::parse_session_id(id).is_none() {
+            bail!(
+                "{id:?} is not a session id: expected <shard>-<slot>-<generation> in decimal, \
+                 as `turnpike sessions list` prints it (e.g. 0-12-3)"
+            );
+        }
+    }
+    let (addr, token) = api_endpoint(config)?;
     let (status, body) = match &action {
         SessionsAction::List => {
             client::request(addr, "GET", "/api/v1/sessions", Some(&token), None)?
@@ -209,6 +245,47 @@ fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<(
     Ok(())
 }
 
+/// `turnpike revoke` / `unrevoke`: one POST with a JSON body; prints the API's JSON answer.
+fn revocation_command(config: &Config, route: &str, user: &str) -> anyhow::Result<()> {
+    if user.is_empty() {
+        bail!("the user must not be empty");
+    }
+    let (addr, token) = api_endpoint(config)?;
+    let body = serde_json::json!({ "user": user }).to_string();
+    let (status, answer) = client::request(addr, "POST", route, Some(&token), Some(&body))?;
+    if status != 200 {
+        bail!("the API answered {status}: {}", answer.trim());
+    }
+    println!("{}", answer.trim());
+    Ok(())
+}
+
+/// The password for `verify-credential`: from standard input (`--password -`) or a file, with
+/// the line ending removed. A literal on the command line is refused: argv is public.
+fn read_password(literal: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    let text = match (literal.as_deref(), file) {
+        (Some("-"), None) => {
+            let mut p = String::new();
+            std::io::stdin()
+                .read_to_string(&mut p)
+                .context("reading the password from standard input")?;
+            p
+        }
+        (Some(_), _) => bail!(
+            "refusing a password on the command line: every local user can read it in the \
+             process list (and it lands in shell history). Pass `--password -` and write the \
+             password to standard input, or use `--password-file PATH`"
+        ),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the password from {}", path.display()))?,
+        (None, None) => bail!(
+            "give the password with `--password -` (standard input) or `--password-file PATH`"
+        ),
+    };
+    // One line: the password is what precedes the first line ending.
+    Ok(text.split(['\r', '\n']).next().unwrap_or("").to_owned())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -224,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let level = log_level.unwrap_or_else(|| cfg.log_level.clone());
             init_logging(format, &level)?;
+            turnpike::control::warn_about_permissions(&cfg, &config);
             turnpike::daemon::serve(cfg, config)?;
             Ok(())
         }
@@ -231,6 +309,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             cfg.load_rest_secrets()?;
             cfg.load_api_token()?;
+            // Warnings only: the file is valid, and the daemon starts with it.
+            for w in cfg.permission_warnings(&config) {
+                eprintln!("turnpike: WARN: {w}");
+            }
             println!("# {}: valid", config.display());
             print!("{}", cfg.to_redacted_toml());
             Ok(())
@@ -246,17 +328,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             username,
             password,
+            password_file,
             realm,
         } => {
+            let password = read_password(password, password_file)?;
             let cfg = Config::load(&config)?;
             let secrets = cfg.load_rest_secrets()?;
-            let password = if password == "-" {
-                let mut p = String::new();
-                std::io::stdin().read_to_string(&mut p)?;
-                p.trim_end_matches(['\r', '\n']).to_owned()
-            } else {
-                password
-            };
             match credentials::verify(
                 &cfg,
                 &secrets,
@@ -279,6 +356,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sessions { config, action } => sessions_command(&Config::load(&config)?, action),
+        Command::Revoke { config, user } => {
+            revocation_command(&Config::load(&config)?, "/api/v1/revoke", &user)
+        }
+        Command::Unrevoke { config, user } => {
+            revocation_command(&Config::load(&config)?, "/api/v1/unrevoke", &user)
+        }
     }
 }
 
