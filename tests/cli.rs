@@ -1,9 +1,13 @@
 //! The command line beside `serve`: `credentials` (every format, TTL cap, the minted credential
-//! allocating on a running daemon), `verify-credential` (every refusal reason, `--password -`),
-//! `check-config` (redaction, key and line of a bad file), and the shipped systemd unit.
+//! allocating on a running daemon), `verify-credential` (every refusal reason, the password from
+//! stdin or a file, never argv), `check-config` (redaction, key and line of a bad file, warnings
+//! about secrets others can read), `sessions kill` refusing ids that could smuggle a request,
+//! and the shipped systemd unit.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -304,6 +308,7 @@ fn credentials_ttl_above_the_cap_is_an_error() {
 
 // ------------------------------------------------------------------ verify-credential
 
+/// `verify-credential` with the password on stdin (`--password -`).
 fn verify(config: &Path, username: &str, password: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "verify-credential",
@@ -312,10 +317,10 @@ fn verify(config: &Path, username: &str, password: &str, extra: &[&str]) -> std:
         "--username",
         username,
         "--password",
-        password,
+        "-",
     ];
     args.extend_from_slice(extra);
-    run_cli(&args, None)
+    run_cli(&args, Some(&format!("{password}\n")))
 }
 
 fn refused(o: &std::process::Output, reason: &str) {
@@ -413,6 +418,132 @@ fn verify_credential_reads_the_password_from_stdin() {
     assert!(out.contains("static user"), "{out}");
 }
 
+#[test]
+fn verify_credential_refuses_a_password_on_the_command_line() {
+    let (_dir, config) = cli_config(&Options::default());
+    let (u, p) = rest_credential("erin", unix_now() + 600);
+    let args = [
+        "verify-credential",
+        "--config",
+        path(&config),
+        "--username",
+        &u,
+        "--password",
+        &p,
+    ];
+    // Refused even though the pair is good.
+    let err = fails(&args, None);
+    assert!(err.contains("command line"), "says why: {err}");
+    assert!(
+        err.contains("--password -") && err.contains("--password-file"),
+        "says how to pass it instead: {err}"
+    );
+    assert!(!err.contains(&p), "the password is not echoed: {err}");
+    // A static user's password too; and giving no password at all is a usage error.
+    let err = fails(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+        ],
+        None,
+    );
+    assert!(!err.contains(PASSWORD), "{err}");
+    let err = fails(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+        ],
+        None,
+    );
+    assert!(err.contains("--password"), "{err}");
+}
+
+#[test]
+fn verify_credential_reads_the_password_from_a_file() {
+    let (dir, config) = cli_config(&Options::default());
+    let (u, p) = rest_credential("frank", unix_now() + 600);
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{p}\r\n")).unwrap();
+    let out = ok(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            &u,
+            "--password-file",
+            path(&file),
+        ],
+        None,
+    );
+    assert!(out.contains("frank") && !out.contains(&p), "{out}");
+    std::fs::write(&file, PASSWORD).unwrap();
+    let o = run_cli(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password-file",
+            path(&file),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{:?}", out_text(&o));
+    std::fs::write(&file, "not-the-password\n").unwrap();
+    let o = run_cli(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password-file",
+            path(&file),
+        ],
+        None,
+    );
+    refused(&o, "wrong password");
+    // A missing file names the file; both sources at once is a usage error.
+    let missing = dir.path().join("missing-password");
+    let err = fails(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password-file",
+            path(&missing),
+        ],
+        None,
+    );
+    assert!(err.contains("missing-password"), "{err}");
+    fails(
+        &[
+            "verify-credential",
+            "--config",
+            path(&config),
+            "--username",
+            USER,
+            "--password",
+            "-",
+            "--password-file",
+            path(&file),
+        ],
+        Some(PASSWORD),
+    );
+}
+
 // ------------------------------------------------------------------ check-config
 
 #[test]
@@ -480,6 +611,205 @@ fn check_config_names_key_and_line_of_a_bad_file() {
     let missing = dir.path().join("missing.toml");
     let err = fails(&["check-config", "--config", path(&missing)], None);
     assert!(err.contains("missing.toml"), "{err}");
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The WARN lines `check-config` prints on stderr.
+fn warnings(err: &str) -> Vec<&str> {
+    err.lines().filter(|l| l.contains("WARN")).collect()
+}
+
+#[test]
+fn check_config_warns_about_secrets_others_can_read() {
+    let (dir, config) = cli_config(&Options::with_api());
+    let secret = dir.path().join("secret.txt");
+    let token = dir.path().join("api.token");
+    for f in [&secret, &token, &config] {
+        chmod(f, 0o600);
+    }
+    let check = || {
+        let o = run_cli(&["check-config", "--config", path(&config)], None);
+        let (out, err) = out_text(&o);
+        assert!(
+            o.status.success(),
+            "warnings never fail the check: {out}{err}"
+        );
+        assert!(out.contains("valid"), "{out}");
+        assert!(warnings(&out).is_empty(), "warnings go to stderr: {out}");
+        err
+    };
+    let err = check();
+    assert!(warnings(&err).is_empty(), "all 0600: no warning: {err}");
+
+    // A world-readable secret file: one WARN naming the key, the file, the mode and the fix.
+    chmod(&secret, 0o644);
+    let err = check();
+    let w = warnings(&err);
+    assert_eq!(w.len(), 1, "{err}");
+    for part in [
+        "auth.secret_file",
+        path(&secret),
+        "0644",
+        &format!("chmod 600 {}", secret.display()),
+    ] {
+        assert!(w[0].contains(part), "{part:?} missing: {}", w[0]);
+    }
+    assert!(!err.contains(SECRET), "the secret is not shown: {err}");
+
+    // A group-readable token file, and the config file holding a clear static password.
+    chmod(&secret, 0o600);
+    chmod(&token, 0o640);
+    chmod(&config, 0o644);
+    let err = check();
+    let w = warnings(&err);
+    assert_eq!(w.len(), 2, "{err}");
+    assert!(
+        w.iter()
+            .any(|l| l.contains("api.token_file") && l.contains("0640")),
+        "{err}"
+    );
+    assert!(
+        w.iter().any(|l| l.contains(path(&config))
+            && l.contains("password")
+            && l.contains("chmod 600")),
+        "{err}"
+    );
+    assert!(
+        !err.contains(PASSWORD) && !err.contains(common::API_TOKEN),
+        "{err}"
+    );
+
+    // Without clear passwords, a readable config file is fine.
+    chmod(&token, 0o600);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("password = \"{PASSWORD}\""),
+        &format!("key = \"0x{}\"", "ab".repeat(16)),
+    );
+    std::fs::write(&config, text).unwrap();
+    chmod(&config, 0o644);
+    let err = check();
+    assert!(warnings(&err).is_empty(), "{err}");
+
+    // Owned by someone else (needs root to set up).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&secret, Some(65534), None).unwrap();
+        let err = check();
+        let w = warnings(&err);
+        assert_eq!(w.len(), 1, "{err}");
+        assert!(
+            w[0].contains("uid 65534") && w[0].contains("chown root"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn serve_warns_about_a_world_readable_secret_file() {
+    let d = Daemon::start();
+    let secret = d.dir().join("secret.txt");
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+    let warned = d
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("WARN") && l.contains(path(&secret)) && l.contains("chmod 600"));
+    // The harness writes files with the umask's mode (0644 under the usual 022).
+    assert_eq!(
+        warned,
+        mode & 0o077 != 0,
+        "secret.txt has mode {mode:04o}; log:\n{}",
+        d.log()
+    );
+}
+
+// ------------------------------------------------------------------ sessions kill
+
+/// A stand-in for the daemon's API: records every request it gets, answers 204.
+struct FakeApi {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeApi {
+    fn start() -> FakeApi {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { break };
+                conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = vec![0u8; 8192];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        FakeApi { addr, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn sessions_kill_refuses_ids_that_are_not_the_apis_format_and_sends_nothing() {
+    let api = FakeApi::start();
+    let (dir, _) = cli_config(&Options::with_api());
+    let text = Options::with_api().config_text(UNUSED_PORTS).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", api.addr),
+        1,
+    );
+    let config = dir.path().join("client.toml");
+    std::fs::write(&config, text).unwrap();
+    let c = path(&config);
+
+    for bad in [
+        "0-1-2\r\nDELETE /api/v1/sessions/0-0-0",
+        "0-1-2 HTTP/1.1\r\nHost: x\r\n\r\nPOST /api/v1/revoke",
+        "0-1-2\n",
+        "../revoke",
+        "0-1-2/../../revoke",
+        "+0-1-2",
+        "00-1-2",
+        "0-1-2?x=1",
+        "junk",
+        "",
+    ] {
+        let err = fails(&["sessions", "--config", c, "kill", bad], None);
+        assert!(err.contains("not a session id"), "{bad:?}: {err}");
+        assert!(
+            err.contains("sessions list"),
+            "says where ids come from: {err}"
+        );
+        assert!(!err.contains(common::API_TOKEN), "{err}");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        api.requests(),
+        Vec::<String>::new(),
+        "nothing may reach the API"
+    );
+
+    // A well-formed id goes out as exactly one request with exactly that path.
+    let out = ok(&["sessions", "--config", c, "kill", "0-12-3"], None);
+    assert!(out.contains("0-12-3"), "{out}");
+    let got = api.requests();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("DELETE /api/v1/sessions/0-12-3 HTTP/1.1\r\n"),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(got[0].matches("HTTP/1.1").count(), 1, "{:?}", got[0]);
 }
 
 // ------------------------------------------------------------------ systemd unit

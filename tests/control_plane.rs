@@ -1,6 +1,7 @@
 //! The HTTP control plane against the real daemon: bearer auth, credential minting in both
-//! shapes, request validation, revocation, sessions (HTTP and `turnpike sessions`), and
-//! Prometheus metrics that follow what the relay does.
+//! shapes, request validation, revocation (REST and static users, un-revoke, no minting for a
+//! revoked user; HTTP and `turnpike revoke`/`unrevoke`), sessions (HTTP and `turnpike sessions`),
+//! and Prometheus metrics that follow what the relay does.
 
 mod common;
 
@@ -35,6 +36,7 @@ fn api_routes_need_the_bearer_token() {
         ("POST", "/api/v1/credentials", Some(r#"{"user":"alice"}"#)),
         ("GET", "/api/v1/turn?service=turn&username=alice", None),
         ("POST", "/api/v1/revoke", Some(r#"{"user":"alice"}"#)),
+        ("POST", "/api/v1/unrevoke", Some(r#"{"user":"alice"}"#)),
         ("DELETE", "/api/v1/sessions/0-0-0", None),
     ];
     let wrong = "Bearer not-the-token-0123456789abcdef";
@@ -366,6 +368,194 @@ fn revoke_ends_the_users_allocations_and_refuses_new_ones() {
     assert_no_secret("daemon log", &d.log());
 }
 
+/// Waits for the `n`-th "configuration reloaded" event.
+fn reloaded(d: &Daemon, n: usize) {
+    d.wait_events("configuration reloaded", n, STEP, |_| true);
+}
+
+#[test]
+fn revoking_a_static_user_holds_until_unrevoke_or_a_changed_password() {
+    let mut d = Daemon::with(Options::with_api());
+    let peer = EchoPeer::start();
+    let mut a = TurnClient::new(d.addr, USER, PASSWORD);
+    a.must_allocate();
+    a.must_bind_channel(CHANNEL, peer.addr);
+
+    let r = d.api(
+        "POST",
+        "/api/v1/revoke",
+        Some(&format!(r#"{{"user":"{USER}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["ended_allocations"], 1, "{v}");
+    assert_eq!(v["static_user"], true, "{v}");
+    let rule = v["static_rule"]
+        .as_str()
+        .expect("static_rule documents the rule");
+    assert!(
+        rule.contains("/api/v1/unrevoke") && rule.contains("reload") && rule.contains("password"),
+        "{rule}"
+    );
+    assert!(v["refused_until_unix"].as_u64().is_some(), "{v}");
+
+    // Refused at once and for good: a fresh allocation is a 401, the metric says "revoked".
+    let revoked = "turnpike_auth_failures_total{reason=\"revoked\"}";
+    let before = d.metric(revoked);
+    assert_eq!(
+        TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
+        Some(401)
+    );
+    assert!(d.metric(revoked) > before);
+    // A plain reload (same password) keeps the revocation.
+    d.sighup();
+    reloaded(&d, 1);
+    assert_eq!(
+        TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
+        Some(401),
+        "a reload must not un-revoke"
+    );
+    // Other users are untouched.
+    let (u, p) = rest_credential("zoe", unix_now() + 600);
+    TurnClient::new(d.addr, &u, &p).must_allocate();
+
+    // Un-revoke: she allocates again.
+    let r = d.api(
+        "POST",
+        "/api/v1/unrevoke",
+        Some(&format!(r#"{{"user":"{USER}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["was_revoked"], true, "{v}");
+    assert_eq!(v["static_revocation_lifted"], true, "{v}");
+    TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
+    // Un-revoking again, or someone never revoked: 200, nothing lifted.
+    let v = d
+        .api("POST", "/api/v1/unrevoke", Some(r#"{"user":"nobody"}"#))
+        .json();
+    assert_eq!(v["was_revoked"], false, "{v}");
+    for (body, says) in [("{}", "user"), (r#"{"user":""}"#, "user"), ("x", "json")] {
+        let r = d.api("POST", "/api/v1/unrevoke", Some(body));
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(
+            r.error_message().to_lowercase().contains(says),
+            "{}",
+            r.body
+        );
+    }
+
+    // Revoked again; a reload that gives her a new password lifts it (the old one is wrong now).
+    assert_eq!(
+        d.api(
+            "POST",
+            "/api/v1/revoke",
+            Some(&format!(r#"{{"user":"{USER}"}}"#))
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
+        Some(401)
+    );
+    let text = std::fs::read_to_string(d.config_path()).unwrap();
+    let new_password = "a-brand-new-password";
+    d.write_config(&text.replace(
+        &format!("password = \"{PASSWORD}\""),
+        &format!("password = \"{new_password}\""),
+    ));
+    d.sighup();
+    reloaded(&d, 2);
+    TurnClient::new(d.addr, USER, new_password).must_allocate();
+    assert_eq!(
+        TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
+        Some(401)
+    );
+    assert_no_secret("daemon log", &d.log());
+}
+
+#[test]
+fn minting_for_a_revoked_user_is_a_409_until_unrevoked() {
+    let d = Daemon::with(Options::with_api());
+    assert_eq!(
+        d.api("POST", "/api/v1/revoke", Some(r#"{"user":"mallory"}"#))
+            .status,
+        200
+    );
+    let routes = [
+        ("POST", "/api/v1/credentials", Some(r#"{"user":"mallory"}"#)),
+        (
+            "POST",
+            "/api/v1/credentials",
+            Some(r#"{"user":"mallory","ttl":60}"#),
+        ),
+        ("GET", "/api/v1/turn?service=turn&username=mallory", None),
+    ];
+    for (method, path, body) in routes {
+        let r = d.api(method, path, body);
+        assert_eq!(r.status, 409, "{method} {path}: {}", r.body);
+        let msg = r.error_message();
+        assert!(
+            msg.contains("mallory") && msg.contains("revoked until"),
+            "{msg}"
+        );
+        assert_no_secret("409 body", &r.body);
+    }
+    // Others still get credentials.
+    assert_eq!(
+        d.api("POST", "/api/v1/credentials", Some(r#"{"user":"trent"}"#))
+            .status,
+        200
+    );
+    // After un-revoking, minting works and the credential allocates.
+    assert_eq!(
+        d.api("POST", "/api/v1/unrevoke", Some(r#"{"user":"mallory"}"#))
+            .json()["rest_revocation_lifted"],
+        true
+    );
+    let r = d.api("POST", "/api/v1/credentials", Some(r#"{"user":"mallory"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    TurnClient::new(
+        d.addr,
+        v["iceServers"][0]["username"].as_str().unwrap(),
+        v["iceServers"][0]["credential"].as_str().unwrap(),
+    )
+    .must_allocate();
+}
+
+#[test]
+fn revoke_and_unrevoke_through_the_cli() {
+    let d = Daemon::with(Options::with_api());
+    let config = d.client_config();
+    let cfg = config.to_str().unwrap();
+    TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
+
+    let o = run_cli(&["revoke", "--config", cfg, USER], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "revoke: {out}{err}");
+    let v = json(&out);
+    assert_eq!(v["user"], USER);
+    assert_eq!(v["static_user"], true);
+    assert_eq!(v["ended_allocations"], 1);
+    assert_eq!(
+        TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
+        Some(401)
+    );
+
+    let o = run_cli(&["unrevoke", "--config", cfg, USER], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "unrevoke: {out}{err}");
+    assert_eq!(json(&out)["was_revoked"], true, "{out}");
+    TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
+
+    // An empty user is refused before any request.
+    let o = run_cli(&["revoke", "--config", cfg, ""], None);
+    assert!(!o.status.success() && o.status.code().is_some());
+    assert_no_secret("CLI output", &format!("{:?}", out_text(&o)));
+}
+
 // ------------------------------------------------------------------ sessions
 
 fn sessions(d: &Daemon) -> Vec<serde_json::Value> {
@@ -452,6 +642,13 @@ fn sessions_list_and_kill_over_http() {
     let r = d.api("DELETE", "/api/v1/sessions/junk", None);
     assert_eq!(r.status, 400);
     r.error_message();
+    // Only the API's own spelling: these name shard 1 (which exists) in other spellings, and
+    // %0D%0A decodes to CR LF. All 400, none 404.
+    for other in ["01-0-0", "+1-0-0", "1-00-0", "1-0-0%0D%0A", "1-0-0%20"] {
+        let r = d.api("DELETE", &format!("/api/v1/sessions/{other}"), None);
+        assert_eq!(r.status, 400, "DELETE {other}: {}", r.body);
+        assert!(r.error_message().contains("session id"), "{}", r.body);
+    }
     // A well-formed id of a shard that does not exist.
     assert_eq!(d.api("DELETE", "/api/v1/sessions/7-0-0", None).status, 404);
 
@@ -494,13 +691,16 @@ fn sessions_list_and_kill_through_the_cli() {
     });
     assert!(sessions(&d).is_empty());
 
-    // Killing it again fails, naming the 404; a junk id fails with the 400.
+    // Killing it again fails, naming the 404; a junk id is refused before any request.
     let o = run_cli(&["sessions", "--config", cfg, "kill", &id], None);
     let (_, err) = out_text(&o);
     assert!(!o.status.success() && err.contains("404"), "{err}");
     let o = run_cli(&["sessions", "--config", cfg, "kill", "junk"], None);
     let (_, err) = out_text(&o);
-    assert!(!o.status.success() && err.contains("400"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("not a session id"),
+        "{err}"
+    );
     assert_no_secret("CLI stderr", &err);
 
     // With the daemon's own config (api.listen port 0) the CLI fails cleanly, not hangs.

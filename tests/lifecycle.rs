@@ -1,10 +1,12 @@
 //! The daemon's life under an init system: reload on SIGHUP while relaying, a refused broken
-//! reload, the graceful drain on SIGTERM, and the sd_notify conversation (READY, RELOADING,
-//! STOPPING, WATCHDOG) seen on a real Unix datagram socket.
+//! reload, warnings on reload about secrets others can read, the graceful drain on SIGTERM, and
+//! the sd_notify conversation (READY, RELOADING, STOPPING, WATCHDOG) seen on a real Unix
+//! datagram socket.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -329,6 +331,62 @@ fn a_broken_config_on_sighup_changes_nothing() {
         sent - received
     );
     assert!(d.events("allocation ended").is_empty());
+    assert!(d.is_running());
+}
+
+/// WARN lines about `file` in `lines`.
+fn permission_warnings<'a>(lines: &'a [String], file: &std::path::Path) -> Vec<&'a String> {
+    let file = file.to_str().unwrap();
+    lines
+        .iter()
+        .filter(|l| l.contains("\"WARN\"") && l.contains(file) && l.contains("chmod 600"))
+        .collect()
+}
+
+#[test]
+fn a_reload_warns_about_secrets_others_can_read() {
+    let mut d = Daemon::with(Options::with_api());
+    let secret = d.dir().join("secret.txt");
+    let config = d.config_path();
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    // Private files: the reload says nothing about them.
+    chmod(&secret, 0o600);
+    chmod(&config, 0o600);
+    chmod(&d.dir().join("api.token"), 0o600);
+    let start = d.log_lines().len();
+    d.sighup();
+    d.wait_events("configuration reloaded", 1, STEP, |_| true);
+    let after = d.log_lines()[start..].to_vec();
+    assert!(permission_warnings(&after, &secret).is_empty(), "{after:?}");
+    assert!(permission_warnings(&after, &config).is_empty(), "{after:?}");
+
+    // World-readable: the next reload warns about each, and still applies (warn, don't refuse).
+    chmod(&secret, 0o644);
+    chmod(&config, 0o604);
+    let start = d.log_lines().len();
+    d.sighup();
+    d.wait_events("configuration reloaded", 2, STEP, |_| true);
+    let after = d.log_lines()[start..].to_vec();
+    let w = permission_warnings(&after, &secret);
+    assert_eq!(w.len(), 1, "{after:?}");
+    assert!(
+        w[0].contains("auth.secret_file") && w[0].contains("0644"),
+        "{}",
+        w[0]
+    );
+    let w = permission_warnings(&after, &config);
+    assert_eq!(w.len(), 1, "{after:?}");
+    assert!(
+        w[0].contains("password") && w[0].contains("0604"),
+        "{}",
+        w[0]
+    );
+    assert!(!w[0].contains(PASSWORD), "{}", w[0]);
+    assert_eq!(d.metric("turnpike_reloads_total{result=\"ok\"}"), 2.0);
+    TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
     assert!(d.is_running());
 }
 
