@@ -18,6 +18,34 @@ for tool in turnutils_uclient turnutils_peer turnutils_stunclient nft ip chromiu
 done
 
 PACKAGES="coturn iproute2 nftables chromium fonts-liberation systemd"
+
+# Debian starts coturn's own turnserver when the package is installed; we only want its client
+# tools. Never touch a coturn (or any turnserver) that was here before this script ran: a
+# developer's machine may run a production one. So: when coturn is not installed yet, forbid
+# service starts during our apt-get install with a temporary policy-rc.d (only if the machine
+# has none of its own), and afterwards stop, by PID, only turnserver processes that did not exist
+# before the install and only if coturn was not installed before.
+POLICY_RC_D=/usr/sbin/policy-rc.d
+policy_rc_d_ours=0
+remove_policy_rc_d() {
+    if [ "$policy_rc_d_ours" = 1 ]; then
+        $SUDO rm -f "$POLICY_RC_D"
+        policy_rc_d_ours=0
+    fi
+}
+
+coturn_installed() {
+    dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q 'install ok installed'
+}
+
+turnserver_pids() {
+    if command -v pgrep >/dev/null 2>&1; then
+        pgrep -x turnserver 2>/dev/null | sort || true
+    else
+        pidof turnserver 2>/dev/null | tr ' ' '\n' | sort || true
+    fi
+}
+
 if [ "$need_apt" = 1 ]; then
     step="apt-get install"
     SUDO=""
@@ -28,15 +56,31 @@ if [ "$need_apt" = 1 ]; then
         }
         SUDO="sudo"
     fi
+    coturn_before=0
+    coturn_installed && coturn_before=1
+    pids_before=$(turnserver_pids)
+    if [ "$coturn_before" = 0 ] && [ ! -e "$POLICY_RC_D" ]; then
+        trap remove_policy_rc_d EXIT
+        # invoke-rc.d and deb-systemd-invoke ask policy-rc.d; 101 = "action forbidden".
+        printf '#!/bin/sh\n# temporary, from turnpike scripts/test.sh\nexit 101\n' |
+            $SUDO tee "$POLICY_RC_D" >/dev/null
+        $SUDO chmod 755 "$POLICY_RC_D"
+        policy_rc_d_ours=1
+    fi
     echo "==> apt-get install $PACKAGES"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -q
     # shellcheck disable=SC2086
     $SUDO apt-get install -y -q --no-install-recommends $PACKAGES
-    # Debian may start coturn's own turnserver on install; we only want its client tools.
-    # No systemd in containers: `service` (sysvinit script) first, then the process itself.
-    $SUDO service coturn stop >/dev/null 2>&1 || true
-    $SUDO pkill -x turnserver >/dev/null 2>&1 || true
+    remove_policy_rc_d
+    if [ "$coturn_before" = 0 ]; then
+        # Only if something started it anyway (an existing policy-rc.d that allows starts):
+        # the turnserver processes that are new since the install began, by PID.
+        for pid in $(comm -13 <(printf '%s\n' "$pids_before") <(turnserver_pids)); do
+            echo "==> stopping turnserver pid $pid, started by the coturn install"
+            $SUDO kill "$pid" 2>/dev/null || true
+        done
+    fi
 fi
 
 step="cargo fmt --check"
