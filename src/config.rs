@@ -543,13 +543,16 @@ impl Config {
     /// neither root nor the user running turnpike: `auth.secret_file`, `api.token_file`, and the
     /// config file itself when it holds clear-text static user passwords. Files that cannot be
     /// inspected are skipped (loading them reports the error), and so are files systemd hands
-    /// over in `$CREDENTIALS_DIRECTORY` (`LoadCredential=`): systemd restricts those itself.
+    /// over with `LoadCredential=` (under `$CREDENTIALS_DIRECTORY` or `/run/credentials`):
+    /// systemd restricts those itself, and its ACLs show up as group bits in the mode.
     /// For warnings only: a daemon with loose permissions still starts.
     pub fn permission_warnings(&self, config_path: &Path) -> Vec<PermissionWarning> {
         let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut out = Vec::new();
         let mut check = |key: &'static str, path: &Path, holds: &str, fix_hint: &str| {
-            if creds.as_deref().is_some_and(|dir| path.starts_with(dir)) {
+            if path.starts_with("/run/credentials")
+                || creds.as_deref().is_some_and(|dir| path.starts_with(dir))
+            {
                 return;
             }
             out.extend(permission_warning(key, path, holds, fix_hint));
