@@ -6,5 +6,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod proto;
