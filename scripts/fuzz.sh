@@ -67,8 +67,8 @@ for t in "${targets[@]}"; do
         failed+=("$t")
         line="$line  FAILED (exit $rc)"
         echo "fuzz.sh: $t failed; the end of $log:"
-        grep -E "panicked at|ERROR: libFuzzer|SUMMARY|Test unit written|Failing input|^thread '" "$log" | head -n 12 || true
-        tail -n 5 "$log"
+        grep -A 3 -E "panicked at" "$log" | head -n 8 | cut -c 1-300 || true
+        grep -E "ERROR: libFuzzer|Test unit written|cargo fuzz run" "$log" | head -n 4 | cut -c 1-300 || true
     fi
     echo "$line"
     summary+=("$line")

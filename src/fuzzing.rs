@@ -56,9 +56,13 @@ const MUTATE_FROM: u8 = 0xF0;
 /// Ops decoded from one input at most, so one input stays fast.
 pub const MAX_OPS: usize = 48;
 const MAX_PAYLOAD: usize = 1500;
+const MAX_UDP_PAYLOAD: usize = 65_527;
+
+/// A fuzz target: panics when an invariant breaks.
+pub type Target = fn(&[u8]);
 
 /// The fuzz targets by name: `fuzz/fuzz_targets/<name>.rs` calls the function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("stun_message", check_stun_message),
     ("address", check_address),
     ("channel_data", check_channel_data),
@@ -99,7 +103,7 @@ impl FakeRelays {
             let p = self.next_port + u16::from(even && self.next_port % 2 == 1);
             self.next_port = p + 1 + u16::from(pair);
             let taken = |q: u16| self.in_use(SocketAddr::new(ip, q));
-            if !taken(p) && !(pair && taken(p + 1)) {
+            if !(taken(p) || pair && taken(p + 1)) {
                 return Some(p);
             }
         }
@@ -700,8 +704,8 @@ fn payload_len(len: u16) -> usize {
     if len < 0xFF00 {
         len as usize % MAX_PAYLOAD
     } else {
-        // Around the largest Data indication that still fits a datagram.
-        u16::MAX as usize - HEADROOM - 0x80 + (len & 0xFF) as usize
+        // Up to the largest UDP payload (IPv6), across the largest one a Data indication can carry.
+        MAX_UDP_PAYLOAD - (len & 0xFF) as usize
     }
 }
 
@@ -765,13 +769,21 @@ struct AllocModel {
     quota_user: String,
     relays: Vec<SocketAddr>,
     permissions: HashMap<IpAddr, Span>,
-    /// number -> (peer, canonical, plain pool peer, expiry)
-    channels: HashMap<u16, (SocketAddr, bool, Span)>,
+    /// (number, peer) -> (peer is a plain one, expiry). One number may have candidates when a
+    /// replayed answer left open which request it answered.
+    channels: HashMap<(u16, SocketAddr), (bool, Span)>,
 }
 
 impl AllocModel {
     fn has_relay_for(&self, peer: SocketAddr) -> bool {
         self.relays.iter().any(|r| r.is_ipv6() == peer.is_ipv6())
+    }
+
+    /// Whether `number` may be bound to `peer` (some spelling of it) now.
+    fn may_be_bound(&self, number: u16, peer: SocketAddr, now: Instant) -> bool {
+        self.channels
+            .iter()
+            .any(|((n, p), (_, s))| *n == number && canonical(*p) == canonical(peer) && s.hi > now)
     }
 }
 
@@ -970,8 +982,9 @@ impl CoreHarness {
 
 fn channel_data(number: u16, data: Vec<u8>, flags: u8) -> (Vec<u8>, Expect) {
     let overlong = flags >> 5 == 6;
+    // More than the padding below can cover.
     let extra = if overlong {
-        1 + (flags >> 2 & 7) as usize
+        4 + (flags >> 2 & 7) as usize
     } else {
         0
     };
@@ -995,6 +1008,18 @@ fn channel_data(number: u16, data: Vec<u8>, flags: u8) -> (Vec<u8>, Expect) {
 fn tracing_steps() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("TURNPIKE_FUZZ_TRACE").is_some_and(|v| v == "1"))
+}
+
+/// Relayed bytes must be the bytes sent (reported without dumping a 64 KiB payload).
+fn same_bytes(got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).take_while(|(a, b)| a == b).count();
+        panic!(
+            "relayed {} bytes, not the {} sent (first difference at {at})",
+            got.len(),
+            want.len()
+        );
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1383,17 +1408,25 @@ impl CoreHarness {
                     return;
                 };
                 assert!(
-                    (codec::CHANNEL_MIN..=codec::CHANNEL_MAX).contains(&number),
+                    replay || (codec::CHANNEL_MIN..=codec::CHANNEL_MAX).contains(&number),
                     "channel {number:#x} bound"
                 );
                 let plain = PEERS[..PLAIN_PEERS].iter().any(|p| p.parse() == Ok(peer));
-                let old = a
-                    .channels
-                    .get(&number)
-                    .filter(|(p, _, _)| *p == peer)
-                    .map(|(_, _, s)| *s);
+                if !replay {
+                    // The number and the peer are this binding's alone: a live binding of either
+                    // to something else would have made this a 400.
+                    a.channels.retain(|(n, p), (_, s)| {
+                        let other = (*n == number) != (*p == peer);
+                        assert!(
+                            !(other && s.lo > now),
+                            "ChannelBind {number:#x} -> {peer} beside live {n:#x} -> {p}"
+                        );
+                        !other
+                    });
+                }
+                let old = a.channels.get(&(number, peer)).map(|(_, s)| *s);
                 let span = Span::refreshed(old, now + chan_life, replay, now);
-                a.channels.insert(number, (peer, plain, span));
+                a.channels.insert((number, peer), (plain, span));
                 let old = a.permissions.get(&peer.ip()).copied();
                 let span = Span::refreshed(old, now + perm_life, replay, now);
                 a.permissions.insert(peer.ip(), span);
@@ -1451,7 +1484,7 @@ impl CoreHarness {
             Expect::Send {
                 peer: p, payload, ..
             } => {
-                assert_eq!(&data[start..end], &payload[..], "relayed bytes");
+                same_bytes(&data[start..end], payload);
                 assert_eq!(canonical(peer), canonical(*p), "relayed to another peer");
                 self.coverage.to_peer_send += 1;
                 None
@@ -1459,7 +1492,7 @@ impl CoreHarness {
             Expect::Channel {
                 number, payload, ..
             } => {
-                assert_eq!(&data[start..end], &payload[..], "relayed bytes");
+                same_bytes(&data[start..end], payload);
                 self.coverage.to_peer_channel += 1;
                 Some(*number)
             }
@@ -1473,12 +1506,9 @@ impl CoreHarness {
             }
         };
         if let Some(number) = channel {
-            let bound = a.channels.get(&number).filter(|(_, _, s)| s.hi > now);
-            let (p, _, _) = bound.unwrap_or_else(|| panic!("ChannelData on unbound {number:#x}"));
-            assert_eq!(
-                canonical(*p),
-                canonical(peer),
-                "channel relayed to another peer"
+            assert!(
+                a.may_be_bound(number, peer, now),
+                "ChannelData on {number:#x} relayed to {peer}, not bound to it"
             );
         }
     }
@@ -1499,8 +1529,12 @@ impl CoreHarness {
                 well_formed: true,
                 ..
             } => {
-                if let Some((p, true, s)) = a.channels.get(number) {
-                    let must = s.lo > now && a.has_relay_for(*p) && certainly_permitted(a, *p, now);
+                for ((n, p), (plain, s)) in &a.channels {
+                    let must = n == number
+                        && *plain
+                        && s.lo > now
+                        && a.has_relay_for(*p)
+                        && certainly_permitted(a, *p, now);
                     assert!(!must, "ChannelData on bound channel {number:#x} dropped");
                 }
             }
@@ -1564,14 +1598,12 @@ impl CoreHarness {
                 );
                 if frame.first().is_some_and(|b| b >> 6 == 1) {
                     let cd = codec::parse_channel_data(&frame).expect("ChannelData frame parses");
-                    assert_eq!(&frame[cd.start..cd.end], data, "relayed bytes");
+                    same_bytes(&frame[cd.start..cd.end], data);
                     assert!(frame.len() - cd.end < 4, "ChannelData frame padding");
-                    let bound = a.channels.get(&cd.channel).filter(|(_, _, s)| s.hi > now);
-                    let (p, _, _) = bound.unwrap_or_else(|| panic!("framed on unbound channel"));
-                    assert_eq!(
-                        canonical(*p),
-                        canonical(from),
-                        "framed on another peer's channel"
+                    assert!(
+                        a.may_be_bound(cd.channel, from, now),
+                        "data from {from} framed on {:#x}, not bound to it",
+                        cd.channel
                     );
                     self.coverage.to_client_channel += 1;
                 } else {
@@ -1580,14 +1612,14 @@ impl CoreHarness {
                     });
                     assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
                     let d = m.get(attr::DATA).expect("DATA");
-                    assert_eq!(d.value, data, "relayed bytes");
+                    same_bytes(d.value, data);
                     let p = m.get(attr::XOR_PEER_ADDRESS).expect("XOR-PEER-ADDRESS");
                     let p = codec::decode_xor_address(p.value, &m.transaction_id());
                     assert_eq!(p, Some(present), "XOR-PEER-ADDRESS of a Data indication");
                     let bound = a
                         .channels
-                        .values()
-                        .any(|(p, plain, s)| *p == from && *plain && s.lo > now);
+                        .iter()
+                        .any(|((_, p), (plain, s))| *p == from && *plain && s.lo > now);
                     assert!(!bound, "Data indication although a channel is bound");
                     self.coverage.to_client_data += 1;
                 }
@@ -1806,13 +1838,17 @@ fn method_attributes(w: &mut MessageWriter, m: u16, q: &Request, peers: &[Socket
                 14 => family(w, attr::ADDITIONAL_ADDRESS_FAMILY, 1),
                 _ => {}
             }
-            match p[2] % 16 {
-                10 => drop(w.attr(attr::EVEN_PORT, &[0])),
-                11 => drop(w.attr(attr::EVEN_PORT, &[0x80])),
-                12 => drop(w.attr(attr::RESERVATION_TOKEN, &token.to_be_bytes())),
-                13 => drop(w.attr(attr::RESERVATION_TOKEN, &[1; 8])),
-                14 => drop(w.attr(attr::DONT_FRAGMENT, &[])),
-                _ => {}
+            let token = token.to_be_bytes();
+            let (kind, value): (u16, &[u8]) = match p[2] % 16 {
+                10 => (attr::EVEN_PORT, &[0]),
+                11 => (attr::EVEN_PORT, &[0x80]),
+                12 => (attr::RESERVATION_TOKEN, &token),
+                13 => (attr::RESERVATION_TOKEN, &[1; 8]),
+                14 => (attr::DONT_FRAGMENT, &[]),
+                _ => (0, &[]),
+            };
+            if kind != 0 {
+                w.attr(kind, value);
             }
         }
         method::REFRESH => match p[1] % 16 {
@@ -1897,7 +1933,9 @@ pub fn run_datagram_coverage(data: &[u8]) -> Coverage {
 
 // ------------------------------------------------------------------ codec targets
 
-const PADDED: fn(usize) -> usize = |len| (len + 3) & !3;
+fn padded(len: usize) -> usize {
+    (len + 3) & !3
+}
 const CODEC_KEY: &[u8] = b"VOkJxbRl1RmTxUk/WvJxBt";
 
 /// Fuzz target `stun_message`: `Message::parse`, the attribute walk, integrity, and a rebuild
@@ -1932,7 +1970,7 @@ pub fn check_stun_message(data: &[u8]) {
         assert!(first.offset <= a.offset);
         let _ = codec::decode_xor_address(a.value, &txid);
         let _ = codec::decode_address(a.value);
-        next = a.offset + PADDED(a.value.len());
+        next = a.offset + padded(a.value.len());
         attrs.push((a.kind, a.value));
     }
     let md5 = long_term_key(PasswordAlgorithm::Md5, "alice", REALM, "wonderland");
@@ -2068,7 +2106,7 @@ pub fn check_channel_data(data: &[u8]) {
     assert!(s <= e && e <= buf.len());
     let cd = codec::parse_channel_data(&buf[s..e]).expect("framed ChannelData parses");
     assert_eq!(cd.channel, channel);
-    assert_eq!(&buf[s + cd.start..s + cd.end], body);
+    same_bytes(&buf[s + cd.start..s + cd.end], body);
     let mut buf = fresh();
     let txid = [0x5A; 12];
     let (s, e) = codec::frame_data_indication(&mut buf, HEADROOM, HEADROOM + len, peer, &txid);

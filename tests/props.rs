@@ -288,7 +288,7 @@ fn codec_targets_hold_on_random_and_mutated_inputs() {
         let f = target(name);
         let pool = &seeds[name];
         let mut rng = Rng::new(i as u64);
-        for _ in 0..scale(3000) {
+        for _ in 0..scale(20_000) {
             let base = &pool[rng.below(pool.len())];
             let other = &pool[rng.below(pool.len())];
             let input = match rng.below(4) {
@@ -309,7 +309,7 @@ fn core_targets_hold_on_random_and_mutated_sequences() {
     let seeds = seeds();
     let mut rng = Rng::new(10);
     let ops = &seeds["core_ops"];
-    for _ in 0..scale(600) {
+    for _ in 0..scale(4_000) {
         let input = match rng.below(3) {
             0 => {
                 let n = 100 + rng.below(1400);
@@ -325,7 +325,7 @@ fn core_targets_hold_on_random_and_mutated_sequences() {
         run("core_ops", fuzzing::run_ops, &input);
     }
     let datagrams = &seeds["core_datagram"];
-    for _ in 0..scale(300) {
+    for _ in 0..scale(2_000) {
         let base = &datagrams[rng.below(datagrams.len())];
         let other = &datagrams[rng.below(datagrams.len())];
         let input = mutate(&mut rng, base, other);
@@ -339,7 +339,7 @@ fn core_targets_hold_on_random_and_mutated_sequences() {
 fn harness_reaches_authenticated_success_paths() {
     let mut rng = Rng::new(20);
     let mut total = Coverage::default();
-    for _ in 0..scale(300) {
+    for _ in 0..scale(1_500) {
         let input = random_session(&mut rng);
         total.add(&run("core_ops", fuzzing::run_ops, &input));
     }
@@ -476,4 +476,15 @@ fn write_seed_corpus() {
         n += 1;
     }
     eprintln!("wrote {n} seed files under {}", root.display());
+}
+
+/// Replays one input without nightly: `TURNPIKE_REPLAY=<target>:<file> TURNPIKE_FUZZ_TRACE=1
+/// cargo test --release --test props -- --ignored --nocapture replay_one_input`.
+#[test]
+#[ignore]
+fn replay_one_input() {
+    let spec = std::env::var("TURNPIKE_REPLAY").expect("TURNPIKE_REPLAY=<target>:<file>");
+    let (name, file) = spec.split_once(':').expect("<target>:<file>");
+    let bytes = std::fs::read(file).expect("input file");
+    run(name, target(name), &bytes);
 }
