@@ -1,20 +1,25 @@
 //! Hardening against abuse and exhaustion, seen from raw clients on loopback: the limit on
 //! unauthenticated replies across shards, EVEN-PORT reservations, per-user quotas with shared
 //! credentials, a big NAT under default limits, a reflection flood, log flooding by failed relay
-//! opens, and LIFETIME = 0 on Allocate.
+//! opens, and LIFETIME = 0 on Allocate. And, in a network namespace of their own (root only),
+//! the server's own addresses as peers: another address of the host behind a wildcard listener,
+//! and embedded-IPv4 spellings of the relay address.
 //!
-//! Every test starts its own daemon (ephemeral listener port) through `tests/common`, sends only
-//! to loopback, bounds every load loop in count and time, and asserts counts, never speed. The
-//! tests take a lock so that their loads do not overlap: what one measures is its own daemon.
+//! Every test starts its own daemon through `tests/common`, sends only to loopback or inside a
+//! namespace it created (198.18.0.0/15 and 2001:db8::/32 there), bounds every load loop in
+//! count and time, and asserts counts, never speed. The tests take a lock so that their loads
+//! do not overlap: what one measures is its own daemon.
 //!
-//! Keys the harness does not expose as options (`threads`, the relay port range, removing the
-//! harness's `unauth_replies_per_sec = 0` so the shipped defaults apply) are edited in the config
-//! file by a `sed` run through [`Options::sh_prefix`] just before the daemon starts; each test
-//! checks that the edit took.
+//! The namespace tests need root and `ip`; where they cannot run they say so loudly and pass,
+//! unless `CI` is set: then they fail (as `tests/nat_call.rs` does). The namespace is deleted
+//! however the test ends (`tests/nat/netns.rs`).
 
 mod common;
+#[macro_use]
+#[path = "nat/netns.rs"]
+mod netns;
 
-use std::net::UdpSocket;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use common::{
     out_text, rest_credential, run_cli, unix_now, Api, Daemon, Options, Reply, TurnClient,
 };
+use netns::{Netns, SetupError};
 use turnpike::proto::codec::{attr, method, Class, Message, MessageWriter};
 
 /// One load test at a time.
@@ -31,66 +37,13 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A config edit made before the daemon starts.
-enum Edit {
-    /// Replace the line `KEY = ...` with `KEY = VALUE`.
-    Set(&'static str, String),
-    /// Remove the line `KEY = ...`.
-    Delete(&'static str),
-}
-
-/// The `sh` prefix that applies `edits` to the config file (`$1`) with `sed`; a failed edit
-/// exits 97 so the start fails loudly.
-fn edit_prefix(edits: &[Edit]) -> String {
-    let simple = |s: &str| {
-        s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-    };
-    let mut cmd = String::from("sed -i");
-    for e in edits {
-        match e {
-            Edit::Set(k, v) => {
-                assert!(simple(k) && simple(v), "edit {k} = {v}");
-                cmd.push_str(&format!(" -e 's/^{k} = .*/{k} = {v}/'"));
-            }
-            Edit::Delete(k) => {
-                assert!(simple(k), "edit {k}");
-                cmd.push_str(&format!(" -e '/^{k} = /d'"));
-            }
-        }
-    }
-    cmd.push_str(" \"$1\" || exit 97");
-    cmd
-}
-
-/// Starts a daemon with `opts` and the config `edits`; checks that each edit is in the file.
-fn start_edited(mut opts: Options, edits: &[Edit]) -> Daemon {
-    assert!(opts.sh_prefix.is_none());
-    if !edits.is_empty() {
-        opts.sh_prefix = Some(edit_prefix(edits));
-    }
-    let d = Daemon::with(opts);
+/// Checks that `d`'s config sets no `unauth_*` limit, so the daemon's defaults apply.
+fn assert_unauth_defaults(d: &Daemon) {
     let text = std::fs::read_to_string(d.config_path()).expect("read config");
-    for e in edits {
-        match e {
-            Edit::Set(k, v) => assert!(
-                text.lines().any(|l| l == format!("{k} = {v}")),
-                "config edit {k} = {v} missing:\n{text}"
-            ),
-            Edit::Delete(k) => assert!(
-                !text.lines().any(|l| l.starts_with(&format!("{k} = "))),
-                "config line {k} not removed:\n{text}"
-            ),
-        }
-    }
-    d
-}
-
-fn relay_range(lo: u16, hi: u16) -> [Edit; 2] {
-    [
-        Edit::Set("port_min", lo.to_string()),
-        Edit::Set("port_max", hi.to_string()),
-    ]
+    assert!(
+        !text.contains("unauth_replies"),
+        "config sets an unauth_* limit:\n{text}"
+    );
 }
 
 /// The daemon's effective `[limits]` as `check-config` prints them for its config file.
@@ -194,15 +147,13 @@ fn unauth_reply_limit_holds_across_shards() {
     const SOCKETS: u32 = 256;
     const EACH: u32 = 4;
     raise_nofile(4096);
-    let d = start_edited(
-        Options {
-            api: Api::Token,
-            unauth_replies_per_sec: PER_SEC,
-            extra_limits: format!("unauth_replies_burst = {BURST}"),
-            ..Options::default()
-        },
-        &[Edit::Set("threads", "8".into())],
-    );
+    let d = Daemon::with(Options {
+        api: Api::Token,
+        threads: 8,
+        unauth_replies_per_sec: Some(PER_SEC),
+        extra_limits: format!("unauth_replies_burst = {BURST}"),
+        ..Options::default()
+    });
     assert_eq!(d.metric("turnpike_shards"), 8.0, "8 shards running");
 
     let socks: Vec<UdpSocket> = (0..SOCKETS)
@@ -291,15 +242,14 @@ fn even_port_reservations_die_with_their_allocation() {
         bindable >= 60,
         "relay range {LO}-{HI} mostly taken by something else"
     );
-    let d = start_edited(
-        Options {
-            api: Api::Token,
-            allocations_per_user: 200,
-            extra_users: vec![("bob".into(), "builder".into())],
-            ..Options::default()
-        },
-        &relay_range(LO, HI),
-    );
+    let d = Daemon::with(Options {
+        api: Api::Token,
+        allocations_per_user: 200,
+        relay_ports: Some((LO, HI)),
+        extra_users: vec![("bob".into(), "builder".into())],
+        ..Options::default()
+    });
+    assert_eq!(d.relay_ports, (LO, HI));
     let free = || d.metric(PORTS_FREE);
     let baseline = free();
     eprintln!("baseline {PORTS_FREE} = {baseline}");
@@ -477,8 +427,8 @@ fn shared_rest_user_across_sources_shares_one_cap() {
 
 // ------------------------------------------------------------------ 4. a big NAT
 
-/// Shipped default `[limits]` (no `unauth_*` keys in the config; the harness's
-/// `unauth_replies_per_sec = 0` is removed). 500 clients behind one address (127.0.0.1, 500
+/// Shipped default `[limits]` (no `unauth_*` keys in the config:
+/// `unauth_replies_per_sec: None`). 500 clients behind one address (127.0.0.1, 500
 /// sockets) each do one full Allocate (the 401 round, then the signed Allocate), started 20 ms
 /// apart (50 per second, about 10 s in all): all 500 succeed. Credentials: REST, with 500
 /// different user parts, so the per-user quota plays no part. Relay range 11000-11999.
@@ -489,9 +439,12 @@ fn nat_of_500_clients_allocates_under_default_limits() {
     const WORKERS: usize = 25;
     const SPACING: Duration = Duration::from_millis(20);
     raise_nofile(4096);
-    let mut edits = vec![Edit::Delete("unauth_replies_per_sec")];
-    edits.extend(relay_range(11000, 11999));
-    let d = start_edited(Options::default(), &edits);
+    let d = Daemon::with(Options {
+        unauth_replies_per_sec: None,
+        relay_ports: Some((11000, 11999)),
+        ..Options::default()
+    });
+    assert_unauth_defaults(&d);
     let limits = effective_limits(&d);
     eprintln!(
         "effective defaults: unauth_replies_per_sec = {}, unauth_replies_burst = {}",
@@ -573,10 +526,11 @@ fn spoofed_flood_gets_only_the_configured_share() {
     const MAX_REQUESTS: u64 = 200_000;
     const MAX_TIME: Duration = Duration::from_secs(5);
     const SOCKETS: usize = 8;
-    let d = start_edited(
-        Options::default(),
-        &[Edit::Delete("unauth_replies_per_sec")],
-    );
+    let d = Daemon::with(Options {
+        unauth_replies_per_sec: None,
+        ..Options::default()
+    });
+    assert_unauth_defaults(&d);
     let limits = effective_limits(&d);
     let rate = limit(&limits, "unauth_replies_per_sec");
     let burst = limit(&limits, "unauth_replies_burst");
@@ -668,13 +622,11 @@ fn spoofed_flood_gets_only_the_configured_share() {
 fn failed_relay_opens_do_not_flood_the_log() {
     let _serial = serial();
     const ATTEMPTS: usize = 200;
-    let d = start_edited(
-        Options {
-            allocations_per_user: 500,
-            ..Options::default()
-        },
-        &relay_range(61200, 61201),
-    );
+    let d = Daemon::with(Options {
+        allocations_per_user: 500,
+        relay_ports: Some((61200, 61201)),
+        ..Options::default()
+    });
     let mut clients = Vec::new();
     let (mut ok, mut no_port, mut other) = (0, 0, Vec::new());
     for _ in 0..ATTEMPTS {
@@ -763,4 +715,318 @@ fn allocate_with_lifetime_zero_gets_the_default() {
             "Refresh after ({extra:?})"
         );
     }
+}
+
+// ------------------------------------------------------------------ 8. our own addresses as peers
+
+/// The relay address of the namespace tests, on `v0`.
+const NS_RELAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Another address of the same host (same interface), not a relay address.
+const NS_OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Where the clients send from.
+const NS_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// An address in the allowed range that is not ours (nothing answers there; permissions only).
+const NS_STRANGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+/// The IPv6 relay address, on `v0`.
+const NS_RELAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const NS_STRANGER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
+/// The namespace is fresh: fixed ports are free in it.
+const NS_LISTEN_PORT: u16 = 3478;
+const NS_API_PORT: u16 = 9641;
+const NS_RELAY_PORTS: (u16, u16) = (40000, 40099);
+
+/// A fresh namespace with `lo` up and a veth pair (both ends inside; `dummy` may be missing
+/// from the kernel) whose `v0` carries 198.18.0.1/24, .2/24, .10/24 and 2001:db8::1/64 (nodad,
+/// usable at once). None, after saying why, where this machine cannot do it (a failure with
+/// `CI` set).
+fn host_netns(test: &str, short: &str) -> Option<Netns> {
+    if let Err(reason) = netns::preflight_ip() {
+        netns::cannot_run(test, &reason);
+        return None;
+    }
+    netns::remove_stale();
+    let ns = match Netns::create(short) {
+        Ok(ns) => ns,
+        Err(SetupError::Unavailable(reason)) => {
+            netns::cannot_run(
+                test,
+                &format!("cannot create a network namespace: {reason}"),
+            );
+            return None;
+        }
+        Err(SetupError::Failed(e)) => panic!("setting up the namespace failed: {e}"),
+    };
+    let setup = [
+        "link add v0 type veth peer name v1".to_owned(),
+        format!("addr add {NS_RELAY}/24 dev v0"),
+        format!("addr add {NS_OTHER}/24 dev v0"),
+        format!("addr add {NS_CLIENT}/24 dev v0"),
+        format!("-6 addr add {NS_RELAY6}/64 dev v0 nodad"),
+        "link set v1 up".to_owned(),
+        "link set v0 up".to_owned(),
+    ];
+    for cmd in &setup {
+        ns.ip(cmd)
+            .unwrap_or_else(|e| panic!("namespace {}: {e}", ns.name));
+    }
+    Some(ns)
+}
+
+/// The daemon inside `ns`: UDP listener 0.0.0.0:3478, API (with a token) on 0.0.0.0:9641, relay
+/// 198.18.0.1 (and `relay6`), ports 40000-40099, loopback peers closed, 198.18.0.0/15 and
+/// 2001:db8::/32 opened by the allow list (so a 403 below is about the address being ours, not
+/// about its range).
+fn ns_daemon(ns: &Netns, relay6: Option<Ipv6Addr>) -> Daemon {
+    let d = Daemon::with(Options {
+        netns: Some(ns.name.clone()),
+        listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_LISTEN_PORT))),
+        relay_address: Some(NS_RELAY),
+        relay_address_v6: relay6,
+        relay_ports: Some(NS_RELAY_PORTS),
+        allow_loopback_peers: false,
+        api: Api::Token,
+        api_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_API_PORT))),
+        extra_peers: r#"allow = ["198.18.0.0/15", "2001:db8::/32"]"#.into(),
+        ..Options::default()
+    });
+    assert_eq!(d.addr.port(), NS_LISTEN_PORT, "listener {}", d.addr);
+    d
+}
+
+/// A client inside `ns`, sending from 198.18.0.10 to the listener at 198.18.0.1. The socket is
+/// opened on a thread inside the namespace and then used from this one.
+fn ns_client(ns: &Netns) -> TurnClient {
+    let sock = ns
+        .run_in("client socket", || UdpSocket::bind((NS_CLIENT, 0)))
+        .unwrap_or_else(|e| panic!("bind {NS_CLIENT}:0 in the namespace: {e}"));
+    TurnClient::with_socket(
+        sock,
+        SocketAddr::from((NS_RELAY, NS_LISTEN_PORT)),
+        common::USER,
+        common::PASSWORD,
+    )
+}
+
+/// A port in the relay range that none of `live` holds.
+fn unused_relay_port(live: &[SocketAddr]) -> u16 {
+    (NS_RELAY_PORTS.0 + 17..=NS_RELAY_PORTS.1)
+        .find(|p| live.iter().all(|a| a.port() != *p))
+        .expect("a free port in the relay range")
+}
+
+/// `(is success, error code)` of CreatePermission and of ChannelBind on `channel` to `peer`.
+fn permit_and_bind(c: &mut TurnClient, channel: u16, peer: SocketAddr) -> [(bool, Option<u16>); 2] {
+    [
+        c.permit(peer).outcome(),
+        c.bind_channel(channel, peer).outcome(),
+    ]
+}
+
+/// Inside a namespace whose interface carries 198.18.0.1 (the relay address), 198.18.0.2 and
+/// 198.18.0.10 (the clients), the daemon listens on the wildcard 0.0.0.0:3478 with its API on
+/// 0.0.0.0:9641, so both answer on 198.18.0.2 too. A client allocated through 198.18.0.1 gets
+/// 403 on CreatePermission and on ChannelBind to 198.18.0.2 at the listener port (TURN over
+/// TURN through our own listener), at the API port, at an unused port of the relay range and at
+/// a live relay port's number, and to 198.18.0.1 at the listener and API ports; while
+/// 198.18.0.99 (same allowed range, not ours) is permitted, and so is the live relay port of a
+/// second allocation (relay to relay), through which data then flows both ways.
+#[test]
+fn wildcard_listener_is_not_a_peer_on_another_host_address() {
+    const TEST: &str = "hardening::wildcard_listener_is_not_a_peer_on_another_host_address";
+    let _serial = serial();
+    // Declared first: dropped last, after the daemon inside it has stopped.
+    let Some(ns) = host_netns(TEST, "hwild") else {
+        return;
+    };
+    let d = ns_daemon(&ns, None);
+    let mut alice = ns_client(&ns);
+    let mut bob = ns_client(&ns);
+    let alice_relay = alice.must_allocate();
+    let bob_relay = bob.must_allocate();
+    for r in [alice_relay, bob_relay] {
+        assert_eq!(r.ip(), IpAddr::V4(NS_RELAY), "relayed address {r}");
+    }
+    let unused = unused_relay_port(&[alice_relay, bob_relay]);
+    eprintln!(
+        "daemon in {} listening on {}, API on {:?}; relays {alice_relay} and {bob_relay}; \
+         unused relay port {unused}",
+        ns.name, d.addr, d.api_addr
+    );
+
+    // Control: the allow list opens the range, so what follows is refused for being ours.
+    let stranger = SocketAddr::from((NS_STRANGER, NS_LISTEN_PORT));
+    assert_eq!(
+        permit_and_bind(&mut alice, 0x4000, stranger),
+        [(true, None); 2],
+        "{stranger}: in the allowed range and not ours"
+    );
+
+    let ours = [
+        (NS_OTHER, NS_LISTEN_PORT, "the wildcard STUN/TURN listener"),
+        (NS_OTHER, NS_API_PORT, "the wildcard HTTP API"),
+        (NS_OTHER, unused, "an unused relay-range port"),
+        (NS_OTHER, bob_relay.port(), "a live relay port's number"),
+        (
+            NS_RELAY,
+            NS_LISTEN_PORT,
+            "the listener on the relay address",
+        ),
+        (NS_RELAY, NS_API_PORT, "the API on the relay address"),
+    ];
+    let mut wrong = Vec::new();
+    for (i, (ip, port, what)) in ours.into_iter().enumerate() {
+        let peer = SocketAddr::from((ip, port));
+        let got = permit_and_bind(&mut alice, 0x4001 + i as u16, peer);
+        if got != [(false, Some(403)); 2] {
+            wrong.push(format!(
+                "{peer} ({what}): CreatePermission {:?}, ChannelBind {:?}",
+                got[0], got[1]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "our own host's addresses accepted as peers (want 403 for both):\n{}",
+        wrong.join("\n")
+    );
+
+    // Relay to relay stays open, and works.
+    alice.must_bind_channel(0x4010, bob_relay);
+    assert_eq!(
+        bob.permit(alice_relay).outcome(),
+        (true, None),
+        "bob permits alice's relay {alice_relay}"
+    );
+    alice.send_channel_data(0x4010, b"relay to relay");
+    let data = recv_data_indication(&bob, Duration::from_secs(2))
+        .expect("bob gets alice's data from her relay");
+    assert_eq!(data, (alice_relay, b"relay to relay".to_vec()));
+}
+
+/// The next Data indication at `c`: `(XOR-PEER-ADDRESS, DATA)`, or None after `wait`.
+fn recv_data_indication(c: &TurnClient, wait: Duration) -> Option<(SocketAddr, Vec<u8>)> {
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let buf = c.recv(left.max(Duration::from_millis(1)))?;
+        let Ok(m) = Message::parse(&buf) else {
+            continue;
+        };
+        if m.method == method::DATA && m.class == Class::Indication {
+            let r = Reply(buf.clone());
+            return Some((r.xor_addr(attr::XOR_PEER_ADDRESS), r.attr(attr::DATA)?));
+        }
+    }
+    None
+}
+
+/// The ways to write `v4` as an IPv6 address that the daemon reduces to IPv4: IPv4-mapped
+/// (::ffff:A), NAT64 (64:ff9b::A), 6to4 (2002:AAAA:AAAA::) and IPv4-compatible (::A).
+fn embedded_spellings(v4: Ipv4Addr) -> [(&'static str, IpAddr); 4] {
+    let [a, b, c, d] = v4.octets();
+    let (hi, lo) = (u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]));
+    [
+        ("IPv4-mapped", IpAddr::V6(v4.to_ipv6_mapped())),
+        (
+            "NAT64",
+            IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo)),
+        ),
+        (
+            "6to4",
+            IpAddr::V6(Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 0)),
+        ),
+        (
+            "IPv4-compatible",
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo)),
+        ),
+    ]
+}
+
+/// Inside a namespace: relay addresses 198.18.0.1 and 2001:db8::1, both opened by the allow
+/// list. A dual-stack allocation (ADDITIONAL-ADDRESS-FAMILY IPv6, so neither family answers
+/// 443) gets 403 on CreatePermission and on ChannelBind to 198.18.0.1 at a relay-range port no
+/// allocation holds, written plain or as [::ffff:198.18.0.1], [64:ff9b::c612:1],
+/// [2002:c612:1::] or [::c612:1], and to [2001:db8::1] at that port; while the live relay ports
+/// of a second dual-stack allocation are permitted however they are written (ChannelBind checked
+/// on the plain spellings), and so are 198.18.0.99 and 2001:db8::99 (allowed, not ours).
+#[test]
+fn embedded_ipv4_spellings_of_the_relay_address_are_refused() {
+    const TEST: &str = "hardening::embedded_ipv4_spellings_of_the_relay_address_are_refused";
+    let _serial = serial();
+    // Declared first: dropped last, after the daemon inside it has stopped.
+    let Some(ns) = host_netns(TEST, "hembed") else {
+        return;
+    };
+    let _d = ns_daemon(&ns, Some(NS_RELAY6));
+    let mut alice = ns_client(&ns);
+    let mut bob = ns_client(&ns);
+    let mut live = Vec::new();
+    for c in [&mut alice, &mut bob] {
+        let r = c.allocate_dual();
+        assert_eq!(r.outcome(), (true, None), "dual-stack Allocate");
+        let relays = r.xor_addrs(attr::XOR_RELAYED_ADDRESS);
+        let families: Vec<IpAddr> = relays.iter().map(SocketAddr::ip).collect();
+        assert_eq!(
+            families,
+            [IpAddr::V4(NS_RELAY), IpAddr::V6(NS_RELAY6)],
+            "relayed addresses {relays:?}"
+        );
+        live.push(relays);
+    }
+    let (bob4, bob6) = (live[1][0], live[1][1]);
+    let unused = unused_relay_port(&live.concat());
+    eprintln!("relays {live:?}; unused relay port {unused}");
+
+    // Controls: allowed, not ours.
+    let mut channel = 0x4000;
+    for ip in [IpAddr::V4(NS_STRANGER), IpAddr::V6(NS_STRANGER6)] {
+        let peer = SocketAddr::new(ip, unused);
+        assert_eq!(
+            permit_and_bind(&mut alice, channel, peer),
+            [(true, None); 2],
+            "{peer}: in the allowed range and not ours"
+        );
+        channel += 1;
+    }
+
+    let mut refused = vec![
+        ("plain IPv4", IpAddr::V4(NS_RELAY)),
+        ("IPv6 relay address", IpAddr::V6(NS_RELAY6)),
+    ];
+    refused.extend(embedded_spellings(NS_RELAY));
+    let mut wrong = Vec::new();
+    for (what, ip) in &refused {
+        let peer = SocketAddr::new(*ip, unused);
+        let got = permit_and_bind(&mut alice, channel, peer);
+        channel += 1;
+        if got != [(false, Some(403)); 2] {
+            wrong.push(format!(
+                "{peer} ({what}): CreatePermission {:?}, ChannelBind {:?}",
+                got[0], got[1]
+            ));
+        }
+    }
+
+    // Live relay ports stay peers, however they are written.
+    let mut live_peers = vec![("plain IPv4", bob4), ("IPv6 relay address", bob6)];
+    live_peers.extend(
+        embedded_spellings(NS_RELAY).map(|(what, ip)| (what, SocketAddr::new(ip, bob4.port()))),
+    );
+    for (what, peer) in &live_peers {
+        let got = alice.permit(*peer).outcome();
+        if got != (true, None) {
+            wrong.push(format!(
+                "{peer} ({what}, a live relay port): CreatePermission {got:?}, want success"
+            ));
+        }
+    }
+    for peer in [bob4, bob6] {
+        let got = alice.bind_channel(channel, peer).outcome();
+        channel += 1;
+        if got != (true, None) {
+            wrong.push(format!(
+                "{peer} (a live relay port): ChannelBind {got:?}, want success"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -1,5 +1,6 @@
-//! Test harness: runs the real `turnpike` binary on loopback with a config written to a temp
-//! dir, learns its ports from the log, and stops it on drop. Also: signals, config rewrites,
+//! Test harness: runs the real `turnpike` binary on loopback (or inside a network namespace a
+//! test made: [`Options::netns`]) with a config written to a temp dir, learns its ports from the
+//! log, and stops it on drop. Also: signals, config rewrites,
 //! exit status, an sd_notify socket, a tiny HTTP client for the control plane, a Prometheus text
 //! parser, a raw TURN client over UDP and a UDP echo peer.
 //!
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -44,8 +45,16 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct Options {
     pub allow_loopback_peers: bool,
     pub allocations_per_user: u32,
-    /// 0 = no rate limit on 401/438, so tests that need many nonces are not throttled.
-    pub unauth_replies_per_sec: u32,
+    /// `threads`: 2 by default.
+    pub threads: u32,
+    /// `[relay] port_min` and `port_max`. None (default): a block of 200 ports inside
+    /// 20000-29999 that the harness picks per daemon. Either way [`Daemon::relay_ports`] is the
+    /// range in the config.
+    pub relay_ports: Option<(u16, u16)>,
+    /// `limits.unauth_replies_per_sec`. `Some(0)` (default) = no rate limit on 401/438, so
+    /// tests that need many nonces are not throttled; None leaves the key out, so the daemon's
+    /// own default applies.
+    pub unauth_replies_per_sec: Option<u32>,
     /// Raw TOML appended to the `[limits]` table.
     pub extra_limits: String,
     /// `drain_secs`; 0 (default) stops at once on SIGTERM.
@@ -71,6 +80,18 @@ pub struct Options {
     /// Listen on [::1] instead of 127.0.0.1 and add an IPv6 relay on ::1 (RFC 6156); the IPv4
     /// relay on 127.0.0.1 stays.
     pub ipv6: bool,
+    /// The one UDP listener (`listen`). None (default): `127.0.0.1:0`, or `[::1]:0` with
+    /// `ipv6`. [`Daemon::addr`] is what the daemon logs, so a wildcard stays a wildcard there.
+    pub listen: Option<SocketAddr>,
+    /// `relay.address`. None (default): 127.0.0.1.
+    pub relay_address: Option<Ipv4Addr>,
+    /// `relay.address_v6`. None (default): `::1` with `ipv6`, else no IPv6 relay.
+    pub relay_address_v6: Option<Ipv6Addr>,
+    /// `api.listen` when `api` is not [`Api::Off`]. None (default): `127.0.0.1:0`.
+    pub api_listen: Option<SocketAddr>,
+    /// Run the daemon inside this network namespace (`ip netns exec NS ...`; see
+    /// `tests/nat/netns.rs`). None (default): this process's own.
+    pub netns: Option<String>,
 }
 
 /// How the `[api]` table is configured.
@@ -88,7 +109,9 @@ impl Default for Options {
         Options {
             allow_loopback_peers: true,
             allocations_per_user: 10,
-            unauth_replies_per_sec: 0,
+            threads: 2,
+            relay_ports: None,
+            unauth_replies_per_sec: Some(0),
             extra_limits: String::new(),
             drain_secs: 0,
             api: Api::Off,
@@ -100,6 +123,11 @@ impl Default for Options {
             notify_socket: false,
             sh_prefix: None,
             ipv6: false,
+            listen: None,
+            relay_address: None,
+            relay_address_v6: None,
+            api_listen: None,
+            netns: None,
         }
     }
 }
@@ -113,16 +141,28 @@ impl Options {
         }
     }
 
-    /// The config file these options produce, for a daemon whose relay ports are `relay_ports`.
-    /// `secret.txt` and `api.token` are relative to the file's directory.
+    /// The config file these options produce, for a daemon whose relay ports are `relay_ports`
+    /// unless [`Options::relay_ports`] says otherwise. `secret.txt` and `api.token` are
+    /// relative to the file's directory.
     pub fn config_text(&self, relay_ports: (u16, u16)) -> String {
+        let relay_ports = self.relay_ports.unwrap_or(relay_ports);
         // TURNPIKE_TEST_LOG=debug (or trace) when a test needs the daemon's reasons.
         let log_level = std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let listen = match self.listen {
+            Some(addr) => addr.to_string(),
+            None if self.ipv6 => "[::1]:0".into(),
+            None => "127.0.0.1:0".into(),
+        };
+        let address_v6 = match self.relay_address_v6 {
+            Some(ip) => format!("address_v6 = \"{ip}\""),
+            None if self.ipv6 => "address_v6 = \"::1\"".into(),
+            None => String::new(),
+        };
         let mut cfg = String::new();
         write!(
             cfg,
             r#"realm = "{REALM}"
-threads = 2
+threads = {}
 listen = ["{}"]
 log_format = "json"
 log_level = "{}"
@@ -130,7 +170,7 @@ drain_secs = {}
 {}
 
 [relay]
-address = "127.0.0.1"
+address = "{}"
 {}
 port_min = {}
 port_max = {}
@@ -142,15 +182,13 @@ secret_file = "secret.txt"
 name = "{USER}"
 password = "{PASSWORD}"
 "#,
-            if self.ipv6 { "[::1]:0" } else { "127.0.0.1:0" },
+            self.threads,
+            listen,
             log_level,
             self.drain_secs,
             self.extra_top,
-            if self.ipv6 {
-                "address_v6 = \"::1\""
-            } else {
-                ""
-            },
+            self.relay_address.unwrap_or(Ipv4Addr::LOCALHOST),
+            address_v6,
             relay_ports.0,
             relay_ports.1,
         )
@@ -167,31 +205,35 @@ password = "{PASSWORD}"
             r#"
 [limits]
 allocations_per_user = {}
-unauth_replies_per_sec = {}
-{}
+{}{}
 
 [peers]
 allow_loopback_peers = {}
 {}
 "#,
             self.allocations_per_user,
-            self.unauth_replies_per_sec,
+            self.unauth_replies_per_sec
+                .map(|n| format!("unauth_replies_per_sec = {n}\n"))
+                .unwrap_or_default(),
             self.extra_limits,
             self.allow_loopback_peers,
             self.extra_peers,
         )
         .unwrap();
+        let api_listen = self
+            .api_listen
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         match self.api {
             Api::Off => {}
             Api::NoToken => write!(
                 cfg,
-                "\n[api]\nlisten = \"127.0.0.1:0\"\n{}\n",
+                "\n[api]\nlisten = \"{api_listen}\"\n{}\n",
                 self.extra_api
             )
             .unwrap(),
             Api::Token => write!(
                 cfg,
-                "\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n{}\n",
+                "\n[api]\nlisten = \"{api_listen}\"\ntoken_file = \"api.token\"\n{}\n",
                 self.extra_api
             )
             .unwrap(),
@@ -291,6 +333,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// The HTTP API listener, when the API is on.
     pub api_addr: Option<SocketAddr>,
+    /// The relay port range in the config: [`Options::relay_ports`], or the block the harness
+    /// picked.
     pub relay_ports: (u16, u16),
     pub opts: Options,
     log: Arc<Mutex<Vec<String>>>,
@@ -381,7 +425,9 @@ impl Daemon {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let block = (std::process::id().wrapping_mul(7).wrapping_add(n)) % RELAY_BLOCKS;
         let port_min = 20000 + block as u16 * RELAY_BLOCK;
-        let relay_ports = (port_min, port_min + RELAY_BLOCK - 1);
+        let relay_ports = opts
+            .relay_ports
+            .unwrap_or((port_min, port_min + RELAY_BLOCK - 1));
 
         let dir = std::env::temp_dir().join(format!("turnpike-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -394,21 +440,25 @@ impl Daemon {
             sock
         });
 
-        let mut cmd = match &opts.sh_prefix {
-            None => {
-                let mut c = Command::new(turnpike_bin());
-                c.arg("serve").arg("--config").arg(&config);
-                c
-            }
-            Some(prefix) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("{prefix}; exec \"$0\" serve --config \"$1\""))
-                    .arg(turnpike_bin())
-                    .arg(&config);
-                c
-            }
+        let mut argv: Vec<std::ffi::OsString> = match &opts.sh_prefix {
+            None => vec![turnpike_bin().into(), "serve".into(), "--config".into()],
+            Some(prefix) => vec![
+                "sh".into(),
+                "-c".into(),
+                format!("{prefix}; exec \"$0\" serve --config \"$1\"").into(),
+                turnpike_bin().into(),
+            ],
         };
+        argv.push(config.clone().into());
+        if let Some(ns) = &opts.netns {
+            // `ip netns exec` execs the program in its own process: the pid stays the daemon's.
+            let mut wrapped: Vec<std::ffi::OsString> =
+                vec!["ip".into(), "netns".into(), "exec".into(), ns.into()];
+            wrapped.append(&mut argv);
+            argv = wrapped;
+        }
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
             cmd.env_remove(var);
         }
@@ -1021,6 +1071,15 @@ impl Reply {
     pub fn attr(&self, kind: u16) -> Option<Vec<u8>> {
         self.msg().get(kind).map(|a| a.value.to_vec())
     }
+    /// Every address attribute of `kind`, in order (a dual-stack Allocate answers with two
+    /// XOR-RELAYED-ADDRESS attributes, RFC 8656 §7.1).
+    pub fn xor_addrs(&self, kind: u16) -> Vec<SocketAddr> {
+        let m = self.msg();
+        m.attributes()
+            .filter(|a| a.kind == kind)
+            .map(|a| decode_xor_address(a.value, &m.transaction_id()).expect("address decodes"))
+            .collect()
+    }
     pub fn xor_addr(&self, kind: u16) -> SocketAddr {
         let m = self.msg();
         decode_xor_address(
@@ -1057,8 +1116,23 @@ pub struct TurnClient {
 
 impl TurnClient {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> TurnClient {
+        TurnClient::with_socket(
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server,
+            user,
+            password,
+        )
+    }
+
+    /// A client on a socket of the caller's (bound elsewhere, or inside a network namespace).
+    pub fn with_socket(
+        sock: UdpSocket,
+        server: SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> TurnClient {
         TurnClient {
-            sock: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            sock,
             server,
             user: user.into(),
             key: long_term_key(PasswordAlgorithm::Md5, user, REALM, password)
@@ -1189,6 +1263,14 @@ impl TurnClient {
     pub fn allocate(&mut self) -> Reply {
         self.request(method::ALLOCATE, |w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })
+    }
+
+    /// A dual-stack Allocate (RFC 8656 §7.1): IPv4 plus ADDITIONAL-ADDRESS-FAMILY IPv6.
+    pub fn allocate_dual(&mut self) -> Reply {
+        self.request(method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[0x02, 0, 0, 0]);
         })
     }
 

@@ -24,6 +24,22 @@
 //!   this process holds); and [`remove_stale`] at start, for namespaces of runs whose test
 //!   process is gone.
 //! - Every external command and every wait is bounded.
+//!
+//! Besides that topology, [`Netns`] is one lone namespace of the same kind (same prefix, same
+//! cleanup), for tests that need a host of their own, e.g. one with several addresses
+//! (`tests/hardening.rs`, which includes this file by path).
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+/// `eprintln!` straight to the process's stderr, past libtest's output capture: the NAT test's
+/// measurements and a skip notice must show in CI logs even when the test passes.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -56,6 +72,9 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// The short names of the namespaces, in creation order.
 const NAMESPACES: [&str; 5] = ["pub", "nata", "natb", "cla", "clb"];
+/// Test binaries that create namespaces with [`PREFIX`] (the start of their `comm`): a
+/// namespace whose pid is one of these, still running, is not stale.
+const OWNERS: [&str; 2] = ["nat_call", "hardening"];
 
 // ------------------------------------------------------------------ skipping
 
@@ -65,27 +84,33 @@ pub fn cannot_run(test: &str, reason: &str) {
     if ci {
         panic!(
             "{test} cannot run here: {reason}\n\
-             CI is set, so this is a failure, not a skip: the NAT test must run in CI \
-             (as root, with iproute2 and nftables)."
+             CI is set, so this is a failure, not a skip: the network namespace tests must \
+             run in CI (as root, with iproute2, and nftables for the NAT test)."
         );
     }
     let bar = "!".repeat(78);
     say!(
         "\n{bar}\n!! SKIPPED {test}: {reason}\n\
-         !! NOTHING WAS TESTED. It needs root, `ip` (iproute2), `nft` (nftables) and network\n\
-         !! namespaces. With CI set this is a failure instead of a skip.\n{bar}\n"
+         !! NOTHING WAS TESTED. It needs root, `ip` (iproute2), network namespaces, and for\n\
+         !! the NAT test `nft` (nftables). With CI set this is a failure instead of a skip.\n\
+         {bar}\n"
     );
 }
 
-/// Root, `ip` and `nft`: what the test needs before it tries anything.
+/// Root, `ip` and `nft`: what the NAT test needs before it tries anything.
 pub fn preflight() -> Result<(), String> {
+    preflight_ip()?;
+    run(&["nft", "--version"], None).map_err(|e| format!("`nft` (nftables) unusable: {e}"))?;
+    Ok(())
+}
+
+/// Root and `ip`: what a test on a lone [`Netns`] needs before it tries anything.
+pub fn preflight_ip() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("not running as root (network namespaces and nftables need it)".into());
+        return Err("not running as root (network namespaces need it)".into());
     }
-    for (tool, arg, package) in [("ip", "-V", "iproute2"), ("nft", "--version", "nftables")] {
-        run(&[tool, arg], None).map_err(|e| format!("`{tool}` ({package}) unusable: {e}"))?;
-    }
+    run(&["ip", "-V"], None).map_err(|e| format!("`ip` (iproute2) unusable: {e}"))?;
     Ok(())
 }
 
@@ -159,8 +184,9 @@ fn destroy(name: &str) {
     }
 }
 
-/// Deletes namespaces left behind by earlier runs: ours (same pid, should not happen) and
-/// those whose test process (`tpnat<pid>-*`) is no longer alive.
+/// Deletes namespaces left behind by earlier runs: those whose test process (`tpnat<pid>-*`)
+/// is no longer alive. Our own (same pid) are left to their owners, which may be other tests
+/// of this process running now; creating one deletes a leftover of the same name first.
 pub fn remove_stale() {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return;
@@ -174,10 +200,10 @@ pub fn remove_stale() {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        // Alive = a running nat_call test binary with that pid (a reused pid is not).
-        let alive = pid != me
-            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.starts_with("nat_call"));
+        // Alive = us, or a running test binary of ours with that pid (a reused pid is not).
+        let alive = pid == me
+            || std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| OWNERS.iter().any(|o| comm.starts_with(o)));
         if !alive {
             say!("nat test: removing leftover namespace {name}");
             destroy(&name);
@@ -357,21 +383,26 @@ exit 0"#;
     Ok((child, stdin))
 }
 
+/// Ends a watchdog whose namespaces are already deleted: EOF on its stdin, then a bounded wait.
+fn stop_watchdog((mut child, stdin): (Child, ChildStdin)) {
+    drop(stdin); // EOF: the watchdog finds nothing left and exits
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for n in self.created.iter().rev() {
             destroy(n);
         }
-        if let Some((mut child, stdin)) = self.watchdog.take() {
-            drop(stdin); // EOF: the watchdog finds nothing left and exits
-            let deadline = Instant::now() + CMD_TIMEOUT;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
+        if let Some(watchdog) = self.watchdog.take() {
+            stop_watchdog(watchdog);
         }
         let left: Vec<&String> = self
             .created
@@ -384,6 +415,71 @@ impl Drop for Topology {
             say!("nat test: namespaces {}-* deleted", self.prefix);
         } else {
             say!("nat test: WARNING: could not delete namespaces {left:?}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ one lone namespace
+
+/// One namespace of this run, `tpnat<pid>-<short>`, with `lo` up and nothing else: the test
+/// adds what it needs ([`Netns::ip`]). Dropping it kills what runs inside and deletes it; a
+/// watchdog (as for [`Topology`]) deletes it if this process dies first.
+pub struct Netns {
+    pub name: String,
+    created: bool,
+    watchdog: Option<(Child, ChildStdin)>,
+}
+
+impl Netns {
+    /// `short`: letters and digits, distinct among the namespaces this process has at once.
+    pub fn create(short: &str) -> Result<Netns, SetupError> {
+        assert!(
+            !short.is_empty() && short.chars().all(|c| c.is_ascii_alphanumeric()),
+            "namespace name {short:?}"
+        );
+        let name = format!("{PREFIX}{}-{short}", std::process::id());
+        destroy(&name);
+        let watchdog =
+            spawn_watchdog(std::slice::from_ref(&name)).map_err(SetupError::Unavailable)?;
+        let mut ns = Netns {
+            name,
+            created: false,
+            watchdog: Some(watchdog),
+        };
+        run(&["ip", "netns", "add", &ns.name], None).map_err(SetupError::Unavailable)?;
+        ns.created = true;
+        ns.ip("link set lo up").map_err(SetupError::Failed)?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS` (ARGS split on whitespace), bounded.
+    pub fn ip(&self, args: &str) -> Result<String, String> {
+        ip(&self.name, args)
+    }
+
+    /// Runs `f` on a thread inside this namespace (see [`spawn_in`]) and waits for it, bounded:
+    /// for opening sockets that live here and are then used from anywhere.
+    pub fn run_in<T, F>(&self, what: &str, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        spawn_in(&self.name, what, f)
+            .and_then(|t| t.join(CMD_TIMEOUT))
+            .unwrap_or_else(|e| panic!("in namespace {}: {e}", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if self.created {
+            destroy(&self.name);
+        }
+        if let Some(watchdog) = self.watchdog.take() {
+            stop_watchdog(watchdog);
+        }
+        if self.created && ns_path(&self.name).exists() {
+            say!("netns: WARNING: could not delete namespace {}", self.name);
         }
     }
 }
