@@ -318,9 +318,16 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
         }
         None => None,
     };
-    // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API.
+    // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
+    // bound (a configured port 0 is whatever port the kernel picked).
     let mut endpoints = listeners.clone();
-    endpoints.extend(config.api.listen);
+    if let Some(l) = &api_listener {
+        let bound = l.local_addr().map_err(|source| DaemonError::Bind {
+            what: "api listener".into(),
+            source,
+        })?;
+        endpoints.push(bound);
+    }
     let core = Arc::new(core_config(
         &config,
         &relays,

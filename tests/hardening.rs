@@ -1030,3 +1030,23 @@ fn embedded_ipv4_spellings_of_the_relay_address_are_refused() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The HTTP API on an ephemeral port (`api.listen = "127.0.0.1:0"`) is one of our own service
+/// endpoints at the port the kernel picked: with loopback peers opened (a test rig), a client
+/// still cannot reach the API as a peer, while an ordinary loopback port stays a peer.
+#[test]
+fn api_on_an_ephemeral_port_is_not_a_peer() {
+    let _serial = serial();
+    let d = Daemon::with(Options::with_api());
+    let api = d.api_addr.expect("api listening");
+    assert_ne!(api.port(), 0);
+    let mut c = client_from(&d, "127.0.0.1", common::USER, common::PASSWORD);
+    c.must_allocate();
+    assert_eq!(
+        c.permit(api).outcome(),
+        (false, Some(403)),
+        "CreatePermission to the API at {api}"
+    );
+    let echo = common::EchoPeer::start();
+    assert_eq!(c.permit(echo.addr).outcome(), (true, None));
+}

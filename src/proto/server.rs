@@ -1516,14 +1516,22 @@ impl<P: RelayProvider> Core<P> {
                 return PeerAction::Drop;
             }
         }
-        let (s, e) = match a.channel_for_peer(from, now) {
-            Some(c) => frame_channel_data(buf, start, end, c.number),
+        // Each frame has a 16-bit length: a payload past what it can carry (possible only on
+        // stream transports) would otherwise be framed with a wrapped length.
+        let channel = a.channel_for_peer(from, now).map(|c| c.number);
+        let limit = match channel {
+            Some(_) => u16::MAX as usize,
+            // A Data indication must still fit a UDP datagram after its header is added.
+            None => u16::MAX as usize - HEADROOM,
+        };
+        if len > limit {
+            a.counters.dropped_packets += 1;
+            stats.dropped_malformed += 1;
+            return PeerAction::Drop;
+        }
+        let (s, e) = match channel {
+            Some(number) => frame_channel_data(buf, start, end, number),
             None => {
-                // A Data indication must still fit a UDP datagram after its header is added.
-                if len > u16::MAX as usize - HEADROOM {
-                    a.counters.dropped_packets += 1;
-                    return PeerAction::Drop;
-                }
                 let txid = random_txid(rng);
                 frame_data_indication(buf, start, end, config.policy.present(from), &txid)
             }

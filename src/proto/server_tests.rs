@@ -1685,3 +1685,15 @@ fn failed_relay_opens_are_logged_once_a_minute() {
 
 #[path = "soak_tests.rs"]
 mod soak;
+
+#[test]
+fn a_peer_payload_too_long_for_a_channel_data_length_is_dropped() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let relay = h.allocate(&ft);
+    let p = peer("198.51.100.1:4000");
+    assert_eq!(h.bind(&ft, 0x4000, p), (Class::Success, None));
+    assert!(h.peer_sends(relay, p, &vec![7u8; 65_535]).is_some());
+    assert!(h.peer_sends(relay, p, &vec![7u8; 65_536]).is_none());
+    assert_eq!(h.core.stats().dropped_malformed, 1);
+}
