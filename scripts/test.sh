@@ -3,7 +3,8 @@
 # Works on a fresh Debian machine as root: installs what the tests need when CI is set or a
 # tool is missing: coturn's client tools (tests/coturn_clients.rs, reference server for
 # bench/), iproute2 and nftables (tests/nat_call.rs builds network namespaces with NATs),
-# chromium (tests/browser_call.rs) and systemd (systemd-analyze verify of the unit).
+# chromium (tests/browser_call.rs) and systemd (systemd-analyze verify of the unit). Ends with a
+# short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -102,4 +103,10 @@ echo "==> $step"
 # Release: the relay tests push real traffic through the daemon. One build serves all targets.
 cargo test --release --all-targets
 
-echo "test.sh: OK: fmt, clippy and all tests passed in $(( $(date +%s) - started ))s"
+step="fuzz smoke"
+echo "==> $step"
+# Every cargo-fuzz target for a bounded time when a nightly toolchain is there (fuzz.sh says so
+# and returns 0 when it is not); tests/props.rs above runs the same targets on stable.
+scripts/fuzz.sh "${FUZZ_SMOKE_SECS:-20}"
+
+echo "test.sh: OK: fmt, clippy, all tests and the fuzz smoke passed in $(( $(date +%s) - started ))s"
