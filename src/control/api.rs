@@ -225,17 +225,25 @@ struct RevokeRequest {
     user: String,
 }
 
-async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
+/// The authorised `{"user": ...}` body of revoke and unrevoke.
+fn user_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<RevokeRequest, Response> {
+    authorize(state, headers)?;
+    let req: RevokeRequest = parse_json(body)?;
+    if req.user.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "user must not be empty"));
     }
-    let req: RevokeRequest = match parse_json(&body) {
+    Ok(req)
+}
+
+async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match user_request(&state, &headers, &body) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    if req.user.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "user must not be empty");
-    }
     let r = state.revoke(&req.user, unix_now()).await;
     let mut body = json!({
         "user": req.user,
@@ -254,16 +262,10 @@ async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
 /// Lifts a revocation made by `POST /api/v1/revoke`: REST credentials of the user and the static
 /// user of that name are accepted again. Unknown or not revoked: 200 with both flags false.
 async fn unrevoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
-    let req: RevokeRequest = match parse_json(&body) {
+    let req = match user_request(&state, &headers, &body) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    if req.user.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "user must not be empty");
-    }
     let lifted = state.unrevoke(&req.user);
     Json(json!({
         "user": req.user,
