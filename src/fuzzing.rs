@@ -76,7 +76,8 @@ fn run_ops_unit(data: &[u8]) {
 
 // ------------------------------------------------------------------ the core under test
 
-/// Relay sockets as a map; asserts the core never opens an id twice nor closes one it did not open.
+/// Relay sockets as a map; asserts the core never opens an id twice nor closes one it did not
+/// open. Also the core's unit tests' provider (`proto::server` tests).
 #[derive(Default)]
 pub struct FakeRelays {
     next_port: u16,
@@ -85,6 +86,10 @@ pub struct FakeRelays {
     pub reserved: HashMap<u64, SocketAddr>,
     /// The last few closed ids, for peer datagrams that race an allocation's end.
     pub closed: Vec<RelayId>,
+    /// Reservations the core ended without a claim.
+    pub dropped_reservations: Vec<u64>,
+    /// Every open fails as if the relay range were full.
+    pub exhausted: bool,
 }
 
 impl FakeRelays {
@@ -113,6 +118,9 @@ impl FakeRelays {
 
 impl RelayProvider for FakeRelays {
     fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
+        if self.exhausted {
+            return Err(RelayOpenError::NoPort);
+        }
         let port = self
             .free_port(req.ip, req.even_port, req.reserve_next)
             .ok_or(RelayOpenError::NoPort)?;
@@ -159,7 +167,11 @@ impl RelayProvider for FakeRelays {
     }
 
     fn drop_reservation(&mut self, token: u64) {
-        self.reserved.remove(&token);
+        assert!(
+            self.reserved.remove(&token).is_some(),
+            "reservation {token:#x} dropped twice or never made"
+        );
+        self.dropped_reservations.push(token);
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::fuzzing::FakeRelays;
 use crate::proto::auth::{long_term_key, mint_rest_credential, RestConfig, StaticUser};
 use crate::proto::codec::{attr, method, Class, Message, MessageWriter, TAILROOM};
 use crate::proto::policy::{PeerPolicy, PolicyConfig};
@@ -15,72 +16,6 @@ use crate::proto::Transport;
 const REALM: &str = "test.realm";
 const SECRET: &[u8] = b"rest-secret";
 const UNIX0: u64 = 1_800_000_000;
-
-#[derive(Default)]
-struct FakeRelays {
-    next_port: u16,
-    open: HashMap<RelayId, SocketAddr>,
-    reserved: HashMap<u64, SocketAddr>,
-    closed: Vec<RelayId>,
-    dropped_reservations: Vec<u64>,
-    tokens_issued: u64,
-    exhausted: bool,
-}
-
-impl RelayProvider for FakeRelays {
-    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
-        if self.exhausted {
-            return Err(RelayOpenError::NoPort);
-        }
-        if self.next_port == 0 {
-            self.next_port = 50000;
-        }
-        if req.even_port && self.next_port % 2 == 1 {
-            self.next_port += 1;
-        }
-        let local = SocketAddr::new(req.ip, self.next_port);
-        self.next_port += 1;
-        let mut token = None;
-        if req.reserve_next {
-            self.tokens_issued += 1;
-            let t = 0x1122_3344_5566_7788 + self.tokens_issued;
-            self.reserved
-                .insert(t, SocketAddr::new(req.ip, self.next_port));
-            self.next_port += 1;
-            token = Some(t);
-        }
-        assert!(self.open.insert(req.id, local).is_none());
-        Ok(OpenedRelay {
-            local,
-            reservation_token: token,
-        })
-    }
-
-    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
-        let local = self
-            .reserved
-            .remove(&token)
-            .ok_or(RelayOpenError::UnknownToken)?;
-        self.open.insert(id, local);
-        Ok(local)
-    }
-
-    fn close(&mut self, id: RelayId) {
-        assert!(
-            self.open.remove(&id).is_some(),
-            "closed twice or never opened"
-        );
-        self.closed.push(id);
-    }
-
-    fn drop_reservation(&mut self, token: u64) {
-        assert!(
-            self.reserved.remove(&token).is_some(),
-            "reservation dropped twice or never made"
-        );
-        self.dropped_reservations.push(token);
-    }
-}
 
 struct Harness {
     core: Core<FakeRelays>,
