@@ -1050,3 +1050,36 @@ fn api_on_an_ephemeral_port_is_not_a_peer() {
     let echo = common::EchoPeer::start();
     assert_eq!(c.permit(echo.addr).outcome(), (true, None));
 }
+
+/// Resident memory of `pid` in KiB (VmRSS).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A measurement, not a check (run with `--ignored --nocapture`): the daemon's RSS before and
+/// after `TURNPIKE_REFRESHES` (default 500,000) Refreshes of one allocation. Each Refresh used
+/// to push a timer entry that stayed until its own expiry; now an allocation has one.
+#[test]
+#[ignore]
+fn refresh_storm_memory() {
+    let _serial = serial();
+    let n: u64 = std::env::var("TURNPIKE_REFRESHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let d = Daemon::start();
+    let mut c = client_from(&d, "127.0.0.1", common::USER, common::PASSWORD);
+    c.must_allocate();
+    let before = rss_kib(d.pid());
+    for i in 0..n {
+        assert_eq!(c.refresh(600).outcome(), (true, None), "refresh {i}");
+    }
+    let after = rss_kib(d.pid());
+    eprintln!("refresh storm: {n} Refreshes, RSS {before} KiB before, {after} KiB after");
+}
