@@ -366,7 +366,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // A one-shot command whose reader went away (`check-config | head -1`) ends quietly, as
+        // Unix tools do; Rust's runtime ignores SIGPIPE, which turns that into a print panic.
+        // The daemon keeps ignoring it: a closed stdout must never stop a relay.
+        // SAFETY: called before any thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("turnpike: {e:#}");

@@ -910,3 +910,37 @@ fn systemd_analyze_verify_accepts_the_unit() {
         o.status
     );
 }
+
+/// `turnpike check-config ... | head -1`: a reader that is gone before the output is written ends
+/// the command quietly (SIGPIPE, as any Unix tool), never with a "failed printing" panic.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let (_dir, config) = cli_config(&Options::default());
+    let mut fds = [0; 2];
+    // SAFETY: a valid array of two ints for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds were just created and are owned here alone.
+    let (read, write) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read);
+    let out = std::process::Command::new(common::turnpike_bin())
+        .args(["check-config", "--config", path(&config)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .expect("run turnpike");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{}: {err}",
+        out.status
+    );
+}
