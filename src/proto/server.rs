@@ -403,6 +403,10 @@ const TURN_KNOWN: &[u16] = &[
     attr::RESERVATION_TOKEN,
 ];
 
+/// Comprehension-required attributes of a Send indication. DONT-FRAGMENT is understood, though
+/// not yet applied per datagram.
+const SEND_KNOWN: &[u16] = &[attr::XOR_PEER_ADDRESS, attr::DATA, attr::DONT_FRAGMENT];
+
 /// Binding requests may carry ICE and RFC 5780 attributes we can safely ignore.
 const BINDING_KNOWN: &[u16] = &[
     attr::USERNAME,
@@ -762,6 +766,12 @@ impl<P: RelayProvider> Core<P> {
         let Some(&slot) = self.by_client.get(ft) else {
             return ClientAction::Drop;
         };
+        // An indication cannot be answered with 420: one we do not fully understand is
+        // discarded (RFC 8489 §6.3.2).
+        if Self::unknown_attributes(msg, SEND_KNOWN).1 > 0 {
+            self.stats.dropped_malformed += 1;
+            return ClientAction::Drop;
+        }
         let txid = msg.transaction_id();
         let peer = msg
             .get(attr::XOR_PEER_ADDRESS)

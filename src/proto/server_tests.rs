@@ -1632,3 +1632,26 @@ fn a_peer_payload_too_long_for_a_channel_data_length_is_dropped() {
     assert!(h.peer_sends(relay, p, &vec![7u8; 65_536]).is_none());
     assert_eq!(h.core.stats().dropped_malformed, 1);
 }
+
+#[test]
+fn a_send_indication_with_an_unknown_comprehension_required_attribute_is_discarded() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let p = peer("198.51.100.1:4000");
+    assert_eq!(h.permit(&ft, p), (Class::Success, None));
+    let mut buf = Vec::new();
+    MessageWriter::new(&mut buf, method::SEND, Class::Indication, [3; 12])
+        .xor_address(attr::XOR_PEER_ADDRESS, p)
+        .attr(attr::DATA, b"hello")
+        .attr(0x0077, b"?");
+    assert_eq!(h.send(&ft, &buf), ClientAction::Drop);
+    // DONT-FRAGMENT is understood, and a comprehension-optional unknown is ignored.
+    let mut buf = Vec::new();
+    MessageWriter::new(&mut buf, method::SEND, Class::Indication, [4; 12])
+        .xor_address(attr::XOR_PEER_ADDRESS, p)
+        .attr(attr::DATA, b"hello")
+        .attr(attr::DONT_FRAGMENT, b"")
+        .attr(0x8077, b"?");
+    assert!(matches!(h.send(&ft, &buf), ClientAction::ToPeer { .. }));
+}
