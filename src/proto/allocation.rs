@@ -121,6 +121,9 @@ pub struct Allocation {
     /// The last request's transaction id and our answer, so a retransmission gets the same answer.
     pub last_txid: [u8; 12],
     pub last_response: Vec<u8>,
+    /// The Allocate's own transaction id and success, kept for the allocation's life: a client
+    /// whose success was lost retransmits the Allocate, possibly after other requests.
+    pub allocate_answer: Option<([u8; 12], Box<[u8]>)>,
     pub counters: Counters,
     pub to_peer_budget: Option<TokenBucket>,
     pub to_client_budget: Option<TokenBucket>,
@@ -243,6 +246,7 @@ mod tests {
             channels: Vec::new(),
             last_txid: [0; 12],
             last_response: Vec::new(),
+            allocate_answer: None,
             counters: Counters::default(),
             to_peer_budget: None,
             to_client_budget: None,

@@ -806,9 +806,14 @@ impl<P: RelayProvider> Core<P> {
         let existing = self.by_client.get(ft).copied();
         if let Some(slot) = existing {
             let a = self.alloc_mut(slot);
-            if a.last_txid == txid && !a.last_response.is_empty() {
+            let cached = match &a.allocate_answer {
+                Some((t, answer)) if *t == txid => Some(&answer[..]),
+                _ => (a.last_txid == txid && !a.last_response.is_empty())
+                    .then_some(&a.last_response[..]),
+            };
+            if let Some(answer) = cached {
                 reply.clear();
-                reply.extend_from_slice(&a.last_response);
+                reply.extend_from_slice(answer);
                 return ClientAction::Reply;
             }
         }
@@ -840,6 +845,9 @@ impl<P: RelayProvider> Core<P> {
         // Remember the answer for a retransmission of this request on this 5-tuple.
         if let Some(&slot) = self.by_client.get(ft) {
             let a = self.alloc_mut(slot);
+            if existing.is_none() {
+                a.allocate_answer = Some((txid, reply.as_slice().into()));
+            }
             a.last_txid = txid;
             a.last_response.clear();
             a.last_response.extend_from_slice(reply);
@@ -1219,6 +1227,7 @@ impl<P: RelayProvider> Core<P> {
             channels: Vec::new(),
             last_txid: [0; 12],
             last_response: Vec::new(),
+            allocate_answer: None,
             counters: Counters::default(),
             to_peer_budget: budget,
             to_client_budget: budget,

@@ -1655,3 +1655,30 @@ fn a_send_indication_with_an_unknown_comprehension_required_attribute_is_discard
         .attr(0x8077, b"?");
     assert!(matches!(h.send(&ft, &buf), ClientAction::ToPeer { .. }));
 }
+
+#[test]
+fn a_retransmitted_allocate_gets_its_success_even_after_later_requests() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let nonce = h.nonce(&ft);
+    let txid = h.txid();
+    let allocate = h.request(method::ALLOCATE, txid, &alice(), &nonce, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.call(&ft, &allocate), (Class::Success, None));
+    let first = h.reply.clone();
+    assert_eq!(
+        h.permit(&ft, peer("198.51.100.1:4000")),
+        (Class::Success, None)
+    );
+    assert_eq!(h.refresh(&ft, 600), (Class::Success, None));
+    // The success was lost: the client retransmits its Allocate, unchanged.
+    assert_eq!(h.call(&ft, &allocate), (Class::Success, None));
+    assert_eq!(h.reply, first);
+    assert_eq!(h.core.allocation_count(), 1);
+    // A new Allocate on the same 5-tuple is still a mismatch.
+    assert_eq!(
+        h.allocate_with(&ft, &alice(), |_| {}),
+        (Class::Error, Some(437))
+    );
+}
