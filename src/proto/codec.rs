@@ -123,10 +123,6 @@ pub enum ParseError {
     BadLength,
     #[error("attribute runs past the end of the message")]
     BadAttribute,
-    #[error(
-        "attributes after MESSAGE-INTEGRITY other than MESSAGE-INTEGRITY-SHA256 and FINGERPRINT"
-    )]
-    AfterIntegrity,
     #[error("FINGERPRINT is not the last attribute")]
     FingerprintNotLast,
     #[error("FINGERPRINT does not match")]
@@ -142,7 +138,6 @@ pub struct Message<'a> {
     /// Offset of the MESSAGE-INTEGRITY attribute header, if present.
     integrity_at: Option<usize>,
     integrity_sha256_at: Option<usize>,
-    /// End of the attributes that count (everything after the integrity attributes except FINGERPRINT is ignored).
     has_fingerprint: bool,
 }
 
@@ -209,21 +204,21 @@ impl<'a> Message<'a> {
             if msg.has_fingerprint {
                 return Err(ParseError::FingerprintNotLast);
             }
+            // RFC 8489 §14.5, §14.6: after MESSAGE-INTEGRITY only MESSAGE-INTEGRITY-SHA256 and
+            // FINGERPRINT count, after MESSAGE-INTEGRITY-SHA256 only FINGERPRINT; anything else
+            // there is ignored (a client may append SOFTWARE), never a reason to drop.
+            let after_sha256 = msg.integrity_sha256_at.is_some();
             match kind {
-                attr::MESSAGE_INTEGRITY => {
-                    if len != 20 || msg.integrity_at.is_some() || msg.integrity_sha256_at.is_some()
-                    {
-                        return Err(ParseError::AfterIntegrity);
+                attr::MESSAGE_INTEGRITY if msg.integrity_at.is_none() && !after_sha256 => {
+                    if len != 20 {
+                        return Err(ParseError::BadAttribute);
                     }
                     msg.integrity_at = Some(at);
                 }
-                attr::MESSAGE_INTEGRITY_SHA256 => {
-                    // RFC 8489 §14.6: 16..=32 bytes, a multiple of 4; only FINGERPRINT may follow.
-                    if !(16..=32).contains(&len)
-                        || len % 4 != 0
-                        || msg.integrity_sha256_at.is_some()
-                    {
-                        return Err(ParseError::AfterIntegrity);
+                attr::MESSAGE_INTEGRITY_SHA256 if !after_sha256 => {
+                    // 16..=32 bytes, a multiple of 4.
+                    if !(16..=32).contains(&len) || len % 4 != 0 {
+                        return Err(ParseError::BadAttribute);
                     }
                     msg.integrity_sha256_at = Some(at);
                 }
@@ -237,11 +232,7 @@ impl<'a> Message<'a> {
                     }
                     msg.has_fingerprint = true;
                 }
-                _ => {
-                    if msg.integrity_at.is_some() || msg.integrity_sha256_at.is_some() {
-                        return Err(ParseError::AfterIntegrity);
-                    }
-                }
+                _ => {}
             }
             at = next;
         }
@@ -783,15 +774,34 @@ mod tests {
     }
 
     #[test]
-    fn attributes_after_integrity_are_refused() {
+    fn attributes_after_integrity_are_ignored() {
+        // SOFTWARE appended after MESSAGE-INTEGRITY: the message counts, the attribute does not.
         let mut out = Vec::new();
         MessageWriter::new(&mut out, method::BINDING, Class::Request, [1; 12])
+            .u32_attr(attr::LIFETIME, 7)
             .integrity(b"k")
+            .attr(attr::SOFTWARE, b"appended")
             .u32_attr(attr::LIFETIME, 1);
-        assert_eq!(
-            Message::parse(&out).unwrap_err(),
-            ParseError::AfterIntegrity
-        );
+        let m = Message::parse(&out).expect("parses");
+        assert!(m.verify_integrity(b"k"));
+        assert!(m.get(attr::SOFTWARE).is_none());
+        assert_eq!(m.get(attr::LIFETIME).unwrap().value, 7u32.to_be_bytes());
+        // After MESSAGE-INTEGRITY-SHA256 a MESSAGE-INTEGRITY is ignored too, and a second
+        // MESSAGE-INTEGRITY after the first; FINGERPRINT still counts and must be last.
+        let mut out = Vec::new();
+        MessageWriter::new(&mut out, method::BINDING, Class::Request, [2; 12])
+            .integrity_sha256(b"k")
+            .integrity(b"k")
+            .fingerprint();
+        let m = Message::parse(&out).expect("parses");
+        assert!(m.has_integrity_sha256() && !m.has_integrity() && m.has_fingerprint());
+        assert!(m.verify_integrity_sha256(b"k"));
+        let mut out = Vec::new();
+        MessageWriter::new(&mut out, method::BINDING, Class::Request, [3; 12])
+            .integrity(b"k")
+            .integrity(b"other");
+        let m = Message::parse(&out).expect("parses");
+        assert!(m.verify_integrity(b"k"));
     }
 
     #[test]

@@ -1682,3 +1682,22 @@ fn a_retransmitted_allocate_gets_its_success_even_after_later_requests() {
         (Class::Error, Some(437))
     );
 }
+
+#[test]
+fn a_request_with_attributes_after_message_integrity_is_answered() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let nonce = h.nonce(&ft);
+    let txid = h.txid();
+    let mut req = h.request(method::REFRESH, txid, &alice(), &nonce, |w| {
+        w.u32_attr(attr::LIFETIME, 600);
+    });
+    // SOFTWARE appended after MESSAGE-INTEGRITY (RFC 8489 §14.5: ignored, not fatal).
+    req.extend_from_slice(&attr::SOFTWARE.to_be_bytes());
+    req.extend_from_slice(&[0, 4]);
+    req.extend_from_slice(b"late");
+    let len = u16::from_be_bytes([req[2], req[3]]) + 8;
+    req[2..4].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(h.call(&ft, &req), (Class::Success, None));
+}
