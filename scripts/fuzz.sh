@@ -55,9 +55,9 @@ for t in "${targets[@]}"; do
         -max_total_time="$secs" -timeout=10 -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
-    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-    eps=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
-    final=$(grep -E '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -n 1 || true)
+    runs=$(LC_ALL=C sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    eps=$(LC_ALL=C sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
+    final=$(grep -a -E '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -n 1 || true)
     cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$final")
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$final")
     corp=$(sed -n 's/.* corp: \([^ ]*\).*/\1/p' <<<"$final")
@@ -67,8 +67,8 @@ for t in "${targets[@]}"; do
         failed+=("$t")
         line="$line  FAILED (exit $rc)"
         echo "fuzz.sh: $t failed; the end of $log:"
-        grep -A 3 -E "panicked at" "$log" | head -n 8 | cut -c 1-300 || true
-        grep -E "ERROR: libFuzzer|Test unit written|cargo fuzz run" "$log" | head -n 4 | cut -c 1-300 || true
+        grep -a -A 3 -E "panicked at" "$log" | head -n 8 | cut -c 1-300 || true
+        grep -a -E "ERROR: libFuzzer|Test unit written|cargo fuzz run" "$log" | head -n 4 | cut -c 1-300 || true
     fi
     echo "$line"
     summary+=("$line")
