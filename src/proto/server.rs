@@ -156,20 +156,14 @@ impl Shared {
             &[b"turnpike rate limiter".as_slice(), &nonce_secret].concat(),
         );
         let hash_key = u64::from_le_bytes(digest.as_ref()[..8].try_into().unwrap_or_default());
-        let limits = Limits::default();
         Shared {
             nonces: NonceIssuer::new(nonce_secret, nonce_lifetime_secs),
             anchor,
             anchor_unix,
             quotas: Quotas::default(),
             live_relays: LiveRelayPorts::default(),
-            limiter: SourceRateLimiter::new(
-                limits.unauth_replies_per_sec,
-                limits.unauth_replies_burst,
-                LIMITER_SLOTS,
-                hash_key,
-                anchor,
-            ),
+            // No rate of its own: every core sets the configured one (`Core::new`, `set_config`).
+            limiter: SourceRateLimiter::new(0, 0, LIMITER_SLOTS, hash_key, anchor),
         }
     }
 
