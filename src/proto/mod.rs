@@ -11,6 +11,7 @@ pub mod policy;
 pub mod quota;
 pub mod ratelimit;
 pub mod server;
+pub mod stats;
 pub mod timers;
 
 use std::net::SocketAddr;
