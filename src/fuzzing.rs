@@ -31,10 +31,11 @@ use crate::proto::auth::{
 use crate::proto::codec::{
     self, attr, method, Class, Message, MessageWriter, HEADER_LEN, HEADROOM, TAILROOM,
 };
+use crate::proto::error::EndReason;
 use crate::proto::policy::{canonical_ip, PeerPolicy, PolicyConfig};
 use crate::proto::server::{
-    ClientAction, Core, CoreConfig, Limits, OpenedRelay, PeerAction, RelayAddress, RelayOpenError,
-    RelayProvider, RelayRequest, Shared,
+    ClientAction, Command, Core, CoreConfig, Limits, OpenRelay, OpenedRelay, PeerAction,
+    RelayAddress, RelayOpenError, RelaySource, Shared,
 };
 use crate::proto::{FiveTuple, Transport};
 
@@ -116,22 +117,38 @@ impl FakeRelays {
     }
 }
 
-impl RelayProvider for FakeRelays {
-    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
-        if self.exhausted {
-            return Err(RelayOpenError::NoPort);
-        }
-        let port = self
-            .free_port(req.ip, req.even_port, req.reserve_next)
-            .ok_or(RelayOpenError::NoPort)?;
-        let local = SocketAddr::new(req.ip, port);
-        let mut reservation_token = None;
-        if req.reserve_next {
-            self.next_token += 1;
-            let t = 0x1122_3344_5566_0000 + self.next_token;
-            self.reserved.insert(t, SocketAddr::new(req.ip, port + 1));
-            reservation_token = Some(t);
-        }
+impl FakeRelays {
+    /// Answers one [`Command::OpenRelay`] the way the I/O layer's relay table would.
+    pub fn open(&mut self, req: &OpenRelay) -> Result<OpenedRelay, RelayOpenError> {
+        let (local, reservation_token) = match req.source {
+            RelaySource::Bind {
+                ip,
+                even_port,
+                reserve_next,
+            } => {
+                if self.exhausted {
+                    return Err(RelayOpenError::NoPort);
+                }
+                let port = self
+                    .free_port(ip, even_port, reserve_next)
+                    .ok_or(RelayOpenError::NoPort)?;
+                let mut token = None;
+                if reserve_next {
+                    self.next_token += 1;
+                    let t = 0x1122_3344_5566_0000 + self.next_token;
+                    self.reserved.insert(t, SocketAddr::new(ip, port + 1));
+                    token = Some(t);
+                }
+                (SocketAddr::new(ip, port), token)
+            }
+            RelaySource::Reserved(token) => {
+                let local = self
+                    .reserved
+                    .remove(&token)
+                    .ok_or(RelayOpenError::UnknownToken)?;
+                (local, None)
+            }
+        };
         assert!(
             self.open.insert(req.id, local).is_none(),
             "relay id {:?} opened twice",
@@ -143,19 +160,7 @@ impl RelayProvider for FakeRelays {
         })
     }
 
-    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
-        let local = self
-            .reserved
-            .remove(&token)
-            .ok_or(RelayOpenError::UnknownToken)?;
-        assert!(
-            self.open.insert(id, local).is_none(),
-            "relay id {id:?} opened twice"
-        );
-        Ok(local)
-    }
-
-    fn close(&mut self, id: RelayId) {
+    pub fn close(&mut self, id: RelayId) {
         assert!(
             self.open.remove(&id).is_some(),
             "relay {id:?} closed twice or never opened"
@@ -166,12 +171,122 @@ impl RelayProvider for FakeRelays {
         self.closed.push(id);
     }
 
-    fn drop_reservation(&mut self, token: u64) {
+    pub fn drop_reservation(&mut self, token: u64) {
         assert!(
             self.reserved.remove(&token).is_some(),
             "reservation {token:#x} dropped twice or never made"
         );
         self.dropped_reservations.push(token);
+    }
+
+    /// Carries out every queued command at once, as the I/O layer does after each core call.
+    /// Returns the action for an Allocate answered meanwhile.
+    pub fn run_commands(
+        &mut self,
+        core: &mut Core,
+        now: Instant,
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        let mut answered = ClientAction::Drop;
+        while let Some(command) = core.poll_command() {
+            match command {
+                Command::OpenRelay(req) => {
+                    let result = self.open(&req);
+                    let action = core.relay_opened(now, req.id, result, reply);
+                    if action != ClientAction::Drop {
+                        answered = action;
+                    }
+                }
+                Command::CloseRelay(id) => self.close(id),
+                Command::DropReservation(token) => self.drop_reservation(token),
+            }
+        }
+        answered
+    }
+}
+
+/// A core whose commands a [`FakeRelays`] carries out at once, after every call: what the
+/// shard's I/O loop does, without sockets. Reads go to the core through `Deref`.
+pub struct TestCore {
+    pub core: Core,
+    pub relays: FakeRelays,
+}
+
+impl TestCore {
+    pub fn new(config: Arc<CoreConfig>, shared: Arc<Shared>, seed: u64) -> Self {
+        TestCore {
+            core: Core::new(config, shared, seed),
+            relays: FakeRelays::default(),
+        }
+    }
+
+    pub fn relays(&mut self) -> &mut FakeRelays {
+        &mut self.relays
+    }
+
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        data: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        let action = self.core.handle_client(now, ft, data, reply);
+        match self.relays.run_commands(&mut self.core, now, reply) {
+            ClientAction::Drop => action,
+            answered => answered,
+        }
+    }
+
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        from: SocketAddr,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+    ) -> PeerAction {
+        self.core.handle_peer(now, relay, from, buf, start, end)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.core.handle_timeout(now);
+        self.relays
+            .run_commands(&mut self.core, now, &mut Vec::new());
+    }
+
+    pub fn end_session(&mut self, slot: u32, gen: u32, now: Instant, why: EndReason) -> bool {
+        let ended = self.core.end_session(slot, gen, now, why);
+        self.relays
+            .run_commands(&mut self.core, now, &mut Vec::new());
+        ended
+    }
+
+    pub fn end_user(&mut self, user: &str, now: Instant, why: EndReason) -> usize {
+        let ended = self.core.end_user(user, now, why);
+        self.relays
+            .run_commands(&mut self.core, now, &mut Vec::new());
+        ended
+    }
+
+    pub fn close_all(&mut self, now: Instant, why: EndReason) {
+        self.core.close_all(now, why);
+        self.relays
+            .run_commands(&mut self.core, now, &mut Vec::new());
+    }
+}
+
+impl std::ops::Deref for TestCore {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for TestCore {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.core
     }
 }
 
@@ -234,15 +349,10 @@ fn core_config() -> CoreConfig {
 /// Builds the core every target drives: static users alice/wonderland and bob/builder, a REST
 /// secret, small quotas, IPv4 and IPv6 relays, fixed nonce secret and wall-clock anchor (so a
 /// nonce issued at `t0` is the same in every run). Adapt here when the core's constructors change.
-pub fn new_core(t0: Instant) -> (Core<FakeRelays>, Arc<Shared>, Arc<CoreConfig>) {
+pub fn new_core(t0: Instant) -> (TestCore, Arc<Shared>, Arc<CoreConfig>) {
     let shared = Arc::new(Shared::new(NONCE_SECRET, NONCE_LIFETIME_SECS, t0, UNIX0));
     let config = Arc::new(core_config());
-    let core = Core::new(
-        Arc::clone(&config),
-        Arc::clone(&shared),
-        FakeRelays::default(),
-        42,
-    );
+    let core = TestCore::new(Arc::clone(&config), Arc::clone(&shared), 42);
     (core, shared, config)
 }
 
@@ -777,9 +887,13 @@ impl Span {
 }
 
 struct AllocModel {
+    /// When the last relay ends, and the allocation with it.
     expires: Instant,
     quota_user: String,
     relays: Vec<SocketAddr>,
+    /// Each relay's own expiry, beside `relays`: a Refresh with REQUESTED-ADDRESS-FAMILY moves
+    /// or deletes one relay of a dual allocation (RFC 8656 §7.3).
+    relay_expires: Vec<Instant>,
     permissions: HashMap<IpAddr, Span>,
     /// (number, peer) -> (peer is a plain one, expiry). One number may have candidates when a
     /// replayed answer left open which request it answered.
@@ -787,6 +901,32 @@ struct AllocModel {
 }
 
 impl AllocModel {
+    /// The index into `relays` of the family a Refresh names.
+    fn relay_of_family(&self, v6: bool) -> Option<usize> {
+        self.relays.iter().position(|r| r.is_ipv6() == v6)
+    }
+
+    /// `expires` after relay `i` moves to `until` (or goes, with `None`).
+    fn expiry_if(&self, i: usize, until: Option<Instant>) -> Option<Instant> {
+        let others = (0..self.relays.len())
+            .filter(|&j| j != i)
+            .map(|j| self.relay_expires[j]);
+        others.chain(until).max()
+    }
+
+    fn set_relay(&mut self, i: usize, until: Option<Instant>) {
+        match until {
+            Some(t) => self.relay_expires[i] = t,
+            None => {
+                self.relays.remove(i);
+                self.relay_expires.remove(i);
+            }
+        }
+        if let Some(latest) = self.relay_expires.iter().max() {
+            self.expires = *latest;
+        }
+    }
+
     fn has_relay_for(&self, peer: SocketAddr) -> bool {
         self.relays.iter().any(|r| r.is_ipv6() == peer.is_ipv6())
     }
@@ -873,7 +1013,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// A core, its relays and the model, driven one [`Op`] at a time.
 pub struct CoreHarness {
-    pub core: Core<FakeRelays>,
+    pub core: TestCore,
     shared: Arc<Shared>,
     config: Arc<CoreConfig>,
     t0: Instant,
@@ -1200,7 +1340,7 @@ impl CoreHarness {
             .handle_client(self.now, &ft, bytes, &mut self.reply);
         if tracing_steps() {
             let what = match action {
-                ClientAction::Reply => Message::parse(&self.reply)
+                ClientAction::Reply { .. } => Message::parse(&self.reply)
                     .map(|m| describe(&m))
                     .unwrap_or_else(|e| format!("unparsable reply: {e}")),
                 a => format!("{a:?}"),
@@ -1211,12 +1351,13 @@ impl CoreHarness {
             t.push(bytes.to_vec());
         }
         match action {
-            ClientAction::Reply => self.on_reply(c, bytes),
+            ClientAction::Reply { .. } => self.on_reply(c, bytes),
             ClientAction::ToPeer {
                 relay,
                 peer,
                 start,
                 end,
+                ..
             } => self.on_to_peer(c, bytes, relay, peer, (start, end), &expect),
             ClientAction::Drop => self.on_drop(c, &expect),
         }
@@ -1350,9 +1491,11 @@ impl CoreHarness {
                 self.coverage.dual_allocations += u64::from(relays.len() == 2);
                 self.coverage.sha256_successes += u64::from(rq.has_integrity_sha256());
                 self.coverage.rest_successes += u64::from(quota_user == REST_USER);
+                let expires = now + Duration::from_secs(lifetime.into());
                 self.clients[c].alloc = Some(AllocModel {
-                    expires: now + Duration::from_secs(lifetime.into()),
+                    expires,
                     quota_user,
+                    relay_expires: vec![expires; relays.len()],
                     relays,
                     permissions: HashMap::new(),
                     channels: HashMap::new(),
@@ -1366,20 +1509,50 @@ impl CoreHarness {
                     .as_mut()
                     .unwrap_or_else(|| panic!("Refresh succeeded without an allocation"));
                 let asked = now + Duration::from_secs(lifetime.into());
-                if lifetime == 0 {
-                    self.clients[c].alloc = None;
-                    self.coverage.deletions += 1;
-                } else if replay {
-                    // Answered from the cache (no change) or anew: the core must hold one of the two.
-                    let t = session.unwrap_or_else(|| panic!("refreshed allocation is gone"));
+                let until = (lifetime > 0).then_some(asked);
+                // Which relays the Refresh moves: one family's, or all of them.
+                let family = rq
+                    .get(attr::REQUESTED_ADDRESS_FAMILY)
+                    .map(|f| f.value.first() == Some(&2));
+                let targets: Vec<usize> = match family {
+                    Some(v6) => {
+                        let i = a.relay_of_family(v6);
+                        vec![i.unwrap_or_else(|| panic!("Refresh of a family with no relay"))]
+                    }
+                    None => (0..a.relays.len()).collect(),
+                };
+                let whole = targets.len() == a.relays.len();
+                if replay {
+                    // Answered from the cache (no change) or anew: the core must hold one of the
+                    // two, as its session list shows.
+                    let anew = match (whole, until) {
+                        (true, until) => until,
+                        (false, until) => a.expiry_if(targets[0], until),
+                    };
+                    if session == anew && session != Some(a.expires) {
+                        for &i in targets.iter().rev() {
+                            a.set_relay(i, until);
+                        }
+                    }
                     assert!(
-                        t == a.expires || t == asked,
+                        session.is_none() || session == Some(a.expires),
                         "expiry after a retransmitted Refresh"
                     );
-                    a.expires = t;
+                    if session.is_none() {
+                        self.clients[c].alloc = None;
+                    }
+                } else if until.is_none() && whole {
+                    self.clients[c].alloc = None;
+                    self.coverage.deletions += 1;
                 } else {
-                    a.expires = asked;
-                    self.coverage.refreshes += 1;
+                    for &i in targets.iter().rev() {
+                        a.set_relay(i, until);
+                    }
+                    if until.is_some() {
+                        self.coverage.refreshes += 1;
+                    } else {
+                        self.coverage.deletions += 1;
+                    }
                 }
             }
             method::CREATE_PERMISSION if rq.method == method::CREATE_PERMISSION => {
@@ -1454,7 +1627,7 @@ impl CoreHarness {
         self.core
             .sessions(self.now)
             .iter()
-            .find(|s| s.client == ft.client && s.transport == ft.transport.as_str())
+            .find(|s| s.client == ft.client && s.transport == ft.transport)
             .map(|s| self.now + Duration::from_secs(s.expires_in_secs))
     }
 
@@ -1678,14 +1851,20 @@ impl CoreHarness {
                 cm.alloc = None;
                 self.coverage.expirations += 1;
             }
+            // One family's relay past its own expiry goes alone.
+            if let Some(a) = cm.alloc.as_mut() {
+                while let Some(i) = a.relay_expires.iter().position(|t| *t <= now) {
+                    a.set_relay(i, None);
+                }
+            }
         }
     }
 
-    fn client_of(&self, client: SocketAddr, transport: &str) -> usize {
+    fn client_of(&self, client: SocketAddr, transport: Transport) -> usize {
         (0..CLIENTS)
             .find(|&c| {
                 let ft = five_tuple(c);
-                ft.client == client && ft.transport.as_str() == transport
+                ft.client == client && ft.transport == transport
             })
             .unwrap_or_else(|| panic!("a session of unknown client {client}"))
     }
@@ -1702,18 +1881,18 @@ impl CoreHarness {
                 let sessions = self.core.sessions(now);
                 if sessions.is_empty() || arg == 0xFF {
                     assert!(
-                        !self.core.end_session(9999, 0, now, "fuzz"),
+                        !self.core.end_session(9999, 0, now, EndReason::Admin),
                         "ended no session"
                     );
                     return;
                 }
                 let s = &sessions[arg as usize % sessions.len()];
                 assert!(
-                    self.core.end_session(s.slot, s.gen, now, "fuzz"),
+                    self.core.end_session(s.slot, s.gen, now, EndReason::Admin),
                     "end_session"
                 );
                 assert!(
-                    !self.core.end_session(s.slot, s.gen, now, "fuzz"),
+                    !self.core.end_session(s.slot, s.gen, now, EndReason::Admin),
                     "ended twice"
                 );
                 let c = self.client_of(s.client, s.transport);
@@ -1726,7 +1905,7 @@ impl CoreHarness {
                     |a: &Option<AllocModel>| a.as_ref().is_some_and(|a| a.quota_user == user);
                 let expected = self.clients.iter().filter(|c| mine(&c.alloc)).count();
                 assert_eq!(
-                    self.core.end_user(user, now, "fuzz"),
+                    self.core.end_user(user, now, EndReason::Admin),
                     expected,
                     "end_user({user})"
                 );
@@ -1738,7 +1917,7 @@ impl CoreHarness {
                 self.coverage.admin_ends += expected as u64;
             }
             11 if arg < 0x40 => {
-                self.core.close_all(now, "fuzz");
+                self.core.close_all(now, EndReason::Admin);
                 for cm in &mut self.clients {
                     cm.alloc = None;
                 }
@@ -1792,7 +1971,8 @@ impl CoreHarness {
         let earliest = self
             .clients
             .iter()
-            .filter_map(|c| c.alloc.as_ref().map(|a| a.expires))
+            .filter_map(|c| c.alloc.as_ref())
+            .flat_map(|a| a.relay_expires.iter().copied())
             .min();
         if let Some(e) = earliest {
             let t = self.core.poll_timeout();

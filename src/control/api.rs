@@ -309,7 +309,7 @@ async fn sessions(State(state): State<AppState>, headers: HeaderMap) -> Response
                 "id": session_id(shard, s.slot, s.gen),
                 "user": s.username,
                 "client": s.client.to_string(),
-                "transport": s.transport,
+                "transport": s.transport.as_str(),
                 "relay": s.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "age_secs": s.age_secs,
                 "expires_in_secs": s.expires_in_secs,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::udp::{bind_udp, register, RegisteredSocket};
 use crate::proto::allocation::RelayId;
-use crate::proto::server::{OpenedRelay, RelayOpenError, RelayProvider, RelayRequest};
+use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
 
 /// Random probes before falling back to a linear scan of the range.
 const RANDOM_PROBES: usize = 32;
@@ -44,6 +44,10 @@ struct Entry {
     gen: u32,
     socket: Rc<RegisteredSocket>,
     task: Option<JoinHandle<()>>,
+    /// DONT-FRAGMENT in the Allocate: every datagram leaves with DF.
+    dont_fragment: bool,
+    /// Whether the socket is in DF mode now; a Send indication's own DONT-FRAGMENT switches it.
+    df_now: bool,
 }
 
 pub struct ShardRelays {
@@ -73,13 +77,22 @@ impl ShardRelays {
         self.open_count
     }
 
-    /// The socket for sending to a peer, if the relay still exists.
-    pub fn socket(&self, id: RelayId) -> Option<&std::net::UdpSocket> {
-        self.table
-            .get(id.slot as usize)
-            .and_then(|e| e[id.v6 as usize].as_ref())
-            .filter(|e| e.gen == id.gen)
-            .map(|e| e.socket.get_ref())
+    /// The socket for sending to a peer, if the relay still exists, with DF set for this
+    /// datagram when it or its allocation asked for it (RFC 8656 §7.2, §11.2).
+    pub fn socket_for_send(
+        &mut self,
+        id: RelayId,
+        dont_fragment: bool,
+    ) -> Option<&std::net::UdpSocket> {
+        let e = self.entry_mut(id)?;
+        let want = e.dont_fragment || dont_fragment;
+        if want != e.df_now {
+            // Only Send indications that differ from their predecessor pay these syscalls;
+            // ChannelData never asks.
+            set_dont_fragment(e.socket.get_ref(), want);
+            e.df_now = want;
+        }
+        Some(e.socket.get_ref())
     }
 
     pub fn take_pending(&mut self) -> Vec<(RelayId, Rc<RegisteredSocket>)> {
@@ -108,8 +121,16 @@ impl ShardRelays {
         u64::from_le_bytes(b)
     }
 
-    fn install(&mut self, id: RelayId, socket: std::net::UdpSocket) -> io::Result<SocketAddr> {
+    fn install(
+        &mut self,
+        id: RelayId,
+        socket: std::net::UdpSocket,
+        dont_fragment: bool,
+    ) -> io::Result<SocketAddr> {
         let local = socket.local_addr()?;
+        if dont_fragment {
+            set_dont_fragment(&socket, true);
+        }
         let socket = Rc::new(register(socket)?);
         let slot = id.slot as usize;
         if self.table.len() <= slot {
@@ -120,6 +141,8 @@ impl ShardRelays {
             gen: id.gen,
             socket,
             task: None,
+            dont_fragment,
+            df_now: dont_fragment,
         });
         self.open_count += 1;
         Ok(local)
@@ -187,31 +210,58 @@ fn open_error(e: io::Error) -> RelayOpenError {
     }
 }
 
-fn set_dont_fragment(socket: &std::net::UdpSocket) {
+/// DF on (never fragment locally, EMSGSIZE past the path MTU) or back to the kernel's default
+/// path-MTU discovery. A failure leaves the socket as it was, which costs at most a fragment.
+fn set_dont_fragment(socket: &std::net::UdpSocket, on: bool) {
+    let sock = socket2::SockRef::from(socket);
     let fd = socket.as_raw_fd();
-    let value: i32 = libc::IP_PMTUDISC_DO;
+    let (level, name, value) = match sock.local_addr().ok().and_then(|a| a.as_socket()) {
+        Some(SocketAddr::V6(_)) => (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, i32::from(on)),
+        _ => (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            if on {
+                libc::IP_PMTUDISC_DO
+            } else {
+                libc::IP_PMTUDISC_WANT
+            },
+        ),
+    };
     // SAFETY: valid fd and a pointer to an int of the advertised size.
     unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
+            level,
+            name,
             &value as *const i32 as *const libc::c_void,
             std::mem::size_of::<i32>() as libc::socklen_t,
         );
     }
 }
 
-impl RelayProvider for ShardRelays {
-    fn open(&mut self, req: &RelayRequest) -> Result<OpenedRelay, RelayOpenError> {
+impl ShardRelays {
+    /// Carries out the core's [`OpenRelay`].
+    pub fn open(&mut self, req: &OpenRelay) -> Result<OpenedRelay, RelayOpenError> {
         // No log here: the core logs refusals, throttled, since a client can cause them at will.
-        let (socket, next) = self
-            .bind_in_range(req.ip, req.even_port, req.reserve_next)
+        let (socket, next) = match req.source {
+            RelaySource::Bind {
+                ip,
+                even_port,
+                reserve_next,
+            } => self
+                .bind_in_range(ip, even_port, reserve_next)
+                .map_err(open_error)?,
+            RelaySource::Reserved(token) => {
+                let socket = self
+                    .reservations
+                    .take(token)
+                    .ok_or(RelayOpenError::UnknownToken)?;
+                (socket, None)
+            }
+        };
+        let local = self
+            .install(req.id, socket, req.dont_fragment)
             .map_err(open_error)?;
-        if req.dont_fragment && req.ip.is_ipv4() {
-            set_dont_fragment(&socket);
-        }
-        let local = self.install(req.id, socket).map_err(open_error)?;
         let reservation_token = next.map(|next| {
             let token = self.random_u64();
             self.reservations.put(token, next);
@@ -223,19 +273,11 @@ impl RelayProvider for ShardRelays {
         })
     }
 
-    fn open_reserved(&mut self, id: RelayId, token: u64) -> Result<SocketAddr, RelayOpenError> {
-        let socket = self
-            .reservations
-            .take(token)
-            .ok_or(RelayOpenError::UnknownToken)?;
-        self.install(id, socket).map_err(open_error)
-    }
-
-    fn drop_reservation(&mut self, token: u64) {
+    pub fn drop_reservation(&mut self, token: u64) {
         self.reservations.take(token);
     }
 
-    fn close(&mut self, id: RelayId) {
+    pub fn close(&mut self, id: RelayId) {
         let Some(slot) = self.table.get_mut(id.slot as usize) else {
             return;
         };
@@ -249,5 +291,75 @@ impl RelayProvider for ShardRelays {
             }
         }
         self.pending.retain(|(p, _)| *p != id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn df_mode(socket: &std::net::UdpSocket) -> i32 {
+        let mut value: i32 = -1;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: valid fd, out-pointers sized as advertised.
+        unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                &mut value as *mut i32 as *mut libc::c_void,
+                &mut len,
+            );
+        }
+        value
+    }
+
+    #[test]
+    fn a_send_indication_sets_df_for_its_datagram_and_the_next_one_clears_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut relays = ShardRelays::new((40000, 60000), Arc::default());
+            let id = RelayId {
+                slot: 0,
+                gen: 0,
+                v6: false,
+            };
+            let req = OpenRelay {
+                id,
+                source: RelaySource::Bind {
+                    ip: "127.0.0.1".parse().unwrap(),
+                    even_port: false,
+                    reserve_next: false,
+                },
+                dont_fragment: false,
+            };
+            relays.open(&req).unwrap();
+            let default = df_mode(relays.socket_for_send(id, false).unwrap());
+            assert_ne!(default, libc::IP_PMTUDISC_DO);
+            assert_eq!(
+                df_mode(relays.socket_for_send(id, true).unwrap()),
+                libc::IP_PMTUDISC_DO
+            );
+            assert_eq!(
+                df_mode(relays.socket_for_send(id, false).unwrap()),
+                libc::IP_PMTUDISC_WANT
+            );
+            // An allocation that asked for DF keeps it on every datagram.
+            let df_id = RelayId { slot: 1, ..id };
+            relays
+                .open(&OpenRelay {
+                    id: df_id,
+                    dont_fragment: true,
+                    ..req
+                })
+                .unwrap();
+            assert_eq!(
+                df_mode(relays.socket_for_send(df_id, false).unwrap()),
+                libc::IP_PMTUDISC_DO
+            );
+        });
     }
 }

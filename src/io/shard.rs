@@ -15,8 +15,9 @@ use super::relay::{Reservations, ShardRelays};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::HEADROOM;
+use crate::proto::error::EndReason;
 use crate::proto::server::{
-    ClientAction, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
+    ClientAction, Command, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
 };
 use crate::proto::{FiveTuple, Transport};
 
@@ -64,7 +65,8 @@ pub struct ShardSetup {
 }
 
 struct ShardState {
-    core: Core<ShardRelays>,
+    core: Core,
+    relays: ShardRelays,
     /// Reserved ports belong to no shard; shard 0 counts them once for the whole server.
     counts_reservations: bool,
     listeners: Vec<Rc<Listener>>,
@@ -86,8 +88,8 @@ impl ShardState {
         }
     }
 
-    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, payload: &[u8]) {
-        let Some(socket) = self.core.relays().socket(relay) else {
+    fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, payload: &[u8], df: bool) {
+        let Some(socket) = self.relays.socket_for_send(relay, df) else {
             return;
         };
         // Straight to the kernel: tokio's try_send_to consults a readiness cache that is still
@@ -100,12 +102,44 @@ impl ShardState {
         }
     }
 
+    /// Sends the reply buffer to a client over the listener its 5-tuple names.
+    fn send_reply(&mut self, to: &FiveTuple, reply: &[u8]) {
+        let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
+            return;
+        };
+        if let Err(e) = listener.try_send(reply, to.client, to.local) {
+            self.send_errors += 1;
+            tracing::trace!(error = %e, "reply send failed");
+        }
+    }
+
+    /// Carries out what the core asked for during the last calls: relay sockets opened (and the
+    /// Allocate answers that waited for them sent), closed, reservations dropped.
+    fn run_commands(&mut self, now: Instant) {
+        while let Some(command) = self.core.poll_command() {
+            match command {
+                Command::OpenRelay(req) => {
+                    let result = self.relays.open(&req);
+                    let mut reply = std::mem::take(&mut self.reply);
+                    if let ClientAction::Reply { to } =
+                        self.core.relay_opened(now, req.id, result, &mut reply)
+                    {
+                        self.send_reply(&to, &reply);
+                    }
+                    self.reply = reply;
+                }
+                Command::CloseRelay(id) => self.relays.close(id),
+                Command::DropReservation(token) => self.relays.drop_reservation(token),
+            }
+        }
+    }
+
     fn report(&mut self) -> ShardReport {
         ShardReport {
             core: *self.core.stats(),
             allocations: self.core.allocation_count(),
             // A reserved port's socket is open and its port taken, claimed or not.
-            relay_sockets: self.core.relays().open_count()
+            relay_sockets: self.relays.open_count()
                 + if self.counts_reservations {
                     self.core.shared().reserved_ports()
                 } else {
@@ -159,9 +193,10 @@ async fn serve(
     let _ = bound.send(Ok(listeners.iter().map(|l| l.bound).collect()));
 
     let relays = ShardRelays::new(setup.relay_ports, Arc::clone(&setup.reservations));
-    let core = Core::new(setup.config, setup.shared, relays, setup.seed);
+    let core = Core::new(setup.config, setup.shared, setup.seed);
     let state: Shard = Rc::new(RefCell::new(ShardState {
         core,
+        relays,
         counts_reservations: setup.index == 0,
         listeners: listeners.clone(),
         reply: Vec::with_capacity(1500),
@@ -181,7 +216,9 @@ async fn serve(
         }
     }
     let mut st = state.borrow_mut();
-    st.core.close_all(Instant::now(), "server shutdown");
+    let now = Instant::now();
+    st.core.close_all(now, EndReason::Shutdown);
+    st.run_commands(now);
     st.report()
 }
 
@@ -200,12 +237,13 @@ async fn commands(state: Shard, mut rx: mpsc::UnboundedReceiver<ShardCommand>) {
                 let _ = reply.send(st.core.sessions(now));
             }
             ShardCommand::Kill { slot, gen, reply } => {
-                let _ = reply.send(st.core.end_session(slot, gen, now, "ended by admin"));
+                let _ = reply.send(st.core.end_session(slot, gen, now, EndReason::Admin));
             }
             ShardCommand::EndUser { user, reply } => {
-                let _ = reply.send(st.core.end_user(&user, now, "user revoked"));
+                let _ = reply.send(st.core.end_user(&user, now, EndReason::Revoked));
             }
         }
+        st.run_commands(now);
     }
 }
 
@@ -244,20 +282,17 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
                 let mut reply = std::mem::take(&mut st.reply);
                 match st.core.handle_client(now, &ft, data, &mut reply) {
                     ClientAction::Drop => {}
-                    ClientAction::Reply => {
-                        if let Err(e) = listener.try_send(&reply, ft.client, ft.local) {
-                            st.send_errors += 1;
-                            tracing::trace!(error = %e, "reply send failed");
-                        }
-                    }
+                    ClientAction::Reply { to } => st.send_reply(&to, &reply),
                     ClientAction::ToPeer {
                         relay,
                         peer,
                         start,
                         end,
-                    } => st.send_to_peer(relay, peer, &data[start..end]),
+                        dont_fragment,
+                    } => st.send_to_peer(relay, peer, &data[start..end], dont_fragment),
                 }
                 st.reply = reply;
+                st.run_commands(now);
             }
             spawn_relay_tasks(&state, st);
             if n < quinn_udp::BATCH_SIZE {
@@ -276,9 +311,9 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
 
 /// Starts the receive task of every relay socket the core opened during the last calls.
 fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
-    for (id, socket) in st.core.relays().take_pending() {
+    for (id, socket) in st.relays.take_pending() {
         let task = tokio::task::spawn_local(relay(Rc::clone(state), id, socket));
-        st.core.relays().set_task(id, task);
+        st.relays.set_task(id, task);
     }
 }
 
@@ -340,6 +375,8 @@ async fn timers(state: Shard) {
         let wake = next.map_or(cap, |t| t.min(cap));
         tokio::time::sleep_until(wake.into()).await;
         let now = Instant::now();
-        state.borrow_mut().core.handle_timeout(now);
+        let mut st = state.borrow_mut();
+        st.core.handle_timeout(now);
+        st.run_commands(now);
     }
 }

@@ -36,6 +36,8 @@ pub struct Relay {
     pub local: SocketAddr,
     /// What XOR-RELAYED-ADDRESS tells the client (the external address behind 1:1 NAT).
     pub advertised: SocketAddr,
+    /// Each family's relay of a dual allocation is refreshed and deleted on its own (RFC 8656 §7.3).
+    pub expires: Instant,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -113,6 +115,7 @@ pub struct Allocation {
     /// Ends with the allocation unless claimed first.
     pub reservation: Option<Reservation>,
     pub created: Instant,
+    /// When the last relay ends, and with it the allocation: the latest of the relays' expiries.
     pub expires: Instant,
     /// Index 0 is the IPv4 relay, 1 the IPv6 relay (RFC 8656 dual allocation).
     pub relays: [Option<Relay>; 2],
@@ -130,6 +133,29 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// Extends one family's relay (`Some(index)`) or all of them to `until`.
+    pub fn extend(&mut self, family: Option<usize>, until: Instant) {
+        for (i, r) in self.relays.iter_mut().enumerate() {
+            if let Some(r) = r.as_mut().filter(|_| family.is_none_or(|f| f == i)) {
+                r.expires = until;
+            }
+        }
+        self.sync_expiry();
+    }
+
+    /// Takes one family's relay out of the allocation.
+    pub fn remove_relay(&mut self, family: usize) -> Option<Relay> {
+        let r = self.relays[family].take();
+        self.sync_expiry();
+        r
+    }
+
+    fn sync_expiry(&mut self) {
+        if let Some(latest) = self.relays.iter().flatten().map(|r| r.expires).max() {
+            self.expires = latest;
+        }
+    }
+
     pub fn relay_for(&self, peer: &SocketAddr) -> Option<&Relay> {
         self.relays[peer.is_ipv6() as usize].as_ref()
     }

@@ -1,15 +1,17 @@
 //! The sans-IO protocol core: every STUN/TURN decision, none of the I/O.
 //!
 //! Nothing in here touches a socket, reads a clock, or draws randomness of its own: time comes in as
-//! an argument, relay sockets are opened through the [`server::RelayProvider`] the I/O layer hands in,
+//! an argument, relay sockets are opened and closed by [`server::Command`]s the I/O layer carries out,
 //! and the tests drive it with bytes and simulated time.
 
 pub mod allocation;
 pub mod auth;
 pub mod codec;
+pub mod error;
 pub mod policy;
 pub mod quota;
 pub mod ratelimit;
+pub mod request;
 pub mod server;
 pub mod stats;
 pub mod timers;

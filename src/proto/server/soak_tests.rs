@@ -417,7 +417,9 @@ fn a_simulated_day_leaks_nothing_and_keeps_every_invariant() {
             let user = format!("user{}", rng.below(97));
             cfg.auth.revoke_user(&user, h.now_unix() + 7200);
             h.core.set_config(Arc::new(cfg));
-            revoked += h.core.end_user(&user, h.now, "user revoked");
+            revoked += h
+                .core
+                .end_user(&user, h.now, crate::proto::error::EndReason::Revoked);
             h.check_accounting(peak);
         }
     }
@@ -440,7 +442,8 @@ fn a_simulated_day_leaks_nothing_and_keeps_every_invariant() {
     assert!(!h.core.relays.dropped_reservations.is_empty());
     assert!(peak > 500);
 
-    h.core.close_all(h.now, "shutdown");
+    h.core
+        .close_all(h.now, crate::proto::error::EndReason::Shutdown);
     h.check_accounting(peak);
     assert_eq!(h.core.timers.len(), 0);
     assert_eq!(h.shared.total_allocations(), 0);

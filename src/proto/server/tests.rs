@@ -6,9 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::fuzzing::FakeRelays;
-use crate::proto::auth::{long_term_key, mint_rest_credential, RestConfig, StaticUser};
-use crate::proto::codec::{attr, method, Class, Message, MessageWriter, TAILROOM};
+use crate::fuzzing::TestCore;
+use crate::proto::allocation::{RelayId, RESERVATION_LIFETIME};
+use crate::proto::auth::{
+    long_term_key, mint_rest_credential, PasswordAlgorithm, RestConfig, StaticUser,
+};
+use crate::proto::codec::{self, attr, method, Class, Message, MessageWriter, HEADROOM, TAILROOM};
+use crate::proto::error::EndReason;
 use crate::proto::policy::{PeerPolicy, PolicyConfig};
 use crate::proto::quota::QuotaKey;
 use crate::proto::Transport;
@@ -18,7 +22,7 @@ const SECRET: &[u8] = b"rest-secret";
 const UNIX0: u64 = 1_800_000_000;
 
 struct Harness {
-    core: Core<FakeRelays>,
+    core: TestCore,
     shared: Arc<Shared>,
     t0: Instant,
     now: Instant,
@@ -131,12 +135,7 @@ impl Harness {
         let t0 = Instant::now();
         let shared = Arc::new(Shared::new([9; 32], 600, t0, UNIX0));
         Harness {
-            core: Core::new(
-                Arc::new(cfg),
-                Arc::clone(&shared),
-                FakeRelays::default(),
-                42,
-            ),
+            core: TestCore::new(Arc::new(cfg), Arc::clone(&shared), 42),
             shared,
             t0,
             now: t0,
@@ -166,7 +165,7 @@ impl Harness {
     fn call(&mut self, ft: &FiveTuple, bytes: &[u8]) -> (Class, Option<u16>) {
         assert_eq!(
             self.send(ft, bytes),
-            ClientAction::Reply,
+            ClientAction::Reply { to: *ft },
             "expected a reply"
         );
         let m = Message::parse(&self.reply).expect("reply parses");
@@ -553,12 +552,12 @@ fn unauthenticated_replies_are_rate_limited_per_source() {
     let mut req = Vec::new();
     MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [1; 12]);
     for _ in 0..3 {
-        assert_eq!(h.send(&ft, &req), ClientAction::Reply);
+        assert_eq!(h.send(&ft, &req), ClientAction::Reply { to: ft });
     }
     assert_eq!(h.send(&ft, &req), ClientAction::Drop);
     assert_eq!(h.core.stats().rate_limited, 1);
     h.advance(2);
-    assert_eq!(h.send(&ft, &req), ClientAction::Reply);
+    assert_eq!(h.send(&ft, &req), ClientAction::Reply { to: ft });
 }
 
 // ------------------------------------------------------------------ Allocate
@@ -832,6 +831,117 @@ fn refresh_zero_deletes_and_family_mismatch_is_443() {
     assert_eq!(h.core.allocation_count(), 0);
 }
 
+/// A dual allocation and its two relayed addresses, IPv4 first.
+fn dual_allocation(h: &mut Harness, ft: &FiveTuple) -> (SocketAddr, SocketAddr) {
+    let (class, _) = h.allocate_with(ft, &alice(), |w| {
+        w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    assert_eq!(class, Class::Success);
+    let m = Message::parse(&h.reply).unwrap();
+    let relayed: Vec<SocketAddr> = m
+        .attributes()
+        .filter(|a| a.kind == attr::XOR_RELAYED_ADDRESS)
+        .map(|a| codec::decode_xor_address(a.value, &m.transaction_id()).unwrap())
+        .collect();
+    (relayed[0], relayed[1])
+}
+
+fn refresh_family(
+    h: &mut Harness,
+    ft: &FiveTuple,
+    family: u8,
+    lifetime: u32,
+) -> (Class, Option<u16>) {
+    h.authed(ft, method::REFRESH, |w| {
+        w.u32_attr(attr::LIFETIME, lifetime)
+            .attr(attr::REQUESTED_ADDRESS_FAMILY, &[family, 0, 0, 0]);
+    })
+}
+
+#[test]
+fn a_refresh_naming_a_family_deletes_only_that_relay_of_a_dual_allocation() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let (v4, v6) = dual_allocation(&mut h, &ft);
+    let (p4, p6) = (peer("198.51.100.1:5000"), peer("[2001:db8:1::1]:5000"));
+    assert_eq!(h.permit(&ft, p4), (Class::Success, None));
+    assert_eq!(h.permit(&ft, p6), (Class::Success, None));
+
+    // RFC 8656 §7.3: LIFETIME 0 with REQUESTED-ADDRESS-FAMILY IPv6 deletes the IPv6 relay alone.
+    assert_eq!(refresh_family(&mut h, &ft, 2, 0), (Class::Success, None));
+    assert_eq!(h.reply_attr(attr::LIFETIME).unwrap(), 0u32.to_be_bytes());
+    assert_eq!(h.core.allocation_count(), 1);
+    assert_eq!(h.core.sessions(h.now)[0].relays, vec![v4]);
+    let open: Vec<SocketAddr> = h.core.relays().open.values().copied().collect();
+    assert_eq!(open, vec![v4]);
+    assert!(h.peer_sends(v4, p4, b"still here").is_some());
+    assert!(matches!(
+        h.send_indication(&ft, p6, b"gone"),
+        ClientAction::Drop
+    ));
+    assert!(matches!(
+        h.send_indication(&ft, p4, b"kept"),
+        ClientAction::ToPeer { .. }
+    ));
+    // The family is gone now: naming it again is 443, and deleting the last relay ends it all.
+    assert_eq!(
+        refresh_family(&mut h, &ft, 2, 600),
+        (Class::Error, Some(443))
+    );
+    assert_eq!(refresh_family(&mut h, &ft, 1, 0), (Class::Success, None));
+    assert_eq!(h.core.allocation_count(), 0);
+    assert!(h.core.relays().open.is_empty());
+    assert!(
+        h.core.relays().closed.iter().any(|id| id.v6),
+        "the IPv6 relay {v6} closed first"
+    );
+}
+
+#[test]
+fn a_refresh_naming_a_family_extends_only_that_relay() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    let (v4, v6) = dual_allocation(&mut h, &ft);
+    let default = limits().default_lifetime.as_secs();
+    h.advance(default - 100);
+    assert_eq!(refresh_family(&mut h, &ft, 1, 3000), (Class::Success, None));
+    // The IPv6 relay ends on its own lifetime; the IPv4 one and the allocation live on.
+    h.advance(101);
+    assert_eq!(h.core.allocation_count(), 1);
+    assert_eq!(h.core.sessions(h.now)[0].relays, vec![v4]);
+    let open: Vec<SocketAddr> = h.core.relays().open.values().copied().collect();
+    assert_eq!(open, vec![v4]);
+    assert!(!h.core.relays().open.values().any(|a| *a == v6));
+    // A plain Refresh then extends what is left.
+    assert_eq!(h.refresh(&ft, 600), (Class::Success, None));
+    assert_eq!(h.core.allocation_count(), 1);
+}
+
+#[test]
+fn dont_fragment_on_a_send_indication_asks_df_for_that_datagram() {
+    let mut h = Harness::new();
+    let ft = client(1);
+    h.allocate(&ft);
+    let p = peer("198.51.100.1:5000");
+    assert_eq!(h.permit(&ft, p), (Class::Success, None));
+    let send = |h: &mut Harness, df: bool| {
+        let mut buf = Vec::new();
+        let txid = h.txid();
+        let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, txid);
+        w.xor_address(attr::XOR_PEER_ADDRESS, p)
+            .attr(attr::DATA, b"x");
+        if df {
+            w.attr(attr::DONT_FRAGMENT, &[]);
+        }
+        match h.send(&ft, &buf) {
+            ClientAction::ToPeer { dont_fragment, .. } => dont_fragment,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(send(&mut h, true));
+    assert!(!send(&mut h, false));
+}
+
 #[test]
 fn requests_without_allocation_get_437_and_other_user_gets_441() {
     let mut h = Harness::new();
@@ -889,6 +999,7 @@ fn create_permission_then_relay_both_ways_with_send_and_data() {
             start,
             end,
             relay: id,
+            dont_fragment: false,
         } => {
             assert_eq!(to, p);
             assert_eq!(&buf[start..end], b"hello");
@@ -1252,7 +1363,7 @@ fn relay_ids_are_unique_and_all_closed_on_close_all() {
     let ids: HashSet<RelayId> = h.core.relays().open.keys().copied().collect();
     assert_eq!(ids.len(), 3);
     let now = h.now;
-    h.core.close_all(now, "shutdown");
+    h.core.close_all(now, EndReason::Shutdown);
     assert!(h.core.relays().open.is_empty());
     assert_eq!(h.shared.total_allocations(), 0);
 }
@@ -1288,14 +1399,14 @@ fn sessions_list_kill_and_end_user() {
     assert_eq!((alice_session.permissions, alice_session.channels), (1, 0));
     assert_eq!(alice_session.client, client(1).client);
     // REST users are ended by their user part, whatever the expiry in the username.
-    assert_eq!(h.core.end_user("gina", now, "revoked"), 2);
+    assert_eq!(h.core.end_user("gina", now, EndReason::Revoked), 2);
     assert_eq!(h.core.allocation_count(), 1);
     assert!(h
         .core
-        .end_session(alice_session.slot, alice_session.gen, now, "admin"));
+        .end_session(alice_session.slot, alice_session.gen, now, EndReason::Admin));
     assert!(!h
         .core
-        .end_session(alice_session.slot, alice_session.gen, now, "admin"));
+        .end_session(alice_session.slot, alice_session.gen, now, EndReason::Admin));
     assert_eq!(h.core.allocation_count(), 0);
     assert_eq!(h.shared.total_allocations(), 0);
 }
@@ -1415,15 +1526,8 @@ fn unauthenticated_reply_limit_holds_across_shards() {
     let cfg = Arc::new(config(l, false, false));
     let t0 = Instant::now();
     let shared = Arc::new(Shared::new([9; 32], 600, t0, UNIX0));
-    let mut shards: Vec<Core<FakeRelays>> = (0..8)
-        .map(|i| {
-            Core::new(
-                Arc::clone(&cfg),
-                Arc::clone(&shared),
-                FakeRelays::default(),
-                i,
-            )
-        })
+    let mut shards: Vec<Core> = (0..8)
+        .map(|i| Core::new(Arc::clone(&cfg), Arc::clone(&shared), i))
         .collect();
     let mut req = Vec::new();
     MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [1; 12])
@@ -1435,7 +1539,7 @@ fn unauthenticated_reply_limit_holds_across_shards() {
         for _ in 0..4 {
             let ft = client(1000 + port);
             let shard = &mut shards[port as usize % 8];
-            if shard.handle_client(t0, &ft, &req, &mut reply) == ClientAction::Reply {
+            if shard.handle_client(t0, &ft, &req, &mut reply) != ClientAction::Drop {
                 replies += 1;
             }
         }
@@ -1446,7 +1550,7 @@ fn unauthenticated_reply_limit_holds_across_shards() {
     let mut later = 0;
     for port in 0..256u16 {
         let shard = &mut shards[port as usize % 8];
-        if shard.handle_client(t1, &client(port), &req, &mut reply) == ClientAction::Reply {
+        if shard.handle_client(t1, &client(port), &req, &mut reply) != ClientAction::Drop {
             later += 1;
         }
     }
@@ -1701,3 +1805,6 @@ fn a_request_with_attributes_after_message_integrity_is_answered() {
     req[2..4].copy_from_slice(&len.to_be_bytes());
     assert_eq!(h.call(&ft, &req), (Class::Success, None));
 }
+
+#[path = "scenario_tests.rs"]
+mod scenarios;
