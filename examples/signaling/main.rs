@@ -11,12 +11,11 @@
 //! daemon with the same config. The secret never leaves this process.
 //!
 //! Modules: `rooms` (room registry, pure), `protocol` (wire messages),
-//! `ice` (credential minting), `ratelimit` (token bucket), `server` (HTTP
-//! routes and state), `session` (one WebSocket member).
+//! `ice` (credential minting), `server` (HTTP routes and state), `session`
+//! (one WebSocket member, its message budget the daemon's own token bucket).
 
 mod ice;
 mod protocol;
-mod ratelimit;
 mod rooms;
 mod server;
 mod session;

@@ -13,9 +13,9 @@ use tracing::{debug, info, warn};
 
 use crate::ice::rest_user_from_name;
 use crate::protocol::{parse_client, ClientMsg, ErrorCode, PeerInfo, ServerMsg, MAX_MESSAGE_BYTES};
-use crate::ratelimit::TokenBucket;
 use crate::rooms::{JoinError, RouteError};
 use crate::server::{mint_for_session, AppState, ConnectionSlot, Handle};
+use turnpike::proto::bucket::{Rate, TokenBucket};
 
 /// Messages a socket may send at once, then per second sustained. Joining a
 /// full room trickles some 10 to 30 candidates per peer; a client sending
@@ -172,7 +172,7 @@ async fn serve(
     rx: &mut mpsc::Receiver<String>,
     kick: &Notify,
 ) -> Option<Ending> {
-    let mut bucket = TokenBucket::new(BURST, PER_SEC, Instant::now());
+    let mut bucket = TokenBucket::new(Rate::new(PER_SEC.into(), BURST.into()), Instant::now());
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_heard = Instant::now();
@@ -193,7 +193,7 @@ async fn serve(
                 if matches!(msg, Message::Close(_)) {
                     return None;
                 }
-                if !bucket.allow(now) {
+                if !bucket.take(1, now) {
                     return Some(Ending::error(
                         ErrorCode::RateLimited,
                         "too many messages, slow down",

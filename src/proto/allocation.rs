@@ -7,6 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::bucket::TokenBucket;
 use super::quota::QuotaKey;
 use super::FiveTuple;
 
@@ -61,40 +62,6 @@ pub struct Counters {
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
     pub dropped_packets: u64,
-}
-
-/// A byte budget refilled at a fixed rate, with one second of burst.
-#[derive(Clone, Copy, Debug)]
-pub struct TokenBucket {
-    rate: u64,
-    tokens: u64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(bytes_per_sec: u64, now: Instant) -> Self {
-        TokenBucket {
-            rate: bytes_per_sec,
-            tokens: bytes_per_sec,
-            last: now,
-        }
-    }
-
-    pub fn take(&mut self, bytes: usize, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last);
-        if elapsed >= Duration::from_millis(1) {
-            let refill = (self.rate as u128 * elapsed.as_micros() / 1_000_000) as u64;
-            self.tokens = (self.tokens + refill).min(self.rate);
-            self.last = now;
-        }
-        match self.tokens.checked_sub(bytes as u64) {
-            Some(left) => {
-                self.tokens = left;
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,16 +291,5 @@ mod tests {
         assert!(a.channel(0x4000, exp).is_none());
         // After expiry the number may go to another peer.
         assert_eq!(a.check_bind(0x4000, p2, exp, 1), Ok(()));
-    }
-
-    #[test]
-    fn token_bucket_limits_and_refills() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, t0);
-        assert!(b.take(600, t0));
-        assert!(!b.take(600, t0));
-        assert!(b.take(400, t0));
-        assert!(b.take(500, t0 + Duration::from_millis(500)));
-        assert!(!b.take(1, t0 + Duration::from_millis(500)));
     }
 }

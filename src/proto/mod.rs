@@ -6,6 +6,7 @@
 
 pub mod allocation;
 pub mod auth;
+pub mod bucket;
 pub mod codec;
 pub mod error;
 pub mod policy;

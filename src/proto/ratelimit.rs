@@ -25,17 +25,16 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
+use super::bucket::{nanos_since, Rate};
 
 /// Token bucket per source IP in a fixed-size table indexed by a keyed hash of the IP
 /// (colliding sources share a bucket: bounded memory, no per-client allocation, no
 /// state kept for unauthenticated sources beyond the table). Shared by all shards.
 #[derive(Debug)]
 pub struct SourceRateLimiter {
-    /// Nanoseconds between tokens; 0 means unlimited.
-    interval_ns: AtomicU64,
-    /// How far a bucket's arrival time may run ahead of now: (burst - 1) intervals.
-    tolerance_ns: AtomicU64,
+    /// Tokens per second per bucket; 0 means unlimited.
+    per_second: AtomicU64,
+    burst: AtomicU64,
     /// Per slot: the theoretical arrival time of the next conforming request, in
     /// nanoseconds since `epoch`. 0 (or anything in the past) is a full bucket.
     slots: Box<[AtomicU64]>,
@@ -52,8 +51,8 @@ impl SourceRateLimiter {
     /// first check.
     pub fn new(per_second: u32, burst: u32, slots: usize, hash_key: u64, epoch: Instant) -> Self {
         let limiter = SourceRateLimiter {
-            interval_ns: AtomicU64::new(0),
-            tolerance_ns: AtomicU64::new(0),
+            per_second: AtomicU64::new(0),
+            burst: AtomicU64::new(0),
             slots: (0..slots.max(1)).map(|_| AtomicU64::new(0)).collect(),
             k0: hash_key,
             // SipHash wants 128 bits of key; derive the second half so the API stays
@@ -70,38 +69,30 @@ impl SourceRateLimiter {
     /// 1: a limiter that refuses everything is better expressed by not replying at all.
     /// `per_second == 0` means unlimited.
     pub fn set_rate(&self, per_second: u32, burst: u32) {
-        // Rates above 1e9/s round to a zero interval, i.e. unlimited, which is what
-        // such a rate means in practice.
-        let interval_ns = NANOS_PER_SEC
-            .checked_div(u64::from(per_second))
-            .unwrap_or(0);
-        let burst = u64::from(burst.max(1));
-        self.interval_ns.store(interval_ns, Ordering::Relaxed);
-        self.tolerance_ns
-            .store(interval_ns.saturating_mul(burst - 1), Ordering::Relaxed);
+        self.per_second
+            .store(u64::from(per_second), Ordering::Relaxed);
+        self.burst.store(u64::from(burst), Ordering::Relaxed);
     }
 
     /// Whether a reply to `ip` may be sent now; consumes a token when it may.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let interval_ns = self.interval_ns.load(Ordering::Relaxed);
-        if interval_ns == 0 {
+        let rate = Rate::new(
+            self.per_second.load(Ordering::Relaxed),
+            self.burst.load(Ordering::Relaxed),
+        );
+        if rate.is_unlimited() {
             return true;
         }
-        let tolerance_ns = self.tolerance_ns.load(Ordering::Relaxed);
-        // A `now` earlier than the epoch (callers on different threads' clocks) counts
-        // as the epoch rather than panicking or wrapping.
-        let now_ns =
-            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let now_ns = nanos_since(self.epoch, now);
         let Some(cell) = self.slots.get(self.index(ip)) else {
             // Unreachable: index() reduces into the table and the table is non-empty.
             return false;
         };
         let mut tat = cell.load(Ordering::Relaxed);
         loop {
-            if tat.saturating_sub(now_ns) > tolerance_ns {
+            let Some(next) = rate.admit(tat, now_ns, 1) else {
                 return false;
-            }
-            let next = tat.max(now_ns).saturating_add(interval_ns);
+            };
             match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(current) => tat = current,

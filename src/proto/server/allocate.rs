@@ -9,8 +9,9 @@ use super::command::{Command, OpenRelay, OpenedRelay, RelayOpenError, RelaySourc
 use super::respond::{Answer, Signer, Success};
 use super::{ClientAction, Core, RelayAddress};
 use crate::proto::allocation::{
-    Allocation, Counters, Relay, RelayId, Reservation, TokenBucket, RESERVATION_LIFETIME,
+    Allocation, Counters, Relay, RelayId, Reservation, RESERVATION_LIFETIME,
 };
+use crate::proto::bucket::{Rate, TokenBucket};
 use crate::proto::codec::{attr, Class, MessageWriter};
 use crate::proto::error::{EndReason, TurnError};
 use crate::proto::quota::{QuotaError, QuotaKey};
@@ -240,7 +241,8 @@ impl Core {
             self.shared.live_relays.insert(&r.local);
         }
         let bw = config.limits.bandwidth_bytes_per_sec;
-        let budget = (bw > 0).then(|| TokenBucket::new(bw, now));
+        // One second of burst per direction.
+        let budget = (bw > 0).then(|| TokenBucket::new(Rate::new(bw, bw), now));
         let allocation = Allocation {
             five_tuple: ft,
             username: p.username,

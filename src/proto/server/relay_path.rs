@@ -79,7 +79,7 @@ impl Core {
         let len = end - start;
         let a = self.alloc_mut(slot);
         if let Some(b) = a.to_peer_budget.as_mut() {
-            if !b.take(len, now) {
+            if !b.take(len as u64, now) {
                 a.counters.dropped_packets += 1;
                 self.stats.dropped_bandwidth += 1;
                 return ClientAction::Drop;
@@ -136,7 +136,7 @@ impl Core {
             return PeerAction::Drop;
         }
         if let Some(b) = a.to_client_budget.as_mut() {
-            if !b.take(len, now) {
+            if !b.take(len as u64, now) {
                 a.counters.dropped_packets += 1;
                 stats.dropped_bandwidth += 1;
                 return PeerAction::Drop;
