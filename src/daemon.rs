@@ -2,18 +2,19 @@
 //! core configuration, starts one shard per core, and handles signals.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
-use crate::control::{self, credentials, ControlState, Live, Shards};
+use crate::control::{self, credentials, unix_now, ControlState, Live, Shards};
 use crate::io::interfaces::interface_addresses;
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
@@ -34,17 +35,16 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write the ready file {}", path.display())]
+    ReadyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How long a quick-start credential printed at start stays valid.
 const QUICKSTART_TTL: Duration = Duration::from_secs(24 * 3600);
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], DaemonError> {
     let mut b = [0u8; N];
@@ -292,8 +292,120 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
+/// What `serve --ready-file` publishes once every listener, relay range and the API are bound:
+/// where a supervisor, a script or a test finds this daemon without reading its log. Only what
+/// a reload cannot change (those keys wait for a restart), so the file is written once per run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    pub pid: u32,
+    /// As bound: a configured port 0 is the port the kernel picked; a wildcard stays one.
+    pub listen: Vec<ReadyListener>,
+    /// The HTTP API as bound; null when `api.listen` is unset.
+    pub api: Option<SocketAddr>,
+    /// One entry per family: where relay sockets bind, and the address clients are told.
+    pub relay: Vec<ReadyRelay>,
+    pub relay_ports: ReadyPorts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyListener {
+    pub transport: &'static str,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyRelay {
+    pub local: IpAddr,
+    pub advertised: IpAddr,
+}
+
+/// Inclusive, as in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyPorts {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl Readiness {
+    pub fn new(
+        listeners: &[SocketAddr],
+        api: Option<SocketAddr>,
+        relays: &ResolvedRelays,
+        relay_ports: (u16, u16),
+    ) -> Readiness {
+        Readiness {
+            pid: std::process::id(),
+            listen: listeners
+                .iter()
+                .map(|&addr| ReadyListener {
+                    transport: "udp",
+                    addr,
+                })
+                .collect(),
+            api,
+            relay: relays
+                .v4
+                .iter()
+                .chain(relays.v6.iter())
+                .map(|r| ReadyRelay {
+                    local: r.local,
+                    advertised: r.advertised,
+                })
+                .collect(),
+            relay_ports: ReadyPorts {
+                min: relay_ports.0,
+                max: relay_ports.1,
+            },
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self)
+            .expect("numbers, strings and addresses always serialize");
+        text.push('\n');
+        text
+    }
+
+    /// Writes the document to a temp file beside `path`, then renames it into place: a reader
+    /// that polls for `path` finds nothing or all of it, never a half-written file.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let name = path.file_name().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+        })?;
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let result =
+            std::fs::write(&tmp, self.to_json()).and_then(|()| std::fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// The published ready file; removed when the daemon stops (also on an error or a panic), so
+/// its presence means "serving".
+struct ReadyFile(PathBuf);
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot remove the ready file");
+            }
+        }
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM (then drains) and returns once it has stopped.
-pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+/// With `ready_file`, publishes [`Readiness`] there when READY=1 goes to systemd.
+pub fn serve(
+    config: Config,
+    config_path: PathBuf,
+    ready_file: Option<PathBuf>,
+) -> Result<(), DaemonError> {
     raise_fd_limit(&config);
     let mut rest_secrets = config.load_rest_secrets()?;
     let api_token = config.load_api_token()?;
@@ -415,13 +527,17 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(|e| DaemonError::Setup(format!("control runtime: {e}")))?;
+    // Held until the shards have stopped: once the file is gone, its ports are free again.
+    let mut published = None;
     let result = runtime.block_on(async {
+        let mut api_bound = None;
         if let Some(std_listener) = api_listener {
             let listener = tokio::net::TcpListener::from_std(std_listener)
                 .map_err(|e| DaemonError::Setup(format!("api listener: {e}")))?;
             let bound = listener
                 .local_addr()
                 .map_err(|e| DaemonError::Setup(format!("api listener: {e}")))?;
+            api_bound = Some(bound);
             tracing::info!(addr = %bound, "http api listening");
             let app = control::api::router(Arc::clone(&state));
             tokio::spawn(async move {
@@ -432,6 +548,18 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
         }
         for l in &listeners {
             tracing::info!(addr = %l, transport = "udp", "listening");
+        }
+        if let Some(path) = ready_file {
+            // Refuse rather than serve without it: whoever asked for the file waits for it, and
+            // an exit status names the bad path now, where a missing file is only a timeout.
+            let ports = (config.relay.port_min, config.relay.port_max);
+            Readiness::new(&listeners, api_bound, &relays, ports)
+                .write(&path)
+                .map_err(|source| DaemonError::ReadyFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            published = Some(ReadyFile(path));
         }
         tracing::info!(
             threads,
@@ -453,6 +581,9 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let finals: Vec<ShardReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    // The API's socket closes with its runtime.
+    drop(runtime);
+    drop(published);
     let total = control::metrics::sum(&finals);
     tracing::info!(
         allocations = total.core.allocations_created,
@@ -462,4 +593,109 @@ pub fn serve(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
         "stopped"
     );
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Readiness {
+        let relays = ResolvedRelays {
+            v4: Some(RelayAddress {
+                local: "10.0.0.5".parse().unwrap(),
+                advertised: "203.0.113.7".parse().unwrap(),
+            }),
+            v6: Some(RelayAddress {
+                local: "2001:db8::5".parse().unwrap(),
+                advertised: "2001:db8::5".parse().unwrap(),
+            }),
+        };
+        Readiness::new(
+            &[
+                "0.0.0.0:3478".parse().unwrap(),
+                "[::1]:41000".parse().unwrap(),
+            ],
+            Some("127.0.0.1:8080".parse().unwrap()),
+            &relays,
+            (49152, 49200),
+        )
+    }
+
+    #[test]
+    fn readiness_json_names_pid_listeners_api_relays_and_ports() {
+        let v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "pid": std::process::id(),
+                "listen": [
+                    {"transport": "udp", "addr": "0.0.0.0:3478"},
+                    {"transport": "udp", "addr": "[::1]:41000"},
+                ],
+                "api": "127.0.0.1:8080",
+                "relay": [
+                    {"local": "10.0.0.5", "advertised": "203.0.113.7"},
+                    {"local": "2001:db8::5", "advertised": "2001:db8::5"},
+                ],
+                "relay_ports": {"min": 49152, "max": 49200},
+            })
+        );
+        let no_api = Readiness {
+            api: None,
+            ..sample()
+        };
+        let v: serde_json::Value = serde_json::from_str(&no_api.to_json()).unwrap();
+        assert!(v["api"].is_null(), "{v}");
+    }
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(tag: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("turnpike-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_ready_file_replaces_an_old_one_and_leaves_no_temp_file() {
+        let dir = temp_dir("ready-write");
+        let path = dir.0.join("ready.json");
+        std::fs::write(&path, "left by an earlier run").unwrap();
+        sample().write(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), sample().to_json());
+        assert_eq!(entries(&dir.0), ["ready.json"]);
+        drop(ReadyFile(path));
+        assert!(entries(&dir.0).is_empty(), "removed on drop");
+    }
+
+    #[test]
+    fn a_ready_file_that_cannot_be_written_is_an_error_and_leaves_nothing() {
+        let dir = temp_dir("ready-fail");
+        // The target is a directory: the rename fails after the temp file was written.
+        let path = dir.0.join("taken");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), "").unwrap();
+        assert!(sample().write(&path).is_err());
+        assert_eq!(entries(&dir.0), ["taken"], "the temp file is gone");
+        assert!(sample().write(&dir.0.join("missing/ready.json")).is_err());
+        assert!(
+            sample().write(Path::new("/")).is_err(),
+            "a path without a file name"
+        );
+    }
 }

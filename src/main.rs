@@ -48,6 +48,13 @@ enum Command {
         /// Log filter, e.g. "debug" or "turnpike=trace" (overrides log_level in the config).
         #[arg(long)]
         log_level: Option<String>,
+        /// Once every listener, the relay range and the HTTP API are bound (when READY=1 goes
+        /// to systemd), write this JSON file: {"pid", "listen": [{"transport", "addr"}], "api",
+        /// "relay": [{"local", "advertised"}], "relay_ports": {"min", "max"}}, ports as bound.
+        /// Written once (a reload cannot change what it names) by renaming a temp file beside
+        /// it; removed when the daemon stops. Start fails if it cannot be written.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a configuration file and print the effective configuration, secrets redacted.
     CheckConfig {
@@ -292,6 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             log_format,
             log_level,
+            ready_file,
         } => {
             let cfg = Config::load(&config)?;
             let format = match log_format {
@@ -302,7 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let level = log_level.unwrap_or_else(|| cfg.log_level.clone());
             init_logging(format, &level)?;
             turnpike::control::warn_about_permissions(&cfg, &config);
-            turnpike::daemon::serve(cfg, config)?;
+            turnpike::daemon::serve(cfg, config, ready_file)?;
             Ok(())
         }
         Command::CheckConfig { config } => {

@@ -944,3 +944,23 @@ fn a_closed_stdout_ends_a_command_quietly() {
         out.status
     );
 }
+
+/// `serve --ready-file` that cannot be written: the start fails with a status and the path.
+#[test]
+fn serve_refuses_to_start_without_its_ready_file() {
+    let (dir, config) = cli_config(&Options::default());
+    let ready = dir.path().join("no-such-dir/turnpike.ready");
+    let err = fails(
+        &[
+            "serve",
+            "--config",
+            path(&config),
+            "--ready-file",
+            path(&ready),
+        ],
+        None,
+    );
+    assert!(err.contains(path(&ready)), "names the path: {err}");
+    let help = ok(&["serve", "--help"], None);
+    assert!(help.contains("--ready-file"), "{help}");
+}

@@ -690,3 +690,56 @@ fn sd_notify_no_watchdog_for_another_pid() {
         "watchdog pings for a WATCHDOG_PID that is not ours: {got:?}"
     );
 }
+
+// ------------------------------------------------------------------ --ready-file
+
+#[test]
+fn the_ready_file_names_reachable_ports_while_serving_and_goes_with_sigterm() {
+    let dir = common::TempDir::new("ready-file");
+    let relay_ports = (40100, 40199);
+    let config = common::write_config_dir(dir.path(), &Options::with_api(), relay_ports);
+    let ready = dir.path().join("run/turnpike.ready");
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    let mut child = std::process::Command::new(common::turnpike_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(15), "the ready file", || ready.exists());
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap())
+        .expect("the ready file is JSON");
+    assert_eq!(v["pid"], child.id(), "{v}");
+    let listen: SocketAddr = v["listen"][0]["addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(v["listen"][0]["transport"], "udp", "{v}");
+    assert_ne!(
+        listen.port(),
+        0,
+        "the bound port, not the configured 0: {v}"
+    );
+    let api: SocketAddr = v["api"].as_str().unwrap().parse().unwrap();
+    assert_eq!(v["relay"][0]["local"], "127.0.0.1", "{v}");
+    assert_eq!(v["relay_ports"]["min"], relay_ports.0, "{v}");
+    assert_eq!(v["relay_ports"]["max"], relay_ports.1, "{v}");
+    // Both ports answer as soon as the file is there.
+    let mut c = TurnClient::new(listen, USER, PASSWORD);
+    assert!(c.binding().expect("Binding answered").outcome().0);
+    assert_eq!(common::http(api, "GET", "/healthz", &[], None).status, 200);
+    let siblings: Vec<_> = std::fs::read_dir(dir.path().join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(siblings, ["turnpike.ready"], "no temp file left beside it");
+
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!ready.exists(), "the ready file outlived the daemon");
+}

@@ -1,10 +1,13 @@
 //! Prometheus text exposition (format 0.0.4) of the summed shard counters. Labels are bounded
-//! (transport, direction, reason): no per-user or per-address series.
+//! (transport, direction, reason, result): no per-user or per-address series.
+//!
+//! The core's counters describe their own series (`Stats::for_each_series`); this module adds
+//! the shards' own values and the control plane's, and writes them all through one formatter.
 
 use std::fmt::Write;
 
 use crate::io::shard::ShardReport;
-use crate::proto::server::AuthFailure;
+use crate::proto::stats::{Kind, Series};
 
 /// Values the control plane adds to the shards' counters.
 pub struct Extra {
@@ -20,219 +23,179 @@ pub struct Extra {
 pub fn sum(reports: &[ShardReport]) -> ShardReport {
     let mut t = ShardReport::default();
     for r in reports {
-        let (c, s) = (&mut t.core, &r.core);
-        c.allocations_created += s.allocations_created;
-        c.allocations_ended += s.allocations_ended;
-        c.binding_requests += s.binding_requests;
-        c.to_peer_packets += s.to_peer_packets;
-        c.to_peer_bytes += s.to_peer_bytes;
-        c.to_client_packets += s.to_client_packets;
-        c.to_client_bytes += s.to_client_bytes;
-        c.dropped_no_permission += s.dropped_no_permission;
-        c.dropped_bandwidth += s.dropped_bandwidth;
-        c.dropped_malformed += s.dropped_malformed;
-        c.denied_peers += s.denied_peers;
-        c.quota_rejections += s.quota_rejections;
-        c.stale_nonces += s.stale_nonces;
-        c.rate_limited += s.rate_limited;
-        for (a, b) in c.auth_failures.iter_mut().zip(s.auth_failures) {
-            *a += b;
-        }
-        t.allocations += r.allocations;
-        t.relay_sockets += r.relay_sockets;
-        t.send_errors += r.send_errors;
+        // No `..`: a field added to ShardReport does not compile until it is summed here.
+        let ShardReport {
+            core,
+            allocations,
+            relay_sockets,
+            send_errors,
+        } = *r;
+        t.core += core;
+        t.allocations += allocations;
+        t.relay_sockets += relay_sockets;
+        t.send_errors += send_errors;
     }
     t
 }
 
-struct Out(String);
-
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(
-            self.0,
-            "# HELP turnpike_{name} {help}\n# TYPE turnpike_{name} {kind}"
-        );
-    }
-
-    fn value(&mut self, name: &str, labels: &str, v: u64) {
-        if labels.is_empty() {
-            let _ = writeln!(self.0, "turnpike_{name} {v}");
-        } else {
-            let _ = writeln!(self.0, "turnpike_{name}{{{labels}}} {v}");
-        }
-    }
-
-    fn single(&mut self, name: &str, kind: &str, help: &str, v: u64) {
-        self.family(name, kind, help);
-        self.value(name, "", v);
+const fn series(
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    label: Option<(&'static str, &'static str)>,
+) -> Series {
+    Series {
+        name,
+        kind,
+        help,
+        label,
     }
 }
 
+/// Every series with its value: the core's counters in their declaration order, then the
+/// shards' and the control plane's values.
+fn all_series(reports: &[ShardReport], extra: &Extra) -> Vec<(Series, u64)> {
+    use Kind::{Counter, Gauge};
+    // No `..` in either pattern, for the same reason as in `sum`.
+    let ShardReport {
+        mut core,
+        allocations,
+        relay_sockets,
+        send_errors,
+    } = sum(reports);
+    let Extra {
+        reloads_ok,
+        reloads_failed,
+        relay_port_span,
+        draining,
+        shards_unresponsive,
+        uptime_secs,
+    } = *extra;
+    let mut out = Vec::with_capacity(48);
+    core.for_each_series(|s, v| out.push((s, *v)));
+    let relay_sockets = relay_sockets as u64;
+    out.extend([
+        (
+            series(
+                "allocations",
+                Gauge,
+                "Allocations in force.",
+                Some(("transport", "udp")),
+            ),
+            allocations as u64,
+        ),
+        (
+            series(
+                "send_errors_total",
+                Counter,
+                "Sends that failed (unreachable peer, full buffer).",
+                None,
+            ),
+            send_errors,
+        ),
+        (
+            series("relay_sockets_open", Gauge, "Relay sockets open.", None),
+            relay_sockets,
+        ),
+        (
+            series(
+                "relay_ports_free",
+                Gauge,
+                "Relay ports of the configured range not used by this server.",
+                None,
+            ),
+            relay_port_span.saturating_sub(relay_sockets),
+        ),
+        (
+            series(
+                "reloads_total",
+                Counter,
+                "Configuration reloads, by result.",
+                Some(("result", "ok")),
+            ),
+            reloads_ok,
+        ),
+        (
+            series(
+                "reloads_total",
+                Counter,
+                "Configuration reloads, by result.",
+                Some(("result", "failed")),
+            ),
+            reloads_failed,
+        ),
+        (
+            series(
+                "draining",
+                Gauge,
+                "1 while the server drains before exit.",
+                None,
+            ),
+            u64::from(draining),
+        ),
+        (
+            series("shards", Gauge, "I/O shards (threads).", None),
+            reports.len() as u64,
+        ),
+        (
+            series(
+                "shards_unresponsive",
+                Gauge,
+                "Shards that did not answer the last scrape.",
+                None,
+            ),
+            shards_unresponsive as u64,
+        ),
+        (
+            series("uptime_seconds", Gauge, "Seconds since start.", None),
+            uptime_secs,
+        ),
+    ]);
+    out
+}
+
 pub fn render(reports: &[ShardReport], extra: &Extra) -> String {
-    let t = sum(reports);
-    let c = &t.core;
-    let mut o = Out(String::with_capacity(4096));
-    o.family("allocations", "gauge", "Allocations in force.");
-    o.value("allocations", "transport=\"udp\"", t.allocations as u64);
-    o.single(
-        "allocations_created_total",
-        "counter",
-        "Allocations created.",
-        c.allocations_created,
-    );
-    o.single(
-        "allocations_ended_total",
-        "counter",
-        "Allocations ended (expired, deleted, killed, revoked).",
-        c.allocations_ended,
-    );
-    o.single(
-        "binding_requests_total",
-        "counter",
-        "STUN Binding requests answered.",
-        c.binding_requests,
-    );
-    o.family(
-        "auth_failures_total",
-        "counter",
-        "Requests whose credentials were refused, by reason.",
-    );
-    for reason in AuthFailure::ALL {
-        o.value(
-            "auth_failures_total",
-            &format!("reason=\"{}\"", reason.as_str()),
-            c.auth_failures[reason as usize],
+    let all = all_series(reports, extra);
+    let mut o = String::with_capacity(4096);
+    // The format wants a family's lines together under one HELP/TYPE, and a family's series
+    // may come from different places (the core's auth failures and stale nonces).
+    let mut written: Vec<&str> = Vec::new();
+    for (family, _) in &all {
+        if written.contains(&family.name) {
+            continue;
+        }
+        written.push(family.name);
+        let (name, kind) = (family.name, family.kind.as_str());
+        let _ = writeln!(
+            o,
+            "# HELP turnpike_{name} {}\n# TYPE turnpike_{name} {kind}",
+            family.help
         );
+        for (s, v) in all.iter().filter(|(s, _)| s.name == name) {
+            let _ = match s.label {
+                None => writeln!(o, "turnpike_{name} {v}"),
+                Some((key, value)) => writeln!(o, "turnpike_{name}{{{key}=\"{value}\"}} {v}"),
+            };
+        }
     }
-    o.value(
-        "auth_failures_total",
-        "reason=\"stale_nonce\"",
-        c.stale_nonces,
-    );
-    o.family(
-        "relayed_packets_total",
-        "counter",
-        "Datagrams relayed, by direction.",
-    );
-    o.value(
-        "relayed_packets_total",
-        "direction=\"to_peer\"",
-        c.to_peer_packets,
-    );
-    o.value(
-        "relayed_packets_total",
-        "direction=\"to_client\"",
-        c.to_client_packets,
-    );
-    o.family(
-        "relayed_bytes_total",
-        "counter",
-        "Payload bytes relayed, by direction.",
-    );
-    o.value(
-        "relayed_bytes_total",
-        "direction=\"to_peer\"",
-        c.to_peer_bytes,
-    );
-    o.value(
-        "relayed_bytes_total",
-        "direction=\"to_client\"",
-        c.to_client_bytes,
-    );
-    o.family(
-        "dropped_packets_total",
-        "counter",
-        "Datagrams dropped, by reason.",
-    );
-    o.value(
-        "dropped_packets_total",
-        "reason=\"no_permission\"",
-        c.dropped_no_permission,
-    );
-    o.value(
-        "dropped_packets_total",
-        "reason=\"bandwidth\"",
-        c.dropped_bandwidth,
-    );
-    o.value(
-        "dropped_packets_total",
-        "reason=\"malformed\"",
-        c.dropped_malformed,
-    );
-    o.single(
-        "send_errors_total",
-        "counter",
-        "Sends that failed (unreachable peer, full buffer).",
-        t.send_errors,
-    );
-    o.single(
-        "denied_peers_total",
-        "counter",
-        "Peer addresses refused by the peer policy.",
-        c.denied_peers,
-    );
-    o.single(
-        "quota_rejections_total",
-        "counter",
-        "Requests refused by a quota or while draining.",
-        c.quota_rejections,
-    );
-    o.single(
-        "rate_limited_replies_total",
-        "counter",
-        "Unauthenticated replies suppressed by the per-source limit.",
-        c.rate_limited,
-    );
-    o.single(
-        "relay_sockets_open",
-        "gauge",
-        "Relay sockets open.",
-        t.relay_sockets as u64,
-    );
-    o.single(
-        "relay_ports_free",
-        "gauge",
-        "Relay ports of the configured range not used by this server.",
-        extra.relay_port_span.saturating_sub(t.relay_sockets as u64),
-    );
-    o.family(
-        "reloads_total",
-        "counter",
-        "Configuration reloads, by result.",
-    );
-    o.value("reloads_total", "result=\"ok\"", extra.reloads_ok);
-    o.value("reloads_total", "result=\"failed\"", extra.reloads_failed);
-    o.single(
-        "draining",
-        "gauge",
-        "1 while the server drains before exit.",
-        extra.draining as u64,
-    );
-    o.single(
-        "shards",
-        "gauge",
-        "I/O shards (threads).",
-        reports.len() as u64,
-    );
-    o.single(
-        "shards_unresponsive",
-        "gauge",
-        "Shards that did not answer the last scrape.",
-        extra.shards_unresponsive as u64,
-    );
-    o.single(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since start.",
-        extra.uptime_secs,
-    );
-    o.0
+    o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::server::AuthFailure;
+
+    fn extra() -> Extra {
+        Extra {
+            reloads_ok: 1,
+            reloads_failed: 0,
+            relay_port_span: 100,
+            draining: false,
+            shards_unresponsive: 0,
+            uptime_secs: 5,
+        }
+    }
 
     #[test]
     fn sums_shards_and_every_line_is_well_formed() {
@@ -242,22 +205,140 @@ mod tests {
         a.allocations = 1;
         let mut b = a;
         b.core.to_peer_packets = 4;
-        let extra = Extra {
-            reloads_ok: 1,
-            reloads_failed: 0,
-            relay_port_span: 100,
-            draining: false,
-            shards_unresponsive: 0,
-            uptime_secs: 5,
-        };
-        let text = render(&[a, b], &extra);
+        let text = render(&[a, b], &extra());
         assert!(text.contains("turnpike_relayed_packets_total{direction=\"to_peer\"} 7\n"));
         assert!(text.contains("turnpike_auth_failures_total{reason=\"expired\"} 4\n"));
         assert!(text.contains("turnpike_allocations{transport=\"udp\"} 2\n"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (name, value) = line.rsplit_once(' ').unwrap();
-            assert!(name.starts_with("turnpike_"), "{line}");
-            value.parse::<u64>().unwrap();
+        let mut types = Vec::new();
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = t.split_once(' ').unwrap();
+                assert!(!types.contains(&name), "{name} declared twice");
+                assert!(kind == "counter" || kind == "gauge", "{line}");
+                types.push(name);
+                family = name;
+            } else if !line.starts_with('#') {
+                let (name, value) = line.rsplit_once(' ').unwrap();
+                let base = name.split_once('{').map_or(name, |(n, _)| n);
+                assert_eq!(base, family, "{line} is outside its family's block");
+                value.parse::<u64>().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn every_series_appears_summed_with_its_own_value() {
+        let mut a = ShardReport {
+            allocations: 7001,
+            relay_sockets: 7002,
+            send_errors: 7003,
+            ..ShardReport::default()
+        };
+        let mut n = 1;
+        a.core.for_each_series(|_, v| {
+            *v = n;
+            n += 1;
+        });
+        let text = render(&[a, a], &extra());
+        let mut checked = 0;
+        for (s, v) in all_series(&[a, a], &extra()) {
+            let label = s
+                .label
+                .map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
+            let line = format!("turnpike_{}{label} {v}\n", s.name);
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+            checked += 1;
+        }
+        // And the core's counters are really the sum of both shards, each its own value.
+        a.core.for_each_series(|s, v| {
+            let label = s
+                .label
+                .map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
+            let line = format!("turnpike_{}{label} {}\n", s.name, 2 * *v);
+            assert!(text.contains(&line), "missing {line:?}");
+        });
+        assert_eq!(
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            checked
+        );
+        assert!(text.contains("turnpike_allocations{transport=\"udp\"} 14002\n"));
+        assert!(text.contains("turnpike_relay_sockets_open 14004\n"));
+        assert!(text.contains("turnpike_send_errors_total 14006\n"));
+    }
+
+    #[test]
+    fn families_agree_on_kind_and_help() {
+        let all = all_series(&[ShardReport::default()], &extra());
+        for (a, _) in &all {
+            for (b, _) in all.iter().filter(|(b, _)| b.name == a.name) {
+                assert_eq!((a.kind, a.help), (b.kind, b.help), "{}", a.name);
+            }
+        }
+    }
+
+    /// Operators' dashboards and tests/control_plane.rs read these names and labels.
+    #[test]
+    fn series_names_and_labels_stay_as_published() {
+        let text = render(&[ShardReport::default()], &extra());
+        let got: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').unwrap().0)
+            .collect();
+        let mut got_sorted = got.clone();
+        got_sorted.sort_unstable();
+        let mut want = vec![
+            "turnpike_allocations{transport=\"udp\"}",
+            "turnpike_allocations_created_total",
+            "turnpike_allocations_ended_total",
+            "turnpike_binding_requests_total",
+            "turnpike_auth_failures_total{reason=\"wrong_password\"}",
+            "turnpike_auth_failures_total{reason=\"unknown_user\"}",
+            "turnpike_auth_failures_total{reason=\"expired\"}",
+            "turnpike_auth_failures_total{reason=\"expiry_too_far_ahead\"}",
+            "turnpike_auth_failures_total{reason=\"malformed_username\"}",
+            "turnpike_auth_failures_total{reason=\"unsupported_algorithm\"}",
+            "turnpike_auth_failures_total{reason=\"revoked\"}",
+            "turnpike_auth_failures_total{reason=\"stale_nonce\"}",
+            "turnpike_relayed_packets_total{direction=\"to_peer\"}",
+            "turnpike_relayed_packets_total{direction=\"to_client\"}",
+            "turnpike_relayed_bytes_total{direction=\"to_peer\"}",
+            "turnpike_relayed_bytes_total{direction=\"to_client\"}",
+            "turnpike_dropped_packets_total{reason=\"no_permission\"}",
+            "turnpike_dropped_packets_total{reason=\"bandwidth\"}",
+            "turnpike_dropped_packets_total{reason=\"malformed\"}",
+            "turnpike_send_errors_total",
+            "turnpike_denied_peers_total",
+            "turnpike_quota_rejections_total",
+            "turnpike_rate_limited_replies_total",
+            "turnpike_relay_sockets_open",
+            "turnpike_relay_ports_free",
+            "turnpike_reloads_total{result=\"ok\"}",
+            "turnpike_reloads_total{result=\"failed\"}",
+            "turnpike_draining",
+            "turnpike_shards",
+            "turnpike_shards_unresponsive",
+            "turnpike_uptime_seconds",
+        ];
+        want.sort_unstable();
+        assert_eq!(got_sorted, want);
+        for (name, kind) in [
+            ("allocations", "gauge"),
+            ("relay_sockets_open", "gauge"),
+            ("relay_ports_free", "gauge"),
+            ("draining", "gauge"),
+            ("shards", "gauge"),
+            ("shards_unresponsive", "gauge"),
+            ("uptime_seconds", "gauge"),
+            ("auth_failures_total", "counter"),
+            ("send_errors_total", "counter"),
+            ("reloads_total", "counter"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE turnpike_{name} {kind}\n")),
+                "{name}"
+            );
         }
     }
 }

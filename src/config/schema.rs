@@ -1,0 +1,541 @@
+//! The configuration's two shapes, table by table: the public typed structs with
+//! their defaults, and the private `raw` mirror of the file that serde reads and
+//! writes. A key is declared here twice (typed field and default, raw field and
+//! its `from_typed` line) and checked once, in `validate.rs`.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+/// The daemon's configuration, defaults filled in and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub realm: String,
+    /// SOFTWARE attribute value; empty means the attribute is never sent.
+    pub software: String,
+    /// Number of I/O shards; 0 means one per CPU core.
+    pub threads: usize,
+    pub listen: Vec<SocketAddr>,
+    pub log_format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive; only checked for being
+    /// non-empty and printable here, the daemon parses it.
+    pub log_level: String,
+    /// Host name or address put in minted credentials' URIs; empty = the advertised relay address.
+    pub public_host: String,
+    /// On SIGTERM, how long existing allocations may keep relaying before the process exits.
+    pub drain_secs: u64,
+    pub relay: RelayConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub peers: PeersConfig,
+    pub api: ApiConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            realm: "turnpike".to_owned(),
+            software: String::new(),
+            threads: 0,
+            listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478))],
+            log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
+            public_host: String::new(),
+            drain_secs: 30,
+            relay: RelayConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            peers: PeersConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    pub address: RelayAddress,
+    pub address_v6: Option<Ipv6Addr>,
+    pub external_address: Option<Ipv4Addr>,
+    pub external_address_v6: Option<Ipv6Addr>,
+    /// Inclusive relay port range.
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            address: RelayAddress::Auto,
+            address_v6: None,
+            external_address: None,
+            external_address_v6: None,
+            port_min: 49152,
+            port_max: 65535,
+        }
+    }
+}
+
+/// The IPv4 address relay sockets bind to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayAddress {
+    /// The address of the interface holding the default route; the daemon
+    /// resolves it at start.
+    Auto,
+    Ip(Ipv4Addr),
+}
+
+impl fmt::Display for RelayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelayAddress::Auto => f.write_str("auto"),
+            RelayAddress::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub nonce_lifetime_secs: u64,
+    /// File of REST secrets. `Config::load` resolves a relative path against
+    /// the config file's directory; `Config::parse` leaves it as written.
+    pub secret_file: Option<PathBuf>,
+    /// Environment variable holding REST secrets.
+    pub secret_env: Option<String>,
+    /// Separator between expiry and user in REST usernames.
+    pub rest_separator: char,
+    pub rest_max_ttl_secs: u64,
+    pub users: Vec<UserEntry>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            nonce_lifetime_secs: 600,
+            secret_file: None,
+            secret_env: None,
+            rest_separator: ':',
+            rest_max_ttl_secs: 48 * 3600,
+            users: Vec::new(),
+        }
+    }
+}
+
+/// A static long-term-credential user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    pub name: String,
+    pub secret: UserSecret,
+}
+
+/// `Debug` is written by hand in `print.rs`: it must never show the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UserSecret {
+    /// Plain password; the key is MD5(name ":" realm ":" password).
+    Password(String),
+    /// The precomputed long-term key as 32 lowercase hex digits, without the
+    /// `0x` prefix that coturn's `turnadmin -k` prints (it is accepted in the
+    /// file). Bound to the realm it was computed for.
+    Md5KeyHex(String),
+}
+
+impl UserSecret {
+    /// The 16-byte long-term key for `Md5KeyHex`; `None` for passwords (the
+    /// key then depends on name and realm, which is the auth module's job).
+    pub fn md5_key(&self) -> Option<[u8; 16]> {
+        match self {
+            UserSecret::Password(_) => None,
+            UserSecret::Md5KeyHex(hex) => crate::proto::auth::parse_md5_key_hex(hex).ok(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// 0 = unlimited.
+    pub allocations_per_user: u32,
+    pub total_allocations: u32,
+    pub permissions_per_allocation: u32,
+    pub channels_per_allocation: u32,
+    pub default_lifetime_secs: u64,
+    pub max_lifetime_secs: u64,
+    pub permission_lifetime_secs: u64,
+    pub channel_lifetime_secs: u64,
+    /// 0 = unlimited.
+    pub allocation_bandwidth_bytes_per_sec: u64,
+    /// 0 = unlimited.
+    pub unauth_replies_per_sec: u32,
+    pub unauth_replies_burst: u32,
+}
+
+/// The defaults are the core's own (`crate::proto::server::Limits::default()`), so the file and
+/// a core built in code cannot drift apart.
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = crate::proto::server::Limits::default();
+        LimitsConfig {
+            allocations_per_user: l.allocations_per_user,
+            total_allocations: l.total_allocations,
+            permissions_per_allocation: u32::try_from(l.permissions_per_allocation)
+                .unwrap_or(u32::MAX),
+            channels_per_allocation: u32::try_from(l.channels_per_allocation).unwrap_or(u32::MAX),
+            default_lifetime_secs: l.default_lifetime.as_secs(),
+            max_lifetime_secs: l.max_lifetime.as_secs(),
+            permission_lifetime_secs: l.permission_lifetime.as_secs(),
+            channel_lifetime_secs: l.channel_lifetime.as_secs(),
+            allocation_bandwidth_bytes_per_sec: l.bandwidth_bytes_per_sec,
+            unauth_replies_per_sec: l.unauth_replies_per_sec,
+            unauth_replies_burst: l.unauth_replies_burst,
+        }
+    }
+}
+
+/// Everything empty/false: the policy's default-deny list alone applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeersConfig {
+    /// Normalised networks (no host bits, never an IPv4-in-IPv6 spelling).
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    pub allow_loopback_peers: bool,
+}
+
+/// The HTTP control plane: health, metrics, credential minting and admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// None = no HTTP listener at all.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for /api/v1; None = the /api/v1 routes are refused.
+    pub token_file: Option<PathBuf>,
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            token_file: None,
+            default_ttl_secs: 3600,
+            max_ttl_secs: 86400,
+        }
+    }
+}
+
+pub(super) mod raw {
+    //! Mirrors of the file's tables: strings for addresses, paths and CIDRs,
+    //! `i64` for every integer, so serde only ever reports syntax errors, wrong
+    //! types and unknown keys, and every semantic message is ours. Filled from a
+    //! typed `Config` they also print it, so the printout always re-parses, and
+    //! their defaults come from the typed ones, so each default is written once.
+
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::config::{self as typed, UserSecret, REDACTED};
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Config {
+        pub realm: String,
+        pub software: String,
+        pub threads: i64,
+        pub listen: Vec<String>,
+        pub log_format: String,
+        pub log_level: String,
+        pub public_host: String,
+        pub drain_secs: i64,
+        pub relay: Relay,
+        pub auth: Auth,
+        pub limits: Limits,
+        pub peers: Peers,
+        pub api: Api,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Relay {
+        pub address: String,
+        pub address_v6: String,
+        pub external_address: String,
+        pub external_address_v6: String,
+        pub port_min: i64,
+        pub port_max: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Auth {
+        pub nonce_lifetime_secs: i64,
+        pub secret_file: String,
+        pub secret_env: String,
+        pub rest_separator: String,
+        pub rest_max_ttl_secs: i64,
+        pub users: Vec<User>,
+    }
+
+    /// No defaults: a missing name, password or key is reported, not filled in.
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct User {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub password: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub key: Option<String>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub allocations_per_user: i64,
+        pub total_allocations: i64,
+        pub permissions_per_allocation: i64,
+        pub channels_per_allocation: i64,
+        pub default_lifetime_secs: i64,
+        pub max_lifetime_secs: i64,
+        pub permission_lifetime_secs: i64,
+        pub channel_lifetime_secs: i64,
+        pub allocation_bandwidth_bytes_per_sec: i64,
+        pub unauth_replies_per_sec: i64,
+        pub unauth_replies_burst: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Peers {
+        pub allow: Vec<String>,
+        pub deny: Vec<String>,
+        pub allow_loopback_peers: bool,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Api {
+        pub listen: String,
+        pub token_file: String,
+        pub default_ttl_secs: i64,
+        pub max_ttl_secs: i64,
+    }
+
+    /// `None` is written as "", which the validator reads back as `None`.
+    fn opt<T: ToString>(value: &Option<T>) -> String {
+        value.as_ref().map(T::to_string).unwrap_or_default()
+    }
+
+    fn opt_path(value: &Option<PathBuf>) -> String {
+        value
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    // Integers in the public types are bounded well below i64::MAX by
+    // validation; saturate rather than wrap for configs built in code.
+    fn int<T: TryInto<i64>>(value: T) -> i64 {
+        value.try_into().unwrap_or(i64::MAX)
+    }
+
+    impl Config {
+        pub fn from_typed(c: &typed::Config, redact: bool) -> Config {
+            Config {
+                realm: c.realm.clone(),
+                software: c.software.clone(),
+                threads: int(c.threads),
+                listen: c.listen.iter().map(ToString::to_string).collect(),
+                log_format: c.log_format.to_string(),
+                log_level: c.log_level.clone(),
+                public_host: c.public_host.clone(),
+                drain_secs: int(c.drain_secs),
+                relay: Relay::from_typed(&c.relay),
+                auth: Auth::from_typed(&c.auth, redact),
+                limits: Limits::from_typed(&c.limits),
+                peers: Peers::from_typed(&c.peers),
+                api: Api::from_typed(&c.api),
+            }
+        }
+    }
+
+    impl Relay {
+        fn from_typed(r: &typed::RelayConfig) -> Relay {
+            Relay {
+                address: r.address.to_string(),
+                address_v6: opt(&r.address_v6),
+                external_address: opt(&r.external_address),
+                external_address_v6: opt(&r.external_address_v6),
+                port_min: r.port_min.into(),
+                port_max: r.port_max.into(),
+            }
+        }
+    }
+
+    impl Auth {
+        fn from_typed(a: &typed::AuthConfig, redact: bool) -> Auth {
+            let secret = |s: String| if redact { REDACTED.to_owned() } else { s };
+            Auth {
+                nonce_lifetime_secs: int(a.nonce_lifetime_secs),
+                secret_file: opt_path(&a.secret_file),
+                secret_env: opt(&a.secret_env),
+                rest_separator: a.rest_separator.to_string(),
+                rest_max_ttl_secs: int(a.rest_max_ttl_secs),
+                users: a
+                    .users
+                    .iter()
+                    .map(|u| {
+                        let (password, key) = match &u.secret {
+                            UserSecret::Password(p) => (Some(secret(p.clone())), None),
+                            UserSecret::Md5KeyHex(k) => (None, Some(secret(format!("0x{k}")))),
+                        };
+                        User {
+                            name: Some(u.name.clone()),
+                            password,
+                            key,
+                        }
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    impl Limits {
+        fn from_typed(l: &typed::LimitsConfig) -> Limits {
+            Limits {
+                allocations_per_user: l.allocations_per_user.into(),
+                total_allocations: l.total_allocations.into(),
+                permissions_per_allocation: l.permissions_per_allocation.into(),
+                channels_per_allocation: l.channels_per_allocation.into(),
+                default_lifetime_secs: int(l.default_lifetime_secs),
+                max_lifetime_secs: int(l.max_lifetime_secs),
+                permission_lifetime_secs: int(l.permission_lifetime_secs),
+                channel_lifetime_secs: int(l.channel_lifetime_secs),
+                allocation_bandwidth_bytes_per_sec: int(l.allocation_bandwidth_bytes_per_sec),
+                unauth_replies_per_sec: l.unauth_replies_per_sec.into(),
+                unauth_replies_burst: l.unauth_replies_burst.into(),
+            }
+        }
+    }
+
+    impl Peers {
+        fn from_typed(p: &typed::PeersConfig) -> Peers {
+            Peers {
+                allow: p.allow.iter().map(ToString::to_string).collect(),
+                deny: p.deny.iter().map(ToString::to_string).collect(),
+                allow_loopback_peers: p.allow_loopback_peers,
+            }
+        }
+    }
+
+    impl Api {
+        fn from_typed(a: &typed::ApiConfig) -> Api {
+            Api {
+                listen: opt(&a.listen),
+                token_file: opt_path(&a.token_file),
+                default_ttl_secs: int(a.default_ttl_secs),
+                max_ttl_secs: int(a.max_ttl_secs),
+            }
+        }
+    }
+
+    macro_rules! default_from_typed {
+        ($raw:ident, $typed:ident, $conv:expr) => {
+            impl Default for $raw {
+                fn default() -> Self {
+                    $conv(&typed::$typed::default())
+                }
+            }
+        };
+    }
+    default_from_typed!(Config, Config, |c| Config::from_typed(c, false));
+    default_from_typed!(Relay, RelayConfig, Relay::from_typed);
+    default_from_typed!(Auth, AuthConfig, |a| Auth::from_typed(a, false));
+    default_from_typed!(Limits, LimitsConfig, Limits::from_typed);
+    default_from_typed!(Peers, PeersConfig, Peers::from_typed);
+    default_from_typed!(Api, ApiConfig, Api::from_typed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.realm, "turnpike");
+        assert_eq!(c.software, "");
+        assert_eq!(c.threads, 0);
+        assert_eq!(c.listen, vec!["0.0.0.0:3478".parse().unwrap()]);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.relay.address, RelayAddress::Auto);
+        assert_eq!(c.relay.address_v6, None);
+        assert_eq!(c.relay.external_address, None);
+        assert_eq!((c.relay.port_min, c.relay.port_max), (49152, 65535));
+        assert_eq!(c.auth.nonce_lifetime_secs, 600);
+        assert_eq!(c.auth.secret_file, None);
+        assert_eq!(c.auth.secret_env, None);
+        assert_eq!(c.auth.rest_separator, ':');
+        assert_eq!(c.auth.rest_max_ttl_secs, 172800);
+        assert!(c.auth.users.is_empty());
+        // [limits] defaults are the core's: one place for each value.
+        let core = crate::proto::server::Limits::default();
+        let l = &c.limits;
+        assert_eq!(l.allocations_per_user, core.allocations_per_user);
+        assert_eq!(l.total_allocations, core.total_allocations);
+        assert_eq!(
+            l.permissions_per_allocation as usize,
+            core.permissions_per_allocation
+        );
+        assert_eq!(
+            l.channels_per_allocation as usize,
+            core.channels_per_allocation
+        );
+        assert_eq!(l.default_lifetime_secs, core.default_lifetime.as_secs());
+        assert_eq!(l.max_lifetime_secs, core.max_lifetime.as_secs());
+        assert_eq!(
+            l.permission_lifetime_secs,
+            core.permission_lifetime.as_secs()
+        );
+        assert_eq!(l.channel_lifetime_secs, core.channel_lifetime.as_secs());
+        assert_eq!(
+            l.allocation_bandwidth_bytes_per_sec,
+            core.bandwidth_bytes_per_sec
+        );
+        assert_eq!(l.unauth_replies_per_sec, core.unauth_replies_per_sec);
+        assert_eq!(l.unauth_replies_burst, core.unauth_replies_burst);
+        // The defaults pass the file's own range checks (e.g. burst >= 1 while a rate is set).
+        assert!(l.unauth_replies_per_sec == 0 || l.unauth_replies_burst >= 1);
+        assert!(c.peers.allow.is_empty() && c.peers.deny.is_empty());
+        assert!(!c.peers.allow_loopback_peers);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn md5_key_decodes_the_normalised_hex() {
+        let key = UserSecret::Md5KeyHex("0123456789abcdef0123456789abcdef".into());
+        assert_eq!(key.md5_key().unwrap()[..4], [0x01, 0x23, 0x45, 0x67]);
+        assert_eq!(UserSecret::Password("p".into()).md5_key(), None);
+    }
+}
