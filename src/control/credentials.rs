@@ -8,10 +8,8 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, UserSecret};
 use crate::proto::auth::{
-    long_term_key, mint_rest_credential, parse_md5_key_hex, parse_rest_username, rest_password,
-    PasswordAlgorithm,
+    mint_rest_credential, parse_rest_username, AuthReject, Authenticator, RestConfig, StaticUser,
 };
-use crate::proto::codec::constant_time_eq;
 
 /// A minted credential and where to use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +180,37 @@ pub fn rfc3339(unix: u64) -> String {
     )
 }
 
+/// A configured static user whose MD5 key does not parse (a validated file has none).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("auth.users {user}: bad key")]
+pub struct BadUserKey {
+    pub user: String,
+}
+
+/// The configuration's static users and REST rules, with `rest_secrets` already loaded, as the
+/// core checks them.
+pub fn authenticator(
+    config: &Config,
+    rest_secrets: Vec<Vec<u8>>,
+) -> Result<Authenticator, BadUserKey> {
+    let mut users = std::collections::HashMap::new();
+    for u in &config.auth.users {
+        let user = match &u.secret {
+            UserSecret::Password(p) => StaticUser::Password(p.clone()),
+            other => StaticUser::Md5Key(other.md5_key().ok_or_else(|| BadUserKey {
+                user: u.name.clone(),
+            })?),
+        };
+        users.insert(u.name.clone(), user);
+    }
+    let rest = (!rest_secrets.is_empty()).then_some(RestConfig {
+        secrets: rest_secrets,
+        separator: config.auth.rest_separator,
+        max_ttl_secs: config.auth.rest_max_ttl_secs,
+    });
+    Ok(Authenticator::new(config.realm.clone(), users, rest))
+}
+
 /// Why a username/password pair is refused, in words an operator can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -205,6 +234,12 @@ pub enum Refusal {
          (\"<expiry>{1}<user>\" or \"<user>{1}<expiry>\")"
     )]
     NotRest(String, char),
+    #[error("revoked: {0:?} is refused (POST /api/v1/unrevoke lifts a revocation)")]
+    Revoked(String),
+    #[error("{0}")]
+    Rejected(AuthReject),
+    #[error(transparent)]
+    BadConfig(#[from] BadUserKey),
 }
 
 /// What kind of credential was accepted.
@@ -214,7 +249,8 @@ pub enum Accepted {
     Rest { user: String, expires_in_secs: u64 },
 }
 
-/// Checks a pair the way the daemon would (same key derivation, same expiry rules).
+/// Checks a pair the way a daemon started on this configuration would. It knows no revocation
+/// made through a running daemon's API: see [`verify_with`].
 pub fn verify(
     config: &Config,
     secrets: &[Vec<u8>],
@@ -223,62 +259,66 @@ pub fn verify(
     realm: Option<&str>,
     now_unix: u64,
 ) -> Result<Accepted, Refusal> {
-    if let Some(given) = realm.filter(|r| *r != config.realm) {
+    let auth = authenticator(config, secrets.to_vec())?;
+    verify_with(&auth, username, password, realm, now_unix)
+}
+
+/// Checks a pair against `auth` (the core's key lookup, expiry and revocation rules) and
+/// explains a refusal with the numbers behind it.
+pub fn verify_with(
+    auth: &Authenticator,
+    username: &str,
+    password: &str,
+    realm: Option<&str>,
+    now_unix: u64,
+) -> Result<Accepted, Refusal> {
+    if let Some(given) = realm.filter(|r| *r != auth.realm()) {
         return Err(Refusal::WrongRealm {
             given: given.into(),
-            expected: config.realm.clone(),
+            expected: auth.realm().into(),
         });
     }
-    if let Some(user) = config.auth.users.iter().find(|u| u.name == username) {
-        let ok = match &user.secret {
-            UserSecret::Password(p) => constant_time_eq(p.as_bytes(), password.as_bytes()),
-            UserSecret::Md5KeyHex(hex) => parse_md5_key_hex(hex).is_ok_and(|key| {
-                let derived =
-                    long_term_key(PasswordAlgorithm::Md5, username, &config.realm, password);
-                constant_time_eq(derived.as_bytes(), &key)
-            }),
-        };
-        return if ok {
-            Ok(Accepted::StaticUser)
-        } else {
-            Err(Refusal::WrongPassword(username.into()))
-        };
-    }
-    if secrets.is_empty() {
-        return Err(Refusal::UnknownUser(username.into()));
-    }
-    let sep = config.auth.rest_separator;
-    let Some((expiry, user)) = parse_rest_username(username, sep) else {
-        return Err(Refusal::NotRest(username.into(), sep));
+    let static_user = auth.is_static_user(username);
+    let separator = auth.rest_separator();
+    // Only for the explanation: the verdict is the authenticator's.
+    let rest = separator
+        .filter(|_| !static_user)
+        .and_then(|sep| parse_rest_username(username, sep));
+    let (expiry, user) = rest.unwrap_or_default();
+    let why = match auth.check_password(username, password, now_unix) {
+        Ok(()) if rest.is_some() => {
+            return Ok(Accepted::Rest {
+                user: user.into(),
+                expires_in_secs: expiry.saturating_sub(now_unix),
+            })
+        }
+        Ok(()) => return Ok(Accepted::StaticUser),
+        Err(why) => why,
     };
-    if expiry < now_unix {
-        return Err(Refusal::Expired {
+    Err(match why {
+        AuthReject::WrongPassword if static_user => Refusal::WrongPassword(username.into()),
+        AuthReject::WrongPassword => Refusal::NoSecretMatches,
+        AuthReject::UnknownUser => Refusal::UnknownUser(username.into()),
+        AuthReject::MalformedUsername => {
+            Refusal::NotRest(username.into(), separator.unwrap_or_default())
+        }
+        AuthReject::Expired => Refusal::Expired {
             expiry,
-            ago: now_unix - expiry,
-        });
-    }
-    let max = config.auth.rest_max_ttl_secs;
-    if expiry - now_unix > max {
-        return Err(Refusal::TooFarAhead {
-            ahead: expiry - now_unix,
-            max,
-        });
-    }
-    let matches = secrets
-        .iter()
-        .any(|s| constant_time_eq(rest_password(s, username).as_bytes(), password.as_bytes()));
-    if !matches {
-        return Err(Refusal::NoSecretMatches);
-    }
-    Ok(Accepted::Rest {
-        user: user.into(),
-        expires_in_secs: expiry - now_unix,
+            ago: now_unix.saturating_sub(expiry),
+        },
+        AuthReject::ExpiryTooFarAhead => Refusal::TooFarAhead {
+            ahead: expiry.saturating_sub(now_unix),
+            max: auth.rest_max_ttl_secs().unwrap_or_default(),
+        },
+        AuthReject::Revoked => Refusal::Revoked(username.into()),
+        AuthReject::UnsupportedAlgorithm => Refusal::Rejected(why),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::auth::{long_term_key, rest_password, PasswordAlgorithm};
 
     const NOW: u64 = 1_800_000_000;
 
@@ -422,5 +462,35 @@ key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
             Ok(Accepted::StaticUser)
         );
         assert!(verify(&c2, &s, "keyed", "pX", None, NOW).is_err());
+    }
+
+    #[test]
+    fn verify_reports_a_revoked_user_as_revoked() {
+        let c = config();
+        let mut auth = authenticator(&c, secrets()).unwrap();
+        let rest = format!("{}:bob", NOW + 60);
+        let p = rest_password(&secrets()[0], &rest);
+        assert!(verify_with(&auth, &rest, &p, None, NOW).is_ok());
+        auth.revoke_user("bob", NOW + 3600);
+        assert!(auth.revoke_static_user("alice"));
+        assert_eq!(
+            verify_with(&auth, &rest, &p, None, NOW),
+            Err(Refusal::Revoked(rest.clone()))
+        );
+        assert_eq!(
+            verify_with(&auth, "alice", "wonderland", None, NOW),
+            Err(Refusal::Revoked("alice".into()))
+        );
+        // Revocation is checked before the password: a revoked user learns nothing more.
+        assert_eq!(
+            verify_with(&auth, "alice", "x", None, NOW),
+            Err(Refusal::Revoked("alice".into()))
+        );
+        let text = Refusal::Revoked("alice".into()).to_string();
+        assert!(text.starts_with("revoked"), "{text}");
+        // Other users are untouched.
+        let other = format!("{}:carol", NOW + 60);
+        let p = rest_password(&secrets()[1], &other);
+        assert!(verify_with(&auth, &other, &p, None, NOW).is_ok());
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::io::shard::{ShardCommand, ShardReport};
 use crate::proto::auth::Unrevoked;
 use crate::proto::server::{CoreConfig, SessionInfo, Shared};
@@ -31,7 +31,9 @@ pub const STATIC_REVOCATION_RULE: &str = "refused until POST /api/v1/unrevoke, o
 pub const REST_REVOCATION_RULE: &str = "REST credentials of this user that expire at or before \
      refused_until are refused, across reloads, until POST /api/v1/unrevoke";
 
-pub(crate) fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, 0 if the clock is set before it: the one wall-clock read
+/// behind REST expiries, revocations and minted credentials (the core gets it as an argument).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -151,7 +153,26 @@ pub struct Live {
 }
 
 /// Rebuilds the core configuration from a freshly loaded file. The caller checks restart-only keys.
+// The error stays text until src/daemon.rs, which implements it, returns a `ReloadError`.
 pub type CoreBuilder = dyn Fn(&Config, Vec<Vec<u8>>) -> Result<CoreConfig, String> + Send + Sync;
+
+/// Why a reload left the previous configuration in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file, or a secret or token file it names, is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The core could not be built from the new file.
+    #[error("{0}")]
+    Core(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a [`CoreBuilder`] returns today.
+impl From<String> for ReloadError {
+    fn from(message: String) -> Self {
+        ReloadError::Core(message.into())
+    }
+}
 
 pub struct ControlState {
     pub shards: Shards,
@@ -176,7 +197,7 @@ impl ControlState {
 
     /// SIGHUP: re-read the file; apply secrets, users, peer policy, limits and the API token to
     /// every shard without touching allocations. A broken file changes nothing.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), ReloadError> {
         let result = self.try_reload();
         match &result {
             Ok(()) => {
@@ -191,11 +212,11 @@ impl ControlState {
         result
     }
 
-    fn try_reload(&self) -> Result<(), String> {
-        let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+    fn try_reload(&self) -> Result<(), ReloadError> {
+        let config = Config::load(&self.config_path)?;
         warn_about_permissions(&config, &self.config_path);
-        let mut secrets = config.load_rest_secrets().map_err(|e| e.to_string())?;
-        let api_token = config.load_api_token().map_err(|e| e.to_string())?;
+        let mut secrets = config.load_rest_secrets()?;
+        let api_token = config.load_api_token()?;
         let mut live = self.lock_live();
         let old = &live.config;
         let restart_only = [
