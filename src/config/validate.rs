@@ -16,6 +16,7 @@ use super::{
     ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayAddress,
     RelayConfig, UserEntry, UserSecret,
 };
+use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
 
 /// STUN USERNAME must be fewer than 509 bytes (RFC 8489 section 14.3).
 const MAX_USERNAME_BYTES: usize = 508;
@@ -728,13 +729,10 @@ fn build_api(raw: raw::Api, cx: &mut Cx<'_>) -> ApiConfig {
     }
 }
 
-fn net(text: &str) -> IpNet {
-    text.parse().expect("constant CIDR")
-}
-
 /// Parse one allow/deny entry. Entries the policy could never act on are
 /// errors rather than silently dead lines: an operator who writes them
-/// believes something is open (or closed) that is not.
+/// believes something is open (or closed) that is not. Which ranges those are
+/// comes from the policy's own class table.
 fn peer_net(cx: &mut Cx<'_>, key: &str, text: &str, allow: bool) -> Option<IpNet> {
     let parsed = text
         .parse::<IpNet>()
@@ -761,23 +759,27 @@ fn peer_net(cx: &mut Cx<'_>, key: &str, text: &str, allow: bool) -> Option<IpNet
     }
     // Peers are reduced to IPv4 before the check, so an IPv4-in-IPv6
     // spelling here would never match anything.
-    let v4_spellings = [("::ffff:0:0/96", "IPv4-mapped"), ("64:ff9b::/96", "NAT64")];
-    for (space, what) in v4_spellings {
-        if net(space).contains(&parsed) {
-            cx.invalid(
-                key,
-                Q(text),
-                format!(
-                    "is an {what} IPv6 spelling of IPv4 addresses; peers are checked \
-                     by their IPv4 address, so write the IPv4 range"
-                ),
-            );
-            return None;
-        }
+    let spelling_of_v4 = |cx: &mut Cx<'_>, spelling: Ipv4Spelling| {
+        cx.invalid(
+            key,
+            Q(text),
+            format!(
+                "is an {} IPv6 spelling of IPv4 addresses; peers are checked by their \
+                 IPv4 address, so write the IPv4 range",
+                spelling.name()
+            ),
+        );
+        None
+    };
+    let spelling = policy::ipv4_spelling(&parsed);
+    if let Some(s @ (Ipv4Spelling::Mapped | Ipv4Spelling::Nat64)) = spelling {
+        return spelling_of_v4(cx, s);
     }
-    if allow {
-        let loopback = ["127.0.0.0/8", "::1/128"];
-        if loopback.iter().any(|l| net(l).contains(&parsed)) {
+    if !allow {
+        return Some(parsed);
+    }
+    match policy::range_holding(&parsed) {
+        Some((AddressClass::Loopback, _)) => {
             cx.invalid(
                 key,
                 Q(text),
@@ -785,36 +787,20 @@ fn peer_net(cx: &mut Cx<'_>, key: &str, text: &str, allow: bool) -> Option<IpNet
             );
             return None;
         }
-        let never = [
-            ("0.0.0.0/8", "\"this network\" (0.0.0.0/8)"),
-            ("::/128", "the unspecified address"),
-            (
-                "169.254.0.0/16",
-                "link-local (this includes cloud metadata)",
-            ),
-            ("fe80::/10", "link-local"),
-            ("224.0.0.0/4", "multicast"),
-            ("ff00::/8", "multicast"),
-            ("255.255.255.255/32", "broadcast"),
-        ];
-        if let Some((_, what)) = never.iter().find(|(n, _)| net(n).contains(&parsed)) {
+        Some((class, name)) if class.openness() == Openness::Never => {
             cx.invalid(
                 key,
                 Q(text),
-                format!("{what} is never a valid peer and cannot be allowed"),
+                format!("{name} is never a valid peer and cannot be allowed"),
             );
             return None;
         }
-        // IPv4-compatible (::a.b.c.d), checked after :: and ::1 above.
-        if net("::/96").contains(&parsed) {
-            cx.invalid(
-                key,
-                Q(text),
-                "is an IPv4-compatible IPv6 spelling of IPv4 addresses; peers are \
-                 checked by their IPv4 address, so write the IPv4 range",
-            );
-            return None;
-        }
+        _ => {}
+    }
+    // After the checks above: `::` and `::1` lie in the IPv4-compatible space
+    // too but are IPv6's own, and have their own messages.
+    if let Some(s @ Ipv4Spelling::Compatible) = spelling {
+        return spelling_of_v4(cx, s);
     }
     Some(parsed)
 }

@@ -549,6 +549,36 @@ fn peer_rules() {
         4,
         "peers.allow[1] = \"bogus\"",
     );
+    // The wording comes from the policy's class table.
+    for (entry, message) in [
+        (
+            "0.0.0.0/8",
+            "\"this network\" (0.0.0.0/8) is never a valid peer and cannot be allowed",
+        ),
+        (
+            "::",
+            "the unspecified address is never a valid peer and cannot be allowed",
+        ),
+        (
+            "169.254.0.0/16",
+            "link-local (this includes cloud metadata) is never a valid peer",
+        ),
+        ("ff02::/16", "multicast is never a valid peer"),
+        (
+            "::ffff:10.0.0.0/104",
+            "is an IPv4-mapped IPv6 spelling of IPv4 addresses; peers are checked by their \
+             IPv4 address, so write the IPv4 range",
+        ),
+    ] {
+        fails(
+            &format!("[peers]\nallow = [\"{entry}\"]\n"),
+            2,
+            &format!("peers.allow[0] = \"{entry}\" is invalid: {message}"),
+        );
+    }
+    // The deny list may name loopback, never-open and IPv4-compatible space (it acts on
+    // the spelling as written).
+    parse("[peers]\ndeny = [\"127.0.0.0/8\", \"169.254.0.0/16\", \"::/96\"]\n").unwrap();
     // Broad entries that merely include never-open space are fine; the
     // policy still keeps those parts closed.
     parse("[peers]\nallow = [\"0.0.0.0/0\", \"::/0\"]\ndeny = [\"169.254.0.0/16\"]\n").unwrap();

@@ -7,6 +7,10 @@
 //! and it runs on every path that reaches a peer (CreatePermission, ChannelBind,
 //! Send, ChannelData), so it is allocation-free and reads no clock.
 //!
+//! Every range named below is a row of one table of address classes ([`class_of`],
+//! [`AddressClass`]); config validation and the daemon's choice of relay address read
+//! the same table, so a range is listed once.
+//!
 //! # Embedded IPv4 spellings
 //!
 //! The same IPv4 host can be written as an IPv6 address: IPv4-mapped
@@ -46,7 +50,7 @@
 //! 7. Loopback (127.0.0.0/8, `::1`, and every embedded spelling of them) → `Allow`
 //!    only with `allow_loopback`, else `Deny(Loopback)`. The allow list cannot open
 //!    loopback: an entry such as `0.0.0.0/0` must not silently expose local services.
-//! 8. Default-denied ranges (see `DEFAULT_DENIED_V4` / `DEFAULT_DENIED_V6`): private,
+//! 8. Default-denied ranges (the [`Openness::AllowList`] rows of the class table): private,
 //!    shared address space, documentation, benchmarking, reserved, 6to4 relay anycast,
 //!    ULA, site-local, Teredo, 6to4, NAT64 local-use, discard-only, ORCHID and SIIT
 //!    IPv4-translated (`::ffff:0:0:0/96`). A range hit is re-opened by the operator
@@ -67,6 +71,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
+use AddressClass as C;
 use DenyReason as R;
 
 /// Operator-facing peer policy settings, as parsed from the configuration.
@@ -209,32 +214,224 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     }
 }
 
-/// A built-in IPv4 range, pre-masked so a lookup is one AND and one compare.
+/// What an address is, as far as relaying to it goes. Every range that is not
+/// `Public` is one row of [`CLASSES_V4`] / [`CLASSES_V6`], the one table of address
+/// classes: the peer check, config validation and the daemon's choice of relay address
+/// all read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressClass {
+    /// In no row: a global unicast address.
+    Public,
+    Unspecified,
+    Loopback,
+    LinkLocal,
+    Multicast,
+    Broadcast,
+    Private,
+    /// 100.64.0.0/10 (carrier-grade NAT).
+    SharedAddressSpace,
+    Documentation,
+    Benchmarking,
+    Reserved,
+    UniqueLocal,
+    SiteLocal,
+    Teredo,
+    SixToFour,
+    Nat64LocalUse,
+    Discard,
+}
+
+/// How far configuration can open an address class (steps 2, 7 and 8 of the decision
+/// order in the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Openness {
+    /// Relayed to by default.
+    Open,
+    /// Denied unless the operator allow list re-opens it.
+    AllowList,
+    /// Denied unless `allow_loopback`; the allow list cannot open it.
+    AllowLoopback,
+    /// No configuration opens it.
+    Never,
+}
+
+impl AddressClass {
+    pub fn openness(self) -> Openness {
+        match self {
+            C::Public => Openness::Open,
+            C::Unspecified | C::LinkLocal | C::Multicast | C::Broadcast => Openness::Never,
+            C::Loopback => Openness::AllowLoopback,
+            C::Private
+            | C::SharedAddressSpace
+            | C::Documentation
+            | C::Benchmarking
+            | C::Reserved
+            | C::UniqueLocal
+            | C::SiteLocal
+            | C::Teredo
+            | C::SixToFour
+            | C::Nat64LocalUse
+            | C::Discard => Openness::AllowList,
+        }
+    }
+
+    /// Whether a host address of this class can be a relay address that other hosts
+    /// reach (private networks included): not unspecified, loopback, link-local,
+    /// multicast or broadcast.
+    pub fn can_relay(self) -> bool {
+        !matches!(self, AddressClass::Loopback) && self.openness() != Openness::Never
+    }
+
+    /// What a peer of this class is denied as; `None` for `Public`.
+    pub fn deny_reason(self) -> Option<DenyReason> {
+        Some(match self {
+            C::Public => return None,
+            C::Unspecified => R::Unspecified,
+            C::Loopback => R::Loopback,
+            C::LinkLocal => R::LinkLocal,
+            C::Multicast => R::Multicast,
+            C::Broadcast => R::Broadcast,
+            C::Private => R::Private,
+            C::SharedAddressSpace => R::SharedAddressSpace,
+            C::Documentation => R::Documentation,
+            C::Benchmarking => R::Benchmarking,
+            C::Reserved => R::Reserved,
+            C::UniqueLocal => R::UniqueLocal,
+            C::SiteLocal => R::SiteLocal,
+            C::Teredo => R::Teredo,
+            C::SixToFour => R::SixToFour,
+            C::Nat64LocalUse => R::Nat64LocalUse,
+            C::Discard => R::Discard,
+        })
+    }
+
+    /// The snake_case label, the same as the deny reason's (`"public"` for `Public`).
+    pub fn as_str(self) -> &'static str {
+        self.deny_reason().map_or("public", |r| r.as_str())
+    }
+}
+
+impl fmt::Display for AddressClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The class of `ip`: of its canonical form (the class a human expects for
+/// `::ffff:10.0.0.1` is private), else of the spelling itself (6to4 of a public IPv4 is
+/// still 6to4).
+pub fn class_of(ip: IpAddr) -> AddressClass {
+    match spelling_class(canonical_ip(ip)) {
+        AddressClass::Public => spelling_class(ip),
+        class => class,
+    }
+}
+
+/// A global unicast address: in no row of the class table, whatever its spelling.
+pub fn is_public(ip: IpAddr) -> bool {
+    class_of(ip) == AddressClass::Public
+}
+
+/// The class and name of the most specific table row that holds all of `net`; `None`
+/// when no single row does (public space, or a net spanning several classes). `net` is
+/// taken as written: no embedded IPv4 is reduced.
+pub fn range_holding(net: &IpNet) -> Option<(AddressClass, &'static str)> {
+    match net {
+        IpNet::V4(n) => {
+            let bits = u32::from(n.network());
+            CLASSES_V4
+                .iter()
+                .find(|r| n.prefix_len() >= r.len && bits & r.mask == r.net)
+                .map(|r| (r.class, r.name))
+        }
+        IpNet::V6(n) => {
+            let bits = u128::from(n.network());
+            CLASSES_V6
+                .iter()
+                .find(|r| n.prefix_len() >= r.len && bits & r.mask == r.net)
+                .map(|r| (r.class, r.name))
+        }
+    }
+}
+
+/// The IPv6 spellings of IPv4 addresses that [`canonical_ip`] reduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv4Spelling {
+    /// `::ffff:0:0/96`
+    Mapped,
+    /// `::/96` (whose `::` and `::1` are IPv6's own)
+    Compatible,
+    /// `64:ff9b::/96`
+    Nat64,
+    /// `2002::/16`
+    SixToFour,
+}
+
+impl Ipv4Spelling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ipv4Spelling::Mapped => "IPv4-mapped",
+            Ipv4Spelling::Compatible => "IPv4-compatible",
+            Ipv4Spelling::Nat64 => "NAT64",
+            Ipv4Spelling::SixToFour => "6to4",
+        }
+    }
+}
+
+/// The embedded-IPv4 space that holds all of `net`, if one does.
+pub fn ipv4_spelling(net: &IpNet) -> Option<Ipv4Spelling> {
+    let IpNet::V6(n) = net else {
+        return None;
+    };
+    let bits = u128::from(n.network());
+    if n.prefix_len() >= 96 {
+        match bits >> 32 {
+            0xffff => return Some(Ipv4Spelling::Mapped),
+            0 => return Some(Ipv4Spelling::Compatible),
+            NAT64_WKP_TOP96 => return Some(Ipv4Spelling::Nat64),
+            _ => {}
+        }
+    }
+    (n.prefix_len() >= 16 && bits >> 112 == 0x2002).then_some(Ipv4Spelling::SixToFour)
+}
+
+/// One row of the class table, pre-masked so a lookup is one AND and one compare.
 #[derive(Clone, Copy)]
 struct V4Range {
     net: u32,
     mask: u32,
-    reason: DenyReason,
+    len: u8,
+    class: AddressClass,
+    /// For messages: "{name} is never a valid peer".
+    name: &'static str,
 }
 
 #[derive(Clone, Copy)]
 struct V6Range {
     net: u128,
     mask: u128,
-    reason: DenyReason,
+    len: u8,
+    class: AddressClass,
+    name: &'static str,
 }
 
 // The tables are consts, so these asserts turn a typo in a range (host bits set, which
 // would make the entry never match) into a compile error.
-const fn v4(addr: Ipv4Addr, len: u32, reason: DenyReason) -> V4Range {
+const fn v4(addr: Ipv4Addr, len: u8, class: AddressClass, name: &'static str) -> V4Range {
     assert!(len <= 32);
     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     let net = u32::from_be_bytes(addr.octets());
     assert!(net & !mask == 0, "host bits set in a built-in IPv4 range");
-    V4Range { net, mask, reason }
+    V4Range {
+        net,
+        mask,
+        len,
+        class,
+        name,
+    }
 }
 
-const fn v6(addr: Ipv6Addr, len: u32, reason: DenyReason) -> V6Range {
+const fn v6(addr: Ipv6Addr, len: u8, class: AddressClass, name: &'static str) -> V6Range {
     assert!(len <= 128);
     let mask = if len == 0 {
         0
@@ -243,7 +440,13 @@ const fn v6(addr: Ipv6Addr, len: u32, reason: DenyReason) -> V6Range {
     };
     let net = u128::from_be_bytes(addr.octets());
     assert!(net & !mask == 0, "host bits set in a built-in IPv6 range");
-    V6Range { net, mask, reason }
+    V6Range {
+        net,
+        mask,
+        len,
+        class,
+        name,
+    }
 }
 
 const fn a4(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
@@ -255,88 +458,166 @@ const fn a6(a: u16, b: u16, c: u16, d: u16, e: u16, f: u16, g: u16, h: u16) -> I
     Ipv6Addr::new(a, b, c, d, e, f, g, h)
 }
 
-/// Step 2: no configuration opens these.
-const NEVER_OPEN_V4: &[V4Range] = &[
-    v4(a4(0, 0, 0, 0), 8, R::Unspecified),
-    v4(a4(169, 254, 0, 0), 16, R::LinkLocal),
-    v4(a4(224, 0, 0, 0), 4, R::Multicast),
-    v4(a4(255, 255, 255, 255), 32, R::Broadcast),
+/// Every IPv4 range that is not public. A lookup takes the first row that matches, so a
+/// row nested in another comes first (broadcast before reserved; a test checks this).
+const CLASSES_V4: &[V4Range] = &[
+    v4(
+        a4(0, 0, 0, 0),
+        8,
+        C::Unspecified,
+        "\"this network\" (0.0.0.0/8)",
+    ),
+    v4(
+        a4(169, 254, 0, 0),
+        16,
+        C::LinkLocal,
+        "link-local (this includes cloud metadata)",
+    ),
+    v4(a4(224, 0, 0, 0), 4, C::Multicast, "multicast"),
+    v4(a4(255, 255, 255, 255), 32, C::Broadcast, "broadcast"),
+    v4(a4(127, 0, 0, 0), 8, C::Loopback, "loopback"),
+    v4(a4(10, 0, 0, 0), 8, C::Private, "private (RFC 1918)"),
+    v4(a4(172, 16, 0, 0), 12, C::Private, "private (RFC 1918)"),
+    v4(a4(192, 168, 0, 0), 16, C::Private, "private (RFC 1918)"),
+    v4(
+        a4(100, 64, 0, 0),
+        10,
+        C::SharedAddressSpace,
+        "shared address space (carrier-grade NAT)",
+    ),
+    v4(
+        a4(192, 0, 0, 0),
+        24,
+        C::Reserved,
+        "IETF protocol assignments",
+    ),
+    v4(a4(192, 0, 2, 0), 24, C::Documentation, "documentation"),
+    v4(a4(198, 51, 100, 0), 24, C::Documentation, "documentation"),
+    v4(a4(203, 0, 113, 0), 24, C::Documentation, "documentation"),
+    v4(a4(198, 18, 0, 0), 15, C::Benchmarking, "benchmarking"),
+    v4(a4(192, 88, 99, 0), 24, C::SixToFour, "6to4 relay anycast"),
+    v4(a4(240, 0, 0, 0), 4, C::Reserved, "reserved (240.0.0.0/4)"),
 ];
 
-const NEVER_OPEN_V6: &[V6Range] = &[
-    v6(Ipv6Addr::UNSPECIFIED, 128, R::Unspecified),
-    v6(a6(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10, R::LinkLocal),
-    v6(a6(0xff00, 0, 0, 0, 0, 0, 0, 0), 8, R::Multicast),
-];
-
-/// Step 7: only `allow_loopback` opens these.
-const LOOPBACK_V4: &[V4Range] = &[v4(a4(127, 0, 0, 0), 8, R::Loopback)];
-const LOOPBACK_V6: &[V6Range] = &[v6(Ipv6Addr::LOCALHOST, 128, R::Loopback)];
-
-/// Step 8: denied unless the operator allow list re-opens them.
-const DEFAULT_DENIED_V4: &[V4Range] = &[
-    v4(a4(10, 0, 0, 0), 8, R::Private),
-    v4(a4(172, 16, 0, 0), 12, R::Private),
-    v4(a4(192, 168, 0, 0), 16, R::Private),
-    v4(a4(100, 64, 0, 0), 10, R::SharedAddressSpace),
-    v4(a4(192, 0, 0, 0), 24, R::Reserved),
-    v4(a4(192, 0, 2, 0), 24, R::Documentation),
-    v4(a4(198, 51, 100, 0), 24, R::Documentation),
-    v4(a4(203, 0, 113, 0), 24, R::Documentation),
-    v4(a4(198, 18, 0, 0), 15, R::Benchmarking),
-    v4(a4(192, 88, 99, 0), 24, R::SixToFour),
-    v4(a4(240, 0, 0, 0), 4, R::Reserved),
-];
-
-const DEFAULT_DENIED_V6: &[V6Range] = &[
-    v6(a6(0x2001, 0x0db8, 0, 0, 0, 0, 0, 0), 32, R::Documentation),
-    v6(a6(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20, R::Documentation),
-    v6(a6(0x2001, 0x0002, 0, 0, 0, 0, 0, 0), 48, R::Benchmarking),
-    v6(a6(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7, R::UniqueLocal),
-    v6(a6(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10, R::SiteLocal),
-    v6(a6(0x2001, 0, 0, 0, 0, 0, 0, 0), 32, R::Teredo),
-    v6(a6(0x2002, 0, 0, 0, 0, 0, 0, 0), 16, R::SixToFour),
+const CLASSES_V6: &[V6Range] = &[
+    v6(
+        Ipv6Addr::UNSPECIFIED,
+        128,
+        C::Unspecified,
+        "the unspecified address",
+    ),
+    v6(
+        a6(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        C::LinkLocal,
+        "link-local",
+    ),
+    v6(
+        a6(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+        C::Multicast,
+        "multicast",
+    ),
+    v6(Ipv6Addr::LOCALHOST, 128, C::Loopback, "loopback"),
+    v6(
+        a6(0x2001, 0x0db8, 0, 0, 0, 0, 0, 0),
+        32,
+        C::Documentation,
+        "documentation",
+    ),
+    v6(
+        a6(0x3fff, 0, 0, 0, 0, 0, 0, 0),
+        20,
+        C::Documentation,
+        "documentation",
+    ),
+    v6(
+        a6(0x2001, 0x0002, 0, 0, 0, 0, 0, 0),
+        48,
+        C::Benchmarking,
+        "benchmarking",
+    ),
+    v6(
+        a6(0xfc00, 0, 0, 0, 0, 0, 0, 0),
+        7,
+        C::UniqueLocal,
+        "unique local",
+    ),
+    v6(
+        a6(0xfec0, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        C::SiteLocal,
+        "site-local",
+    ),
+    v6(a6(0x2001, 0, 0, 0, 0, 0, 0, 0), 32, C::Teredo, "Teredo"),
+    v6(a6(0x2002, 0, 0, 0, 0, 0, 0, 0), 16, C::SixToFour, "6to4"),
     v6(
         a6(0x0064, 0xff9b, 0x0001, 0, 0, 0, 0, 0),
         48,
-        R::Nat64LocalUse,
+        C::Nat64LocalUse,
+        "NAT64 local use",
     ),
-    v6(a6(0x0100, 0, 0, 0, 0, 0, 0, 0), 64, R::Discard),
+    v6(
+        a6(0x0100, 0, 0, 0, 0, 0, 0, 0),
+        64,
+        C::Discard,
+        "discard-only",
+    ),
     // IPv4-translated `::ffff:0:a.b.c.d` (RFC 2765 SIIT): one more IPv4 spelling, which a
     // translator on the path would deliver to the IPv4 host; not reduced, so deny it.
-    v6(a6(0, 0, 0, 0, 0xffff, 0, 0, 0), 96, R::Reserved),
+    v6(
+        a6(0, 0, 0, 0, 0xffff, 0, 0, 0),
+        96,
+        C::Reserved,
+        "IPv4-translated (SIIT)",
+    ),
     // ORCHID (RFC 4843, deprecated) and ORCHIDv2 (RFC 7343): identifiers, not routable.
-    v6(a6(0x2001, 0x0010, 0, 0, 0, 0, 0, 0), 28, R::Reserved),
-    v6(a6(0x2001, 0x0020, 0, 0, 0, 0, 0, 0), 28, R::Reserved),
+    v6(
+        a6(0x2001, 0x0010, 0, 0, 0, 0, 0, 0),
+        28,
+        C::Reserved,
+        "ORCHID",
+    ),
+    v6(
+        a6(0x2001, 0x0020, 0, 0, 0, 0, 0, 0),
+        28,
+        C::Reserved,
+        "ORCHIDv2",
+    ),
 ];
 
-fn lookup(ip: IpAddr, t4: &[V4Range], t6: &[V6Range]) -> Option<DenyReason> {
-    match ip {
+/// The class of this exact spelling, no embedded IPv4 reduced.
+fn spelling_class(ip: IpAddr) -> AddressClass {
+    let row = match ip {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            t4.iter().find(|r| bits & r.mask == r.net).map(|r| r.reason)
+            CLASSES_V4
+                .iter()
+                .find(|r| bits & r.mask == r.net)
+                .map(|r| r.class)
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            t6.iter().find(|r| bits & r.mask == r.net).map(|r| r.reason)
+            CLASSES_V6
+                .iter()
+                .find(|r| bits & r.mask == r.net)
+                .map(|r| r.class)
         }
+    };
+    row.unwrap_or(AddressClass::Public)
+}
+
+/// `class`'s deny reason if configuration opens it only as far as `openness`.
+fn denied_as(class: AddressClass, openness: Openness) -> Option<DenyReason> {
+    if class.openness() == openness {
+        class.deny_reason()
+    } else {
+        None
     }
 }
 
-/// Looks `ip` up on its canonical form first (the reason a human expects for
-/// `::ffff:10.0.0.1` is "private"), then on the original spelling.
-fn lookup_both(canon: IpAddr, orig: IpAddr, t4: &[V4Range], t6: &[V6Range]) -> Option<DenyReason> {
-    lookup(canon, t4, t6).or_else(|| {
-        if orig != canon {
-            lookup(orig, t4, t6)
-        } else {
-            None
-        }
-    })
-}
-
 fn is_loopback(ip: IpAddr) -> bool {
-    lookup(ip, LOOPBACK_V4, LOOPBACK_V6).is_some()
+    spelling_class(ip) == AddressClass::Loopback
 }
 
 fn in_list(list: &[IpNet], ip: IpAddr) -> bool {
@@ -448,8 +729,18 @@ impl PeerPolicy {
         let orig = peer.ip();
         let canon = canonical_ip(orig);
 
-        if let Some(reason) = lookup_both(canon, orig, NEVER_OPEN_V4, NEVER_OPEN_V6) {
-            return Verdict::Deny(reason);
+        let canon_class = spelling_class(canon);
+        let orig_class = if orig == canon {
+            canon_class
+        } else {
+            spelling_class(orig)
+        };
+        // The canonical class first: the reason a human expects for `::ffff:169.254.0.1`
+        // is link-local.
+        for class in [canon_class, orig_class] {
+            if let Some(reason) = denied_as(class, Openness::Never) {
+                return Verdict::Deny(reason);
+            }
         }
 
         let translated = self.translate(canon);
@@ -483,7 +774,7 @@ impl PeerPolicy {
             return Verdict::Deny(DenyReason::Configured);
         }
 
-        if is_loopback(canon) || is_loopback(orig) {
+        if canon_class == AddressClass::Loopback || orig_class == AddressClass::Loopback {
             return if self.allow_loopback {
                 Verdict::Allow {
                     send_to: peer,
@@ -494,18 +785,16 @@ impl PeerPolicy {
             };
         }
 
-        if let Some(reason) = lookup(canon, DEFAULT_DENIED_V4, DEFAULT_DENIED_V6) {
-            // Only an entry covering the canonical IPv4 may re-open it: otherwise `::/0`
-            // in the allow list would open all of RFC 1918 through `::ffff:` spellings.
+        // Only an entry covering the canonical IPv4 may re-open it: otherwise `::/0` in the
+        // allow list would open all of RFC 1918 through `::ffff:` spellings.
+        if let Some(reason) = denied_as(canon_class, Openness::AllowList) {
             if !in_list(&self.allow, canon) {
                 return Verdict::Deny(reason);
             }
         }
-        if orig != canon {
-            if let Some(reason) = lookup(orig, DEFAULT_DENIED_V4, DEFAULT_DENIED_V6) {
-                if !in_list(&self.allow, orig) && !in_list(&self.allow, canon) {
-                    return Verdict::Deny(reason);
-                }
+        if let Some(reason) = denied_as(orig_class, Openness::AllowList) {
+            if orig != canon && !in_list(&self.allow, orig) && !in_list(&self.allow, canon) {
+                return Verdict::Deny(reason);
             }
         }
 
@@ -622,6 +911,232 @@ mod tests {
         Verdict::Allow {
             send_to: peer,
             canonical: SocketAddr::new(canonical_ip(peer.ip()), peer.port()),
+        }
+    }
+
+    // ---- the class table -----------------------------------------------------------
+
+    const ALL_CLASSES: [AddressClass; 17] = [
+        C::Public,
+        C::Unspecified,
+        C::Loopback,
+        C::LinkLocal,
+        C::Multicast,
+        C::Broadcast,
+        C::Private,
+        C::SharedAddressSpace,
+        C::Documentation,
+        C::Benchmarking,
+        C::Reserved,
+        C::UniqueLocal,
+        C::SiteLocal,
+        C::Teredo,
+        C::SixToFour,
+        C::Nat64LocalUse,
+        C::Discard,
+    ];
+
+    #[test]
+    fn class_of_every_class() {
+        let cases = [
+            ("8.8.8.8", C::Public),
+            ("2606:4700::1111", C::Public),
+            ("0.0.0.0", C::Unspecified),
+            ("0.255.255.255", C::Unspecified),
+            ("::", C::Unspecified),
+            ("127.0.0.1", C::Loopback),
+            ("127.255.255.254", C::Loopback),
+            ("::1", C::Loopback),
+            ("169.254.169.254", C::LinkLocal),
+            ("fe80::1", C::LinkLocal),
+            ("febf:ffff::1", C::LinkLocal),
+            ("224.0.0.1", C::Multicast),
+            ("239.255.255.250", C::Multicast),
+            ("ff02::1", C::Multicast),
+            ("255.255.255.255", C::Broadcast),
+            ("10.0.0.1", C::Private),
+            ("172.31.255.254", C::Private),
+            ("192.168.1.1", C::Private),
+            ("100.64.0.1", C::SharedAddressSpace),
+            ("192.0.2.1", C::Documentation),
+            ("198.51.100.7", C::Documentation),
+            ("203.0.113.5", C::Documentation),
+            ("2001:db8::1", C::Documentation),
+            ("3fff::1", C::Documentation),
+            ("198.18.0.1", C::Benchmarking),
+            ("2001:2::1", C::Benchmarking),
+            ("192.0.0.8", C::Reserved),
+            ("240.0.0.1", C::Reserved),
+            ("255.255.255.254", C::Reserved),
+            ("::ffff:0:a00:1", C::Reserved),
+            ("2001:10::1", C::Reserved),
+            ("2001:20::1", C::Reserved),
+            ("fd12:3456::1", C::UniqueLocal),
+            ("fec0::1", C::SiteLocal),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", C::Teredo),
+            ("192.88.99.1", C::SixToFour),
+            ("2002:808:808::1", C::SixToFour),
+            ("64:ff9b:1::a00:1", C::Nat64LocalUse),
+            ("100::1", C::Discard),
+        ];
+        for (addr, class) in cases {
+            assert_eq!(class_of(ip(addr)), class, "{addr}");
+        }
+        for class in ALL_CLASSES {
+            assert!(
+                cases.iter().any(|(_, c)| *c == class),
+                "{class:?} has no case"
+            );
+        }
+    }
+
+    #[test]
+    fn class_of_reduces_embedded_ipv4_first() {
+        let cases = [
+            ("::ffff:10.0.0.1", C::Private),
+            ("::10.0.0.1", C::Private),
+            ("64:ff9b::a00:1", C::Private),
+            ("2002:a00:1::", C::Private),
+            ("::ffff:127.0.0.1", C::Loopback),
+            ("::127.0.0.1", C::Loopback),
+            ("64:ff9b::7f00:1", C::Loopback),
+            ("2002:7f00:1::", C::Loopback),
+            ("::ffff:169.254.169.254", C::LinkLocal),
+            ("2002:a9fe:a9fe::", C::LinkLocal),
+            ("::ffff:0.0.0.0", C::Unspecified),
+            ("::0.0.0.2", C::Unspecified),
+            ("::ffff:224.0.0.251", C::Multicast),
+            ("::ffff:100.64.0.1", C::SharedAddressSpace),
+            ("::ffff:8.8.8.8", C::Public),
+            ("64:ff9b::808:808", C::Public),
+            // A public IPv4 spelt as 6to4 is still 6to4 (the policy denies the spelling).
+            ("2002:808:808::1", C::SixToFour),
+        ];
+        for (addr, class) in cases {
+            assert_eq!(class_of(ip(addr)), class, "{addr}");
+        }
+    }
+
+    /// A lookup takes the first matching row, so a row inside an earlier one would never
+    /// be found: the more specific row must come first.
+    #[test]
+    fn nested_rows_come_first() {
+        for (i, a) in CLASSES_V4.iter().enumerate() {
+            for b in &CLASSES_V4[i + 1..] {
+                let b_inside_a = b.len >= a.len && b.net & a.mask == a.net;
+                assert!(!b_inside_a, "{} lies inside the earlier {}", b.name, a.name);
+            }
+        }
+        for (i, a) in CLASSES_V6.iter().enumerate() {
+            for b in &CLASSES_V6[i + 1..] {
+                let b_inside_a = b.len >= a.len && b.net & a.mask == a.net;
+                assert!(!b_inside_a, "{} lies inside the earlier {}", b.name, a.name);
+            }
+        }
+    }
+
+    #[test]
+    fn openness_and_labels_of_every_class() {
+        for class in ALL_CLASSES {
+            let want = match class {
+                C::Public => Openness::Open,
+                C::Loopback => Openness::AllowLoopback,
+                C::Unspecified | C::LinkLocal | C::Multicast | C::Broadcast => Openness::Never,
+                _ => Openness::AllowList,
+            };
+            assert_eq!(class.openness(), want, "{class:?}");
+            assert_eq!(
+                class.can_relay(),
+                matches!(want, Openness::Open | Openness::AllowList),
+                "{class:?}"
+            );
+            match class.deny_reason() {
+                None => assert_eq!((class, class.as_str()), (C::Public, "public")),
+                Some(reason) => assert_eq!(class.to_string(), reason.as_str()),
+            }
+        }
+    }
+
+    #[test]
+    fn public_and_relay_addresses_for_the_daemon() {
+        for addr in ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_public(ip(addr)), "{addr}");
+        }
+        for addr in [
+            "10.0.0.1",
+            "100.64.0.1",
+            "203.0.113.7",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(ip(addr)), "{addr}");
+            assert!(class_of(ip(addr)).can_relay(), "{addr}");
+        }
+        for addr in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "fe80::1",
+            "::1",
+            "::",
+        ] {
+            assert!(!class_of(ip(addr)).can_relay(), "{addr}");
+        }
+    }
+
+    #[test]
+    fn range_holding_whole_nets() {
+        let cases = [
+            (
+                "169.254.169.254/32",
+                Some((C::LinkLocal, "link-local (this includes cloud metadata)")),
+            ),
+            (
+                "169.254.0.0/16",
+                Some((C::LinkLocal, "link-local (this includes cloud metadata)")),
+            ),
+            ("169.254.0.0/15", None),
+            (
+                "0.0.0.0/8",
+                Some((C::Unspecified, "\"this network\" (0.0.0.0/8)")),
+            ),
+            ("0.0.0.0/0", None),
+            ("::/0", None),
+            ("::/128", Some((C::Unspecified, "the unspecified address"))),
+            ("::1/128", Some((C::Loopback, "loopback"))),
+            ("127.1.0.0/16", Some((C::Loopback, "loopback"))),
+            ("fe80::/64", Some((C::LinkLocal, "link-local"))),
+            ("255.255.255.255/32", Some((C::Broadcast, "broadcast"))),
+            (
+                "255.255.255.0/24",
+                Some((C::Reserved, "reserved (240.0.0.0/4)")),
+            ),
+            ("10.1.0.0/16", Some((C::Private, "private (RFC 1918)"))),
+            ("8.8.8.0/24", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(range_holding(&net(text)), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn ipv4_spellings_of_whole_nets() {
+        let cases = [
+            ("::ffff:10.0.0.0/104", Some(Ipv4Spelling::Mapped)),
+            ("::ffff:0:0/96", Some(Ipv4Spelling::Mapped)),
+            ("::ffff:0:0/95", None),
+            ("64:ff9b::a00:0/104", Some(Ipv4Spelling::Nat64)),
+            ("64:ff9b:1::/48", None),
+            ("::10.0.0.0/104", Some(Ipv4Spelling::Compatible)),
+            ("::1/128", Some(Ipv4Spelling::Compatible)),
+            ("2002::/16", Some(Ipv4Spelling::SixToFour)),
+            ("2002:a00::/24", Some(Ipv4Spelling::SixToFour)),
+            ("2002::/15", None),
+            ("10.0.0.0/8", None),
+            ("::ffff:0:a00:0/120", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(ipv4_spelling(&net(text)), want, "{text}");
         }
     }
 
