@@ -368,9 +368,9 @@ fn revoke_ends_the_users_allocations_and_refuses_new_ones() {
     assert_no_secret("daemon log", &d.log());
 }
 
-/// Waits for the `n`-th "configuration reloaded" event.
+/// Waits until `n` reloads were applied.
 fn reloaded(d: &Daemon, n: usize) {
-    d.wait_events("configuration reloaded", n, STEP, |_| true);
+    d.wait_metric("turnpike_reloads_total{result=\"ok\"}", n as f64, STEP);
 }
 
 #[test]

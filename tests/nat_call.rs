@@ -88,17 +88,24 @@ fn symmetric_nats_connect_only_through_turn() {
     let config = write_config(&dir.0);
     let config_arg = config.to_str().expect("utf-8 temp path");
     let pub_ns = topo.ns("pub");
+    let ready_file = dir.0.join("turnpike.ready");
     let mut turnpike = NsProcess::spawn(
         &pub_ns,
         "turnpike",
         &turnpike_bin,
-        &["serve", "--config", config_arg],
+        &[
+            "serve",
+            "--config",
+            config_arg,
+            "--ready-file",
+            ready_file.to_str().expect("utf-8 temp path"),
+        ],
         &[],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     turnpike
-        .wait_for_line("\"turnpike ready\"", READY_TIMEOUT, |l| {
-            l.contains("turnpike ready")
+        .wait_for("its ready file", READY_TIMEOUT, || {
+            std::fs::read_to_string(&ready_file).ok()
         })
         .unwrap_or_else(|e| panic!("{e}"));
     let listen = format!("{SERVER_IP}:{SIGNALING_PORT}");

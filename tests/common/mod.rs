@@ -1,6 +1,7 @@
 //! Test harness: runs the real `turnpike` binary on loopback (or inside a network namespace a
 //! test made: [`Options::netns`]) with a config written to a temp dir, learns its ports from the
-//! log, and stops it on drop. Also: signals, config rewrites,
+//! file `serve --ready-file` writes, and stops it on drop. Its stderr is kept for the tests of
+//! what it logs and for failure reports. Also: signals, config rewrites,
 //! exit status, an sd_notify socket, a tiny HTTP client for the control plane, a Prometheus text
 //! parser, a raw TURN client over UDP and a UDP echo peer.
 //!
@@ -81,7 +82,7 @@ pub struct Options {
     /// relay on 127.0.0.1 stays.
     pub ipv6: bool,
     /// The one UDP listener (`listen`). None (default): `127.0.0.1:0`, or `[::1]:0` with
-    /// `ipv6`. [`Daemon::addr`] is what the daemon logs, so a wildcard stays a wildcard there.
+    /// `ipv6`. [`Daemon::addr`] is what the ready file names, so a wildcard stays one there.
     pub listen: Option<SocketAddr>,
     /// `relay.address`. None (default): 127.0.0.1.
     pub relay_address: Option<Ipv4Addr>,
@@ -329,13 +330,14 @@ pub fn out_text(o: &Output) -> (String, String) {
 /// A running daemon. Dropping it sends SIGTERM, then SIGKILL after a grace period.
 pub struct Daemon {
     child: Option<Child>,
-    /// The UDP STUN/TURN listener.
+    /// The UDP STUN/TURN listener, as bound.
     pub addr: SocketAddr,
-    /// The HTTP API listener, when the API is on.
+    /// The HTTP API listener as bound, when the API is on.
     pub api_addr: Option<SocketAddr>,
-    /// The relay port range in the config: [`Options::relay_ports`], or the block the harness
-    /// picked.
+    /// The relay port range: [`Options::relay_ports`], or the block the harness picked.
     pub relay_ports: (u16, u16),
+    /// The ready file's document, as the daemon wrote it.
+    pub ready: serde_json::Value,
     pub opts: Options,
     log: Arc<Mutex<Vec<String>>>,
     dir: PathBuf,
@@ -353,67 +355,6 @@ pub fn unix_now() -> u64 {
 /// `(username, password)` minted from [`SECRET`] the way a web app would.
 pub fn rest_credential(user: &str, expiry_unix: u64) -> (String, String) {
     turnpike::proto::auth::mint_rest_credential(SECRET.as_bytes(), user, expiry_unix, ':')
-}
-
-/// The UDP listener in a log line such as `{"message":"listening","addr":"127.0.0.1:4242",
-/// "transport":"udp",..}` (JSON) or `listening addr=127.0.0.1:4242 transport="udp"` (text,
-/// maybe with colour codes).
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
-        return None;
-    }
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-        // Only the UDP STUN/TURN listener, not an HTTP API that may log "listening" too.
-        let transport = v
-            .get("transport")
-            .or_else(|| v.pointer("/fields/transport"));
-        if transport.and_then(|t| t.as_str()) != Some("udp") {
-            return None;
-        }
-        if let Some(a) = v.get("addr").and_then(|a| a.as_str()) {
-            return a.parse().ok();
-        }
-        if let Some(a) = v.pointer("/fields/addr").and_then(|a| a.as_str()) {
-            return a.parse().ok();
-        }
-    }
-    let plain = strip_ansi(line);
-    if !plain.contains("transport=\"udp\"") && !plain.contains("transport=udp") {
-        return None;
-    }
-    let rest = &plain[plain.find("addr")? + 4..];
-    let rest = rest.trim_start_matches([' ', '=', ':', '"']);
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// The HTTP API address in the JSON log line `{"message":"http api listening","addr":..}`.
-fn api_listening_addr(line: &str) -> Option<SocketAddr> {
-    let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
-    if v.get("message")?.as_str()? != "http api listening" {
-        return None;
-    }
-    v.get("addr")?.as_str()?.parse().ok()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI sequence: ESC [ params final-byte(@..~)
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Daemon {
@@ -440,16 +381,22 @@ impl Daemon {
             sock
         });
 
+        let ready_file = dir.join("ready.json");
         let mut argv: Vec<std::ffi::OsString> = match &opts.sh_prefix {
-            None => vec![turnpike_bin().into(), "serve".into(), "--config".into()],
+            None => vec![turnpike_bin().into(), "serve".into()],
             Some(prefix) => vec![
                 "sh".into(),
                 "-c".into(),
-                format!("{prefix}; exec \"$0\" serve --config \"$1\"").into(),
+                format!("{prefix}; exec \"$0\" serve \"$@\"").into(),
                 turnpike_bin().into(),
             ],
         };
-        argv.push(config.clone().into());
+        argv.extend([
+            "--config".into(),
+            config.clone().into(),
+            "--ready-file".into(),
+            ready_file.clone().into(),
+        ]);
         if let Some(ns) = &opts.netns {
             // `ip netns exec` execs the program in its own process: the pid stays the daemon's.
             let mut wrapped: Vec<std::ffi::OsString> =
@@ -487,12 +434,12 @@ impl Daemon {
         });
 
         let pid = child.id();
-        let want_api = opts.api != Api::Off;
         let mut d = Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
             api_addr: None,
             relay_ports,
+            ready: serde_json::Value::Null,
             opts,
             log,
             dir,
@@ -501,17 +448,9 @@ impl Daemon {
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let lines = d.log_lines();
-            if let Some(a) = lines.iter().find_map(|l| listening_addr(l)) {
-                d.addr = a;
-            }
-            if let Some(a) = lines.iter().find_map(|l| api_listening_addr(l)) {
-                d.api_addr = Some(a);
-            }
-            if d.addr.port() != 0
-                && (!want_api || d.api_addr.is_some())
-                && lines.iter().any(|l| l.contains("turnpike ready"))
-            {
+            // Written by rename: if it is there, it is whole.
+            if let Ok(text) = std::fs::read_to_string(&ready_file) {
+                d.learn_ports(&text);
                 return d;
             }
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
@@ -530,8 +469,65 @@ impl Daemon {
         }
     }
 
+    /// Takes the listener, API and relay range from the ready file's `text`; panics unless it
+    /// is this daemon's and names what the options asked for.
+    fn learn_ports(&mut self, text: &str) {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("the ready file is not JSON ({e}): {text}"));
+        assert_eq!(
+            v["pid"], self.pid,
+            "the ready file names another pid: {text}"
+        );
+        let addr = |a: &serde_json::Value| -> SocketAddr {
+            a.as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("not an address: {a} in {text}"))
+        };
+        let listen = v["listen"].as_array().expect("listen array");
+        assert_eq!(listen.len(), 1, "one UDP listener: {text}");
+        assert_eq!(listen[0]["transport"], "udp", "{text}");
+        self.addr = addr(&listen[0]["addr"]);
+        self.api_addr = (!v["api"].is_null()).then(|| addr(&v["api"]));
+        assert_eq!(
+            self.api_addr.is_some(),
+            self.opts.api != Api::Off,
+            "the API in the ready file: {text}"
+        );
+        let port = |p: &serde_json::Value| -> u16 {
+            p.as_u64()
+                .and_then(|p| p.try_into().ok())
+                .unwrap_or_else(|| panic!("not a port: {p} in {text}"))
+        };
+        let ports = &v["relay_ports"];
+        let ports = (port(&ports["min"]), port(&ports["max"]));
+        assert_eq!(
+            ports, self.relay_ports,
+            "the configured relay range: {text}"
+        );
+        self.ready = v;
+    }
+
+    pub fn ready_file(&self) -> PathBuf {
+        self.dir.join("ready.json")
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// How many log lines the daemon wrote while starting, once the reader has them all.
+    /// Readiness comes from the ready file, which can appear before this process has read the
+    /// start-up lines off the pipe; tests of what is logged at start, or only after it, wait
+    /// here. The last start-up line is "turnpike ready".
+    pub fn start_log_len(&self) -> usize {
+        let ready = self.wait_log(READY_TIMEOUT, "\"turnpike ready\"", |l| {
+            l.contains("turnpike ready")
+        });
+        1 + self
+            .log_lines()
+            .iter()
+            .position(|l| *l == ready)
+            .expect("the line just found")
     }
 
     /// Everything the daemon wrote to stderr so far.
@@ -732,6 +728,35 @@ impl Daemon {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "/metrics: {}", r.body);
         parse_prometheus(&r.body).unwrap_or_else(|e| panic!("/metrics: {e}\n{}", r.body))
+    }
+
+    /// Polls `/metrics` until `series` reaches `at_least`; panics with its last value after
+    /// `timeout`. How a test learns that a reload was applied or refused.
+    pub fn wait_metric(&self, series: &str, at_least: f64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.metrics().get(series).copied();
+            if now.is_some_and(|v| v >= at_least) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {now:?}, not {at_least} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `/readyz` answers 503: SIGTERM's drain has begun.
+    pub fn wait_draining(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.get("/readyz").status != 503 {
+            assert!(
+                Instant::now() < deadline,
+                "/readyz not 503 within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// One sample of `/metrics`, e.g. `turnpike_allocations{transport="udp"}`.

@@ -612,10 +612,23 @@ impl NsProcess {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<String, String> {
+        let lines = Arc::clone(&self.lines);
+        self.wait_for(what, timeout, || {
+            lines.lock().unwrap().iter().find(|l| pred(l)).cloned()
+        })
+    }
+
+    /// Waits (bounded) until `probe` returns something; fails early if the process exits.
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> Result<T, String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
-                return Ok(l);
+            if let Some(found) = probe() {
+                return Ok(found);
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 std::thread::sleep(Duration::from_millis(100)); // let the readers finish
