@@ -184,7 +184,7 @@ pub fn render(reports: &[ShardReport], extra: &Extra) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::server::AuthFailure;
+    use crate::proto::auth::AuthReject;
 
     fn extra() -> Extra {
         Extra {
@@ -201,7 +201,7 @@ mod tests {
     fn sums_shards_and_every_line_is_well_formed() {
         let mut a = ShardReport::default();
         a.core.to_peer_packets = 3;
-        a.core.auth_failures[AuthFailure::Expired as usize] = 2;
+        a.core.auth_failures[AuthReject::Expired as usize] = 2;
         a.allocations = 1;
         let mut b = a;
         b.core.to_peer_packets = 4;

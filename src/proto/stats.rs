@@ -9,10 +9,6 @@ use std::ops::AddAssign;
 
 use super::auth::AuthReject;
 
-/// The metrics name for why credentials were refused: the auth module's own list, so the
-/// labels cannot drift from the reasons.
-pub use super::auth::AuthReject as AuthFailure;
-
 /// Prometheus metric types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -122,14 +118,6 @@ counters! {
         "Requests whose credentials were refused, by reason.";
     rate_limited: u64 => "rate_limited_replies_total" {}
         "Unauthenticated replies suppressed by the per-source limit.";
-}
-
-impl AuthReject {
-    /// The identity, now that both names are one type; kept so the core's callers compile
-    /// until they use `AuthReject` directly.
-    pub(crate) fn from_reject(r: AuthReject) -> Self {
-        r
-    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,9 @@ use std::time::Instant;
 
 use super::respond::{password_algorithms_value, Signer, ALGORITHMS};
 use super::Core;
-use crate::proto::auth::{NonceIssuer, NonceStatus, PasswordAlgorithm};
+use crate::proto::auth::{AuthReject, NonceIssuer, NonceStatus, PasswordAlgorithm};
 use crate::proto::codec::{attr, Message};
 use crate::proto::error::TurnError;
-use crate::proto::stats::AuthFailure;
 use crate::proto::FiveTuple;
 
 impl Core {
@@ -49,9 +48,8 @@ impl Core {
         let verdict = config
             .auth
             .candidate_keys(username, algorithm, unix, &mut keys)
-            .map_err(|why| {
+            .inspect_err(|why| {
                 tracing::debug!(client = %ft.client, reason = %why, "credentials refused");
-                AuthFailure::from_reject(why)
             })
             .and_then(|()| {
                 keys.iter()
@@ -65,7 +63,7 @@ impl Core {
                     })
                     .ok_or_else(|| {
                         tracing::debug!(client = %ft.client, "message integrity check failed");
-                        AuthFailure::WrongPassword
+                        AuthReject::WrongPassword
                     })
             });
         self.keys = keys;

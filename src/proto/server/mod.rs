@@ -39,7 +39,7 @@ use super::codec::{method, Class, Message, MessageWriter};
 use super::error::{EndReason, TurnError};
 use super::policy::PeerPolicy;
 use super::request::{self, Binding};
-pub use super::stats::{AuthFailure, Stats};
+pub use super::stats::Stats;
 use super::timers::DeadlineQueue;
 use super::{FiveTuple, Transport};
 

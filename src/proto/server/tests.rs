@@ -9,7 +9,7 @@ use super::*;
 use crate::fuzzing::TestCore;
 use crate::proto::allocation::{RelayId, RESERVATION_LIFETIME};
 use crate::proto::auth::{
-    long_term_key, mint_rest_credential, PasswordAlgorithm, RestConfig, StaticUser,
+    long_term_key, mint_rest_credential, AuthReject, PasswordAlgorithm, RestConfig, StaticUser,
 };
 use crate::proto::codec::{self, attr, method, Class, Message, MessageWriter, HEADROOM, TAILROOM};
 use crate::proto::error::EndReason;
@@ -395,9 +395,9 @@ fn wrong_password_gets_401_and_no_state() {
     assert_eq!((class, code), (Class::Error, Some(401)));
     assert_eq!(h.core.allocation_count(), 0);
     let failures = h.core.stats().auth_failures;
-    assert_eq!(failures[AuthFailure::WrongPassword as usize], 1);
+    assert_eq!(failures[AuthReject::WrongPassword as usize], 1);
     // Not a static user and not shaped like a REST username.
-    assert_eq!(failures[AuthFailure::MalformedUsername as usize], 1);
+    assert_eq!(failures[AuthReject::MalformedUsername as usize], 1);
 }
 
 #[test]
