@@ -3,6 +3,8 @@
 //! `proto` is the sans-IO protocol core; `io` moves bytes between sockets and the core;
 //! `daemon` wires configuration, shards and signals together.
 
+#![warn(unreachable_pub)]
+
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -258,7 +258,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Config {
+    pub(crate) struct Config {
         pub realm: String,
         pub software: String,
         pub threads: i64,
@@ -276,7 +276,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Relay {
+    pub(crate) struct Relay {
         pub address: String,
         pub address_v6: String,
         pub external_address: String,
@@ -287,7 +287,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Auth {
+    pub(crate) struct Auth {
         pub nonce_lifetime_secs: i64,
         pub secret_file: String,
         pub secret_env: String,
@@ -299,7 +299,7 @@ pub(super) mod raw {
     /// No defaults: a missing name, password or key is reported, not filled in.
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
-    pub struct User {
+    pub(crate) struct User {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub name: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,7 +310,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Limits {
+    pub(crate) struct Limits {
         pub allocations_per_user: i64,
         pub total_allocations: i64,
         pub permissions_per_allocation: i64,
@@ -326,7 +326,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Peers {
+    pub(crate) struct Peers {
         pub allow: Vec<String>,
         pub deny: Vec<String>,
         pub allow_loopback_peers: bool,
@@ -334,7 +334,7 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
-    pub struct Api {
+    pub(crate) struct Api {
         pub listen: String,
         pub token_file: String,
         pub default_ttl_secs: i64,
@@ -360,7 +360,7 @@ pub(super) mod raw {
     }
 
     impl Config {
-        pub fn from_typed(c: &typed::Config, redact: bool) -> Config {
+        pub(crate) fn from_typed(c: &typed::Config, redact: bool) -> Config {
             Config {
                 realm: c.realm.clone(),
                 software: c.software.clone(),

@@ -20,8 +20,8 @@ use crate::proto::FiveTuple;
 
 /// An Allocate granted everything but its relay sockets, which the I/O layer is opening.
 pub(super) struct PendingAllocate {
-    pub ft: FiveTuple,
-    pub answer: Answer,
+    pub(super) ft: FiveTuple,
+    pub(super) answer: Answer,
     signer: Signer,
     slot: u32,
     gen: u32,

@@ -28,13 +28,13 @@ pub(super) fn password_algorithms_value() -> [u8; 8] {
 /// answer can be written after they are gone (an Allocate waiting for its relay sockets).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Answer {
-    pub method: u16,
-    pub txid: [u8; 12],
-    pub fingerprint: bool,
+    pub(super) method: u16,
+    pub(super) txid: [u8; 12],
+    pub(super) fingerprint: bool,
 }
 
 impl Answer {
-    pub fn to(msg: &Message) -> Self {
+    pub(super) fn to(msg: &Message) -> Self {
         Answer {
             method: msg.method,
             txid: msg.transaction_id(),
@@ -46,8 +46,8 @@ impl Answer {
 /// How a response is protected: with the key and integrity attribute the request was checked with.
 #[derive(Clone, Copy)]
 pub(super) struct Signer {
-    pub key: LongTermKey,
-    pub sha256: bool,
+    pub(super) key: LongTermKey,
+    pub(super) sha256: bool,
 }
 
 /// A TURN method's success, written by [`Core::succeed`].
