@@ -17,7 +17,7 @@
 //! nothing permitted is dropped), and allocation counts agree between the model,
 //! `allocation_count`, `sessions`, `Stats`, `Shared` and the relay sockets left open.
 //!
-//! The one place that builds a [`Core`] is [`new_core`].
+//! The one place that builds a [`Core`] is `new_core`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -349,7 +349,7 @@ fn core_config() -> CoreConfig {
 /// Builds the core every target drives: static users alice/wonderland and bob/builder, a REST
 /// secret, small quotas, IPv4 and IPv6 relays, fixed nonce secret and wall-clock anchor (so a
 /// nonce issued at `t0` is the same in every run). Adapt here when the core's constructors change.
-pub fn new_core(t0: Instant) -> (TestCore, Arc<Shared>, Arc<CoreConfig>) {
+fn new_core(t0: Instant) -> (TestCore, Arc<Shared>, Arc<CoreConfig>) {
     let shared = Arc::new(Shared::new(NONCE_SECRET, NONCE_LIFETIME_SECS, t0, UNIX0));
     let config = Arc::new(core_config());
     let core = TestCore::new(Arc::clone(&config), Arc::clone(&shared), 42);
@@ -1927,7 +1927,7 @@ impl CoreHarness {
     }
 
     /// The counts every part of the core keeps must agree with each other and with the model.
-    pub fn check_counts(&mut self) {
+    fn check_counts(&mut self) {
         let now = self.now;
         let n = self.core.allocation_count();
         let model = self.clients.iter().filter(|c| c.alloc.is_some()).count();
@@ -1986,7 +1986,7 @@ impl CoreHarness {
     /// A core with a session: client 0 (alice, MD5) holds an IPv4 allocation with a permission
     /// for peers 0 and 3 and channel 0x4000 to peer 1; client 2 (SHA-256) a dual allocation
     /// with a permission for peer 2. No time passes, so the nonces are the same in every run.
-    pub fn with_session() -> Self {
+    fn with_session() -> Self {
         let mut h = CoreHarness::new();
         for op in session_ops() {
             h.step(&op);

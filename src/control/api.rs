@@ -278,7 +278,7 @@ async fn unrevoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes
 
 /// Session ids name the shard, the slot and its generation: unique, and stale ids never hit a
 /// newer allocation.
-pub fn session_id(shard: usize, slot: u32, gen: u32) -> String {
+fn session_id(shard: usize, slot: u32, gen: u32) -> String {
     format!("{shard}-{slot}-{gen}")
 }
 

@@ -56,13 +56,13 @@ impl LongTermKey {
         &self.bytes[..usize::from(self.len)]
     }
 
-    pub fn from_md5(k: [u8; 16]) -> Self {
+    fn from_md5(k: [u8; 16]) -> Self {
         let mut bytes = [0u8; 32];
         bytes[..16].copy_from_slice(&k);
         Self { bytes, len: 16 }
     }
 
-    pub fn from_sha256(k: [u8; 32]) -> Self {
+    fn from_sha256(k: [u8; 32]) -> Self {
         Self { bytes: k, len: 32 }
     }
 }
@@ -379,10 +379,6 @@ impl Authenticator {
         &self.realm
     }
 
-    pub fn has_rest(&self) -> bool {
-        self.rest.is_some()
-    }
-
     /// Whether `username` is one of the configured static users (whose one credential is often
     /// shared by every client of an app, so quotas count them per source address too).
     pub fn is_static_user(&self, username: &str) -> bool {
@@ -519,7 +515,8 @@ impl Authenticator {
     }
 
     /// Whether the static user `name` is revoked.
-    pub fn is_static_revoked(&self, name: &str) -> bool {
+    #[cfg(test)]
+    fn is_static_revoked(&self, name: &str) -> bool {
         self.users.get(name).is_some_and(|k| k.revoked)
     }
 
@@ -1136,8 +1133,6 @@ mod tests {
     fn accessors() {
         let a = auth(&[b"s"]);
         assert_eq!(a.realm(), "realm");
-        assert!(a.has_rest());
-        assert!(!auth(&[]).has_rest());
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl Class {
 }
 
 /// Packs method and class into the 14-bit interleaved message type (RFC 8489 §5).
-pub fn message_type(method: u16, class: Class) -> u16 {
+fn message_type(method: u16, class: Class) -> u16 {
     let c = class.bits();
     (method & 0x000F)
         | ((method & 0x0070) << 1)

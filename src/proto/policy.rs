@@ -120,7 +120,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn is_allow(&self) -> bool {
+    #[cfg(test)]
+    fn is_allow(&self) -> bool {
         matches!(self, Verdict::Allow { .. })
     }
 }
@@ -283,7 +284,7 @@ impl AddressClass {
     }
 
     /// What a peer of this class is denied as; `None` for `Public`.
-    pub fn deny_reason(self) -> Option<DenyReason> {
+    fn deny_reason(self) -> Option<DenyReason> {
         Some(match self {
             C::Public => return None,
             C::Unspecified => R::Unspecified,
@@ -807,14 +808,6 @@ impl PeerPolicy {
     /// Whether loopback peers were opened explicitly (`allow_loopback`).
     pub fn allows_loopback(&self) -> bool {
         self.allow_loopback
-    }
-
-    /// The address permissions are keyed by: embedded-IPv4 spellings reduced (see
-    /// [`canonical_ip`]) and an advertised external relay IP translated to its local
-    /// relay IP, so that one peer written several ways holds one permission.
-    pub fn permission_key(&self, ip: IpAddr) -> IpAddr {
-        let canon = canonical_ip(ip);
-        self.translate(canon).map_or(canon, |m| m.local)
     }
 
     /// Inverse translation for showing a source to a client: a local relay IP that has
@@ -1766,22 +1759,6 @@ mod tests {
         } else {
             panic!("external relay address must be allowed");
         }
-    }
-
-    #[test]
-    fn permission_key_is_canonical_and_translated() {
-        let p = nat_policy();
-        assert_eq!(p.permission_key(ip("203.0.113.7")), ip("10.0.0.5"));
-        assert_eq!(p.permission_key(ip("::ffff:203.0.113.7")), ip("10.0.0.5"));
-        assert_eq!(p.permission_key(ip("10.0.0.5")), ip("10.0.0.5"));
-        assert_eq!(p.permission_key(ip("::ffff:8.8.8.8")), ip("8.8.8.8"));
-        assert_eq!(p.permission_key(ip("2002:808:808::1")), ip("8.8.8.8"));
-        assert_eq!(p.permission_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
-        assert_eq!(
-            p.permission_key(ip("2606:4700::1111")),
-            ip("2606:4700::1111")
-        );
-        assert_eq!(p.permission_key(ip("::1")), ip("::1"));
     }
 
     #[test]
