@@ -547,12 +547,10 @@ impl Signaling {
         std::fs::write(dir.join("rest-secret"), format!("{}\n", common::SECRET))
             .expect("write secret");
         let config = dir.join("turnpike.toml");
-        std::fs::write(
-            &config,
-            // Only the secret matters here: --turn-url gives the daemon's port.
-            "[auth]\nsecret_file = \"rest-secret\"\n",
-        )
-        .expect("write config");
+        // Only the secret matters here: --turn-url gives the daemon's port.
+        let mut c = turnpike::config::Config::default();
+        c.auth.secret_file = Some("rest-secret".into());
+        std::fs::write(&config, common::config_toml(&c)).expect("write config");
 
         let mut child = Command::new(common::example_binary())
             .arg("--config")

@@ -16,6 +16,7 @@ use common::{
     write_config_dir, Daemon, EchoPeer, Options, TempDir, TurnClient, PASSWORD, REALM, SECRET,
     USER,
 };
+use turnpike::config::UserSecret;
 
 /// Relay ports for configs that no daemon runs with.
 const UNUSED_PORTS: (u16, u16) = (40000, 40099);
@@ -128,10 +129,7 @@ fn credentials_ice_shape_allocates_on_a_running_daemon() {
 
 #[test]
 fn credentials_rest_and_env_formats_parse() {
-    let opts = Options {
-        extra_top: "public_host = \"turn.example.test\"".into(),
-        ..Options::default()
-    };
+    let opts = Options::default().edit(|c| c.public_host = "turn.example.test".into());
     let (_dir, config) = cli_config(&opts);
 
     let out = ok(
@@ -287,11 +285,13 @@ fn credentials_ttl_above_the_cap_is_an_error() {
     assert!(err.contains("5x"), "{err}");
 
     // A lower api.max_ttl_secs lowers the cap.
-    let (_dir2, config2) = cli_config(&Options {
-        api: common::Api::NoToken,
-        extra_api: "max_ttl_secs = 7200".into(),
-        ..Options::default()
-    });
+    let (_dir2, config2) = cli_config(
+        &Options {
+            api: common::Api::NoToken,
+            ..Options::default()
+        }
+        .edit(|c| c.api.max_ttl_secs = 7200),
+    );
     let c2 = path(&config2);
     ok(
         &["credentials", "--config", c2, "--user", "a", "--ttl", "2h"],
@@ -375,8 +375,8 @@ fn verify_credential_accepts_good_pairs_and_names_each_refusal() {
     // Without any REST secret, a REST-looking name is an unknown user.
     let dir = TempDir::new("cli-nosecret");
     let text = Options::default()
-        .config_text(UNUSED_PORTS)
-        .replace("secret_file = \"secret.txt\"", "");
+        .edit(|c| c.auth.secret_file = None)
+        .config_text(UNUSED_PORTS);
     let bare = dir.path().join("turnpike.toml");
     std::fs::write(&bare, text).unwrap();
     let (u, p) = rest_credential("alice", now + 600);
@@ -684,10 +684,9 @@ fn check_config_warns_about_secrets_others_can_read() {
 
     // Without clear passwords, a readable config file is fine.
     chmod(&token, 0o600);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &format!("password = \"{PASSWORD}\""),
-        &format!("key = \"0x{}\"", "ab".repeat(16)),
-    );
+    let text = Options::with_api()
+        .edit(|c| c.auth.users[0].secret = UserSecret::Md5KeyHex("ab".repeat(16)))
+        .config_text(UNUSED_PORTS);
     std::fs::write(&config, text).unwrap();
     chmod(&config, 0o644);
     let err = check();
@@ -762,11 +761,10 @@ impl FakeApi {
 fn sessions_kill_refuses_ids_that_are_not_the_apis_format_and_sends_nothing() {
     let api = FakeApi::start();
     let (dir, _) = cli_config(&Options::with_api());
-    let text = Options::with_api().config_text(UNUSED_PORTS).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"{}\"", api.addr),
-        1,
-    );
+    let api_addr = api.addr;
+    let text = Options::with_api()
+        .edit(move |c| c.api.listen = Some(api_addr))
+        .config_text(UNUSED_PORTS);
     let config = dir.path().join("client.toml");
     std::fs::write(&config, text).unwrap();
     let c = path(&config);

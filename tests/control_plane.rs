@@ -11,6 +11,7 @@ use common::{
     expected_rest_password, field, http, out_text, parse_rfc3339_utc, rest_credential, run_cli,
     unix_now, Api, Daemon, EchoPeer, Options, TurnClient, API_TOKEN, PASSWORD, SECRET, USER,
 };
+use turnpike::config::UserSecret;
 
 const CHANNEL: u16 = 0x4001;
 const STEP: Duration = Duration::from_secs(3);
@@ -115,12 +116,11 @@ fn api_routes_answer_403_without_a_token_file() {
 
 #[test]
 fn minting_returns_both_shapes_with_capped_ttl_and_rejects_bad_requests() {
-    let d = Daemon::with(Options {
-        api: Api::Token,
-        extra_api: "default_ttl_secs = 600\nmax_ttl_secs = 7200".into(),
-        extra_top: "public_host = \"turn.example.test\"".into(),
-        ..Options::default()
-    });
+    let d = Daemon::with(Options::with_api().edit(|c| {
+        c.api.default_ttl_secs = 600;
+        c.api.max_ttl_secs = 7200;
+        c.public_host = "turn.example.test".into();
+    }));
 
     // POST /api/v1/credentials: the iceServers shape.
     let before = unix_now();
@@ -459,12 +459,8 @@ fn revoking_a_static_user_holds_until_unrevoke_or_a_changed_password() {
         TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
         Some(401)
     );
-    let text = std::fs::read_to_string(d.config_path()).unwrap();
     let new_password = "a-brand-new-password";
-    d.write_config(&text.replace(
-        &format!("password = \"{PASSWORD}\""),
-        &format!("password = \"{new_password}\""),
-    ));
+    d.edit_config(|c| c.auth.users[0].secret = UserSecret::Password(new_password.into()));
     d.sighup();
     reloaded(&d, 2);
     TurnClient::new(d.addr, USER, new_password).must_allocate();

@@ -28,6 +28,7 @@ use common::{
     out_text, rest_credential, run_cli, unix_now, Api, Daemon, Options, Reply, TurnClient,
 };
 use netns::{Netns, SetupError};
+use turnpike::config::LimitsConfig;
 use turnpike::proto::codec::{attr, method, Class, Message, MessageWriter};
 
 /// One load test at a time.
@@ -37,12 +38,13 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Checks that `d`'s config sets no `unauth_*` limit, so the daemon's defaults apply.
+/// Checks that `d`'s config keeps the shipped `unauth_*` limits.
 fn assert_unauth_defaults(d: &Daemon) {
-    let text = std::fs::read_to_string(d.config_path()).expect("read config");
-    assert!(
-        !text.contains("unauth_replies"),
-        "config sets an unauth_* limit:\n{text}"
+    let (set, shipped) = (d.config().limits, LimitsConfig::default());
+    assert_eq!(
+        (set.unauth_replies_per_sec, set.unauth_replies_burst),
+        (shipped.unauth_replies_per_sec, shipped.unauth_replies_burst),
+        "the config changes an unauth_* limit"
     );
 }
 
@@ -147,13 +149,15 @@ fn unauth_reply_limit_holds_across_shards() {
     const SOCKETS: u32 = 256;
     const EACH: u32 = 4;
     raise_nofile(4096);
-    let d = Daemon::with(Options {
-        api: Api::Token,
-        threads: 8,
-        unauth_replies_per_sec: Some(PER_SEC),
-        extra_limits: format!("unauth_replies_burst = {BURST}"),
-        ..Options::default()
-    });
+    let d = Daemon::with(
+        Options {
+            api: Api::Token,
+            threads: 8,
+            unauth_replies_per_sec: Some(PER_SEC),
+            ..Options::default()
+        }
+        .edit(|c| c.limits.unauth_replies_burst = BURST as u32),
+    );
     assert_eq!(d.metric("turnpike_shards"), 8.0, "8 shards running");
 
     let socks: Vec<UdpSocket> = (0..SOCKETS)
@@ -427,9 +431,8 @@ fn shared_rest_user_across_sources_shares_one_cap() {
 
 // ------------------------------------------------------------------ 4. a big NAT
 
-/// Shipped default `[limits]` (no `unauth_*` keys in the config:
-/// `unauth_replies_per_sec: None`). 500 clients behind one address (127.0.0.1, 500
-/// sockets) each do one full Allocate (the 401 round, then the signed Allocate), started 20 ms
+/// Shipped default `[limits]` (`unauth_replies_per_sec: None`). 500 clients behind one address
+/// (127.0.0.1, 500 sockets) each do one full Allocate (the 401 round, then the signed Allocate), started 20 ms
 /// apart (50 per second, about 10 s in all): all 500 succeed. Credentials: REST, with 500
 /// different user parts, so the per-user quota plays no part. Relay range 11000-11999.
 #[test]
@@ -687,11 +690,12 @@ fn failed_relay_opens_do_not_flood_the_log() {
 #[test]
 fn allocate_with_lifetime_zero_gets_the_default() {
     let _serial = serial();
-    for (extra, want) in [("", 600u32), ("default_lifetime_secs = 300", 300)] {
-        let d = Daemon::with(Options {
-            extra_limits: extra.into(),
-            ..Options::default()
-        });
+    for (set, want) in [(None, 600u32), (Some(300), 300)] {
+        let d = Daemon::with(Options::default().edit(move |c| {
+            if let Some(secs) = set {
+                c.limits.default_lifetime_secs = secs;
+            }
+        }));
         let mut c = TurnClient::new(d.addr, common::USER, common::PASSWORD);
         let r = c.request(method::ALLOCATE, |w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
@@ -700,16 +704,19 @@ fn allocate_with_lifetime_zero_gets_the_default() {
         assert_eq!(
             r.outcome(),
             (true, None),
-            "Allocate with LIFETIME 0 ({extra:?})"
+            "Allocate with LIFETIME 0 (default_lifetime_secs {set:?})"
         );
         let lifetime = r.attr(attr::LIFETIME).expect("LIFETIME in the response");
         let secs = u32::from_be_bytes(lifetime[..4].try_into().unwrap());
-        assert_eq!(secs, want, "granted lifetime ({extra:?})");
+        assert_eq!(
+            secs, want,
+            "granted lifetime (default_lifetime_secs {set:?})"
+        );
         // It is really allocated: a Refresh keeps it.
         assert_eq!(
             c.refresh(want).outcome(),
             (true, None),
-            "Refresh after ({extra:?})"
+            "Refresh after (default_lifetime_secs {set:?})"
         );
     }
 }
@@ -774,18 +781,25 @@ fn host_netns(test: &str, short: &str) -> Option<Netns> {
 /// 2001:db8::/32 opened by the allow list (so a 403 below is about the address being ours, not
 /// about its range).
 fn ns_daemon(ns: &Netns, relay6: Option<Ipv6Addr>) -> Daemon {
-    let d = Daemon::with(Options {
-        netns: Some(ns.name.clone()),
-        listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_LISTEN_PORT))),
-        relay_address: Some(NS_RELAY),
-        relay_address_v6: relay6,
-        relay_ports: Some(NS_RELAY_PORTS),
-        allow_loopback_peers: false,
-        api: Api::Token,
-        api_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_API_PORT))),
-        extra_peers: r#"allow = ["198.18.0.0/15", "2001:db8::/32"]"#.into(),
-        ..Options::default()
-    });
+    let d = Daemon::with(
+        Options {
+            netns: Some(ns.name.clone()),
+            listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_LISTEN_PORT))),
+            relay_address: Some(NS_RELAY),
+            relay_address_v6: relay6,
+            relay_ports: Some(NS_RELAY_PORTS),
+            allow_loopback_peers: false,
+            api: Api::Token,
+            api_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, NS_API_PORT))),
+            ..Options::default()
+        }
+        .edit(|c| {
+            c.peers.allow = vec![
+                "198.18.0.0/15".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]
+        }),
+    );
     assert_eq!(d.addr.port(), NS_LISTEN_PORT, "listener {}", d.addr);
     d
 }

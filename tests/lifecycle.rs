@@ -196,7 +196,7 @@ fn five_reloads_under_load_lose_no_allocation_and_apply_changes() {
     probe.must_allocate();
     let other_peer: SocketAddr = "127.0.0.2:9".parse().unwrap();
     assert_eq!(probe.permit(other_peer).outcome(), (true, None));
-    opts.extra_peers = "deny = [\"127.0.0.2/32\"]".into();
+    opts = opts.edit(|c| c.peers.deny = vec!["127.0.0.2/32".parse().unwrap()]);
     d.reconfigure(&opts);
     d.sighup();
     reloaded(&d, 2);

@@ -39,6 +39,7 @@ use serde_json::Value;
 use stun::agent::TransactionId;
 use stun::message::{Getter, Message, BINDING_REQUEST};
 use stun::xoraddr::XorMappedAddress;
+use turnpike::config::{Config, LogFormat, RelayAddress};
 
 const TEST: &str = "nat_call::symmetric_nats_connect_only_through_turn";
 const SECRET: &str = "nat-call-test-rest-secret-0123456789";
@@ -501,33 +502,26 @@ fn print_report(phase: &str, r: &PeerReport) {
 
 fn write_config(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("rest-secret"), format!("{SECRET}\n")).expect("write secret");
-    // TURNPIKE_TEST_LOG=debug (or trace) when the daemon's reasons are needed, as in
-    // tests/common.
-    let log_level = std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into());
+    let mut c = Config {
+        realm: "turnpike.nat".into(),
+        threads: 2,
+        listen: vec![(SERVER_IP, TURN_PORT).into(), (SERVER_IP, ALT_PORT).into()],
+        log_format: LogFormat::Json,
+        // TURNPIKE_TEST_LOG=debug (or trace) when the daemon's reasons are needed, as in
+        // tests/common.
+        log_level: std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        drain_secs: 0,
+        ..Config::default()
+    };
+    c.relay.address = RelayAddress::Ip(SERVER_IP);
+    c.auth.secret_file = Some("rest-secret".into());
+    // The test hosts use documentation ranges; re-open them so they count as public.
+    c.peers.allow = ["203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
     let config = dir.join("turnpike.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"realm = "turnpike.nat"
-threads = 2
-listen = ["{SERVER_IP}:{TURN_PORT}", "{SERVER_IP}:{ALT_PORT}"]
-log_format = "json"
-log_level = "{log_level}"
-drain_secs = 0
-
-[relay]
-address = "{SERVER_IP}"
-
-[auth]
-secret_file = "rest-secret"
-
-[peers]
-# The test hosts use documentation ranges; re-open them so they count as public.
-allow = ["203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24"]
-"#
-        ),
-    )
-    .expect("write config");
+    std::fs::write(&config, common::config_toml(&c)).expect("write config");
     config
 }
 

@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+use turnpike::config::{AuthConfig, Config};
 use turnpike::proto::auth::rest_password;
 
 use common::{collect_stderr, signaling_listen_addr, unix_now, TempDir};
@@ -44,15 +45,24 @@ fn fresh_secret() -> String {
     format!("sig-test-secret-{}-{nanos:09}-xyzzy", std::process::id())
 }
 
-/// Writes a config whose `[auth]` section is `auth` and returns its path.
-fn write_config(dir: &TempDir, auth: &str) -> PathBuf {
+/// Writes a config whose `[auth]` table `auth` sets and returns its path.
+fn write_config(dir: &TempDir, auth: impl FnOnce(&mut AuthConfig)) -> PathBuf {
+    let mut c = Config {
+        listen: vec![(Ipv4Addr::LOCALHOST, TURN_PORT).into()],
+        ..Config::default()
+    };
+    auth(&mut c.auth);
     let path = dir.path().join("turnpike.toml");
-    std::fs::write(
-        &path,
-        format!("listen = [\"127.0.0.1:{TURN_PORT}\"]\n\n[auth]\n{auth}\n"),
-    )
-    .expect("write config");
+    std::fs::write(&path, common::config_toml(&c)).expect("write config");
     path
+}
+
+/// `[auth]` with `rest-secret` and a cap on REST lifetimes.
+fn secret_and_ttl(max_ttl_secs: u64) -> impl FnOnce(&mut AuthConfig) {
+    move |auth| {
+        auth.secret_file = Some("rest-secret".into());
+        auth.rest_max_ttl_secs = max_ttl_secs;
+    }
 }
 
 struct Server {
@@ -74,10 +84,7 @@ fn start(args: &[&str]) -> Server {
     let dir = TempDir::new("signaling-test");
     let secret = fresh_secret();
     std::fs::write(dir.path().join("rest-secret"), format!("{secret}\n")).expect("write secret");
-    let config = write_config(
-        &dir,
-        "secret_file = \"rest-secret\"\nrest_max_ttl_secs = 7200",
-    );
+    let config = write_config(&dir, secret_and_ttl(7200));
     let mut child = Command::new(common::example_binary())
         .arg("--config")
         .arg(&config)
@@ -111,7 +118,7 @@ fn start(args: &[&str]) -> Server {
 }
 
 /// Runs the example expecting it to refuse to start; returns its stderr.
-fn start_fails(auth: &str, args: &[&str]) -> String {
+fn start_fails(auth: impl FnOnce(&mut AuthConfig), args: &[&str]) -> String {
     let dir = TempDir::new("signaling-test");
     std::fs::write(
         dir.path().join("rest-secret"),
@@ -703,17 +710,17 @@ async fn other_sites_cannot_open_the_websocket() {
 
 #[test]
 fn refuses_to_start_without_a_rest_secret() {
-    let stderr = start_fails("", &[]);
+    let stderr = start_fails(|_| {}, &[]);
     assert!(stderr.contains("no REST secret"), "{stderr}");
     assert!(stderr.contains("secret_file"), "{stderr}");
 
-    let stderr = start_fails("secret_env = \"TURNPIKE_TEST_UNSET_VAR\"", &[]);
+    let stderr = start_fails(
+        |auth| auth.secret_env = Some("TURNPIKE_TEST_UNSET_VAR".into()),
+        &[],
+    );
     assert!(stderr.contains("TURNPIKE_TEST_UNSET_VAR"), "{stderr}");
 
     // A TTL the daemon would refuse.
-    let stderr = start_fails(
-        "secret_file = \"rest-secret\"\nrest_max_ttl_secs = 3600",
-        &["--ttl", "7200"],
-    );
+    let stderr = start_fails(secret_and_ttl(3600), &["--ttl", "7200"]);
     assert!(stderr.contains("rest_max_ttl_secs"), "{stderr}");
 }
