@@ -3,14 +3,13 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use turnpike::config::{Config, LogFormat};
-use turnpike::control::{api, client, credentials};
+use turnpike::control::{api, client, credentials, unix_now};
 
 #[derive(Parser)]
 #[command(name = "turnpike", version, about = "A STUN/TURN relay daemon")]
@@ -143,12 +142,6 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
