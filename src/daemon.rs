@@ -1,7 +1,6 @@
 //! `turnpike serve`: turns a validated config into a running server — resolves addresses, builds the
 //! core configuration, starts one shard per core, and handles signals.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -13,14 +12,13 @@ use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, ConfigError, RelayAddress as RelayAddressConfig, UserSecret};
+use crate::config::{Config, ConfigError, RelayIp};
 use crate::control::{self, credentials, unix_now, ControlState, Live, Shards};
 use crate::io::interfaces::interface_addresses;
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
 use crate::io::udp::bind_udp;
-use crate::proto::auth::{Authenticator, RestConfig, StaticUser};
-use crate::proto::policy::{canonical_ip, PeerPolicy, PolicyConfig};
+use crate::proto::policy::{self, PeerPolicy, PolicyConfig};
 use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +52,8 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], DaemonError> {
     Ok(b)
 }
 
-/// The first global-scope IPv4 address of an interface that is up, else the first private one.
+/// The first public IPv4 address of an interface that is up, else the first one other hosts
+/// can reach at all (a private one); never loopback, link-local or unspecified.
 fn primary_ipv4() -> Option<Ipv4Addr> {
     let found: Vec<Ipv4Addr> = interface_addresses()
         .into_iter()
@@ -63,37 +62,13 @@ fn primary_ipv4() -> Option<Ipv4Addr> {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         })
+        .filter(|ip| policy::class_of(IpAddr::V4(*ip)).can_relay())
         .collect();
-    let usable = |ip: &&Ipv4Addr| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified();
     found
         .iter()
-        .filter(usable)
-        .find(|ip| !ip.is_private() && !is_shared(ip))
-        .or_else(|| found.iter().find(usable))
+        .find(|ip| policy::is_public(IpAddr::V4(**ip)))
+        .or(found.first())
         .copied()
-}
-
-fn is_shared(ip: &Ipv4Addr) -> bool {
-    let o = ip.octets();
-    o[0] == 100 && (64..128).contains(&o[1])
-}
-
-fn is_non_public(ip: IpAddr) -> bool {
-    match canonical_ip(ip) {
-        IpAddr::V4(v4) => {
-            v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || is_shared(&v4)
-                || v4.is_unspecified()
-        }
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-        }
-    }
 }
 
 /// Where relay sockets bind and what they advertise, per family.
@@ -105,8 +80,8 @@ pub struct ResolvedRelays {
 
 pub fn resolve_relays(config: &Config) -> ResolvedRelays {
     let local_v4 = match config.relay.address {
-        RelayAddressConfig::Ip(ip) => ip,
-        RelayAddressConfig::Auto => primary_ipv4().unwrap_or_else(|| {
+        RelayIp::Ip(ip) => ip,
+        RelayIp::Auto => primary_ipv4().unwrap_or_else(|| {
             tracing::warn!("no non-loopback IPv4 interface found: relaying on 127.0.0.1, reachable from this host only");
             Ipv4Addr::LOCALHOST
         }),
@@ -120,10 +95,11 @@ pub fn resolve_relays(config: &Config) -> ResolvedRelays {
         advertised: IpAddr::V6(config.relay.external_address_v6.unwrap_or(local)),
     });
     for r in std::iter::once(&v4).chain(v6.as_ref()) {
-        if is_non_public(r.advertised) {
+        if !policy::is_public(r.advertised) {
             tracing::warn!(
                 relay = %r.advertised,
-                "the advertised relay address is private or loopback: clients outside this network cannot reach it; \
+                class = %policy::class_of(r.advertised),
+                "the advertised relay address is not a public address: clients outside this network cannot reach it; \
                  set relay.external_address to the public address"
             );
         }
@@ -138,23 +114,8 @@ pub fn core_config(
     rest_secrets: Vec<Vec<u8>>,
     listeners: &[SocketAddr],
 ) -> Result<CoreConfig, DaemonError> {
-    let mut users = HashMap::new();
-    for u in &config.auth.users {
-        let user =
-            match &u.secret {
-                UserSecret::Password(p) => StaticUser::Password(p.clone()),
-                other => StaticUser::Md5Key(other.md5_key().ok_or_else(|| {
-                    DaemonError::Setup(format!("auth.users {}: bad key", u.name))
-                })?),
-            };
-        users.insert(u.name.clone(), user);
-    }
-    let rest = (!rest_secrets.is_empty()).then_some(RestConfig {
-        secrets: rest_secrets,
-        separator: config.auth.rest_separator,
-        max_ttl_secs: config.auth.rest_max_ttl_secs,
-    });
-    let auth = Authenticator::new(config.realm.clone(), users, rest);
+    let auth = credentials::authenticator(config, rest_secrets)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let relay_ips: Vec<IpAddr> = relays
         .v4
         .iter()
@@ -512,7 +473,8 @@ pub fn serve(
         }),
         config_path,
         build_core: Box::new(move |cfg, secrets| {
-            core_config(cfg, &build_relays, secrets, &build_endpoints).map_err(|e| e.to_string())
+            core_config(cfg, &build_relays, secrets, &build_endpoints)
+                .map_err(|e| control::ReloadError::Core(Box::new(e)))
         }),
         draining: AtomicBool::new(false),
         reloads_ok: AtomicU64::new(0),

@@ -168,8 +168,8 @@ fn credentials_command(
     let ttl = ttl.unwrap_or(credentials::default_ttl(config));
     let uris = if uris.is_empty() {
         let advertised = match config.relay.address {
-            turnpike::config::RelayAddress::Ip(ip) => Some(ip.into()),
-            turnpike::config::RelayAddress::Auto => turnpike::daemon::resolve_relays(config)
+            turnpike::config::RelayIp::Ip(ip) => Some(ip.into()),
+            turnpike::config::RelayIp::Auto => turnpike::daemon::resolve_relays(config)
                 .v4
                 .map(|v| v.advertised),
         };

@@ -39,7 +39,7 @@ use serde_json::Value;
 use stun::agent::TransactionId;
 use stun::message::{Getter, Message, BINDING_REQUEST};
 use stun::xoraddr::XorMappedAddress;
-use turnpike::config::{Config, LogFormat, RelayAddress};
+use turnpike::config::{Config, LogFormat, RelayIp};
 
 const TEST: &str = "nat_call::symmetric_nats_connect_only_through_turn";
 const SECRET: &str = "nat-call-test-rest-secret-0123456789";
@@ -513,7 +513,7 @@ fn write_config(dir: &Path) -> PathBuf {
         drain_secs: 0,
         ..Config::default()
     };
-    c.relay.address = RelayAddress::Ip(SERVER_IP);
+    c.relay.address = RelayIp::Ip(SERVER_IP);
     c.auth.secret_file = Some("rest-secret".into());
     // The test hosts use documentation ranges; re-open them so they count as public.
     c.peers.allow = ["203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24"]

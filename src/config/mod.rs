@@ -33,7 +33,7 @@ use toml::de::DeTable;
 pub use error::{ConfigError, Issue};
 pub use print::REDACTED;
 pub use schema::{
-    ApiConfig, AuthConfig, Config, LimitsConfig, LogFormat, PeersConfig, RelayAddress, RelayConfig,
+    ApiConfig, AuthConfig, Config, LimitsConfig, LogFormat, PeersConfig, RelayIp, RelayConfig,
     UserEntry, UserSecret,
 };
 pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_REST_SECRET_LEN};
@@ -74,7 +74,7 @@ impl Config {
     /// Check a configuration built in code against the same rules as a file.
     /// Issues refer to lines of the generated TOML, origin `<config>`.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        Config::parse(&self.to_toml(false), "<config>").map(drop)
+        Config::parse(&self.to_toml(), "<config>").map(drop)
     }
 }
 

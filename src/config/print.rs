@@ -14,12 +14,19 @@ impl Config {
     /// password and key replaced by `"<redacted>"`. Secret file paths and
     /// variable names are not secrets and are shown.
     pub fn to_redacted_toml(&self) -> String {
-        self.to_toml(true)
+        self.to_toml_with(true)
+    }
+
+    /// The configuration as a file that loads back as the same `Config`, passwords and keys
+    /// included: for programs that build a configuration (tests, provisioning), never for
+    /// printing to a person.
+    pub fn to_toml(&self) -> String {
+        self.to_toml_with(false)
     }
 
     /// Every key of every table, since the raw mirror skips none (only a
     /// user's absent password or key).
-    pub(super) fn to_toml(&self, redact: bool) -> String {
+    fn to_toml_with(&self, redact: bool) -> String {
         toml::to_string(&raw::Config::from_typed(self, redact))
             .expect("plain strings, integers, booleans and arrays always serialize")
     }

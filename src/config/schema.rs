@@ -76,7 +76,7 @@ impl fmt::Display for LogFormat {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    pub address: RelayAddress,
+    pub address: RelayIp,
     pub address_v6: Option<Ipv6Addr>,
     pub external_address: Option<Ipv4Addr>,
     pub external_address_v6: Option<Ipv6Addr>,
@@ -88,7 +88,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            address: RelayAddress::Auto,
+            address: RelayIp::Auto,
             address_v6: None,
             external_address: None,
             external_address_v6: None,
@@ -98,20 +98,21 @@ impl Default for RelayConfig {
     }
 }
 
-/// The IPv4 address relay sockets bind to.
+/// `relay.address`: the IPv4 address relay sockets bind to, or "auto". (What the core gets, once
+/// resolved, is a `proto::server::RelayAddress`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayAddress {
+pub enum RelayIp {
     /// The address of the interface holding the default route; the daemon
     /// resolves it at start.
     Auto,
     Ip(Ipv4Addr),
 }
 
-impl fmt::Display for RelayAddress {
+impl fmt::Display for RelayIp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RelayAddress::Auto => f.write_str("auto"),
-            RelayAddress::Ip(ip) => ip.fmt(f),
+            RelayIp::Auto => f.write_str("auto"),
+            RelayIp::Ip(ip) => ip.fmt(f),
         }
     }
 }
@@ -489,7 +490,7 @@ mod tests {
         assert_eq!(c.listen, vec!["0.0.0.0:3478".parse().unwrap()]);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.log_level, "info");
-        assert_eq!(c.relay.address, RelayAddress::Auto);
+        assert_eq!(c.relay.address, RelayIp::Auto);
         assert_eq!(c.relay.address_v6, None);
         assert_eq!(c.relay.external_address, None);
         assert_eq!((c.relay.port_min, c.relay.port_max), (49152, 65535));

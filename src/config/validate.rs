@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayAddress,
+    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayIp,
     RelayConfig, UserEntry, UserSecret,
 };
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
@@ -283,11 +283,11 @@ fn build_relay(raw: raw::Relay, cx: &mut Cx<'_>) -> RelayConfig {
     let d = RelayConfig::default();
 
     let address = if raw.address == "auto" {
-        RelayAddress::Auto
+        RelayIp::Auto
     } else {
         match raw.address.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => match unusable_relay_ip(ip.into()) {
-                None => RelayAddress::Ip(ip),
+                None => RelayIp::Ip(ip),
                 Some(why) => {
                     cx.invalid(
                         "relay.address",

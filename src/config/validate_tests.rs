@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use crate::config::test_support::{err, fails, parse, FULL};
-use crate::config::{LogFormat, RelayAddress, RelayConfig, UserEntry, UserSecret};
+use crate::config::{LogFormat, RelayIp, RelayConfig, UserEntry, UserSecret};
 
 #[test]
 fn full_file() {
@@ -16,7 +16,7 @@ fn full_file() {
     assert_eq!(c.log_format, LogFormat::Json);
     assert_eq!(
         c.relay.address,
-        RelayAddress::Ip("192.0.2.10".parse().unwrap())
+        RelayIp::Ip("192.0.2.10".parse().unwrap())
     );
     assert_eq!(c.relay.address_v6, Some("2001:db8::10".parse().unwrap()));
     assert_eq!(
@@ -157,7 +157,7 @@ fn relay_address_rules() {
             .unwrap()
             .relay
             .address,
-        RelayAddress::Auto
+        RelayIp::Auto
     );
     fails(
         "[relay]\naddress = \"eth0\"\n",

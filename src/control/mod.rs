@@ -153,8 +153,8 @@ pub struct Live {
 }
 
 /// Rebuilds the core configuration from a freshly loaded file. The caller checks restart-only keys.
-// The error stays text until src/daemon.rs, which implements it, returns a `ReloadError`.
-pub type CoreBuilder = dyn Fn(&Config, Vec<Vec<u8>>) -> Result<CoreConfig, String> + Send + Sync;
+pub type CoreBuilder =
+    dyn Fn(&Config, Vec<Vec<u8>>) -> Result<CoreConfig, ReloadError> + Send + Sync;
 
 /// Why a reload left the previous configuration in force.
 #[derive(Debug, thiserror::Error)]
@@ -165,13 +165,6 @@ pub enum ReloadError {
     /// The core could not be built from the new file.
     #[error("{0}")]
     Core(Box<dyn std::error::Error + Send + Sync>),
-}
-
-/// What a [`CoreBuilder`] returns today.
-impl From<String> for ReloadError {
-    fn from(message: String) -> Self {
-        ReloadError::Core(message.into())
-    }
 }
 
 pub struct ControlState {
@@ -442,7 +435,7 @@ mod tests {
             v6: None,
         };
         let build = move |c: &Config, s: Vec<Vec<u8>>| {
-            core_config(c, &relays, s, &[]).map_err(|e| e.to_string())
+            core_config(c, &relays, s, &[]).map_err(|e| ReloadError::Core(Box::new(e)))
         };
         let secrets = config.load_rest_secrets().unwrap();
         let core = Arc::new(build(&config, secrets.clone()).unwrap());

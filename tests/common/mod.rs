@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use turnpike::config::{Config, LogFormat, RelayAddress, UserEntry, UserSecret};
+use turnpike::config::{Config, LogFormat, RelayIp, UserEntry, UserSecret};
 use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
 use turnpike::proto::codec::{attr, decode_xor_address, method, Class, Message, MessageWriter};
 
@@ -173,7 +173,7 @@ impl Options {
             drain_secs: self.drain_secs,
             ..Config::default()
         };
-        c.relay.address = RelayAddress::Ip(self.relay_address.unwrap_or(Ipv4Addr::LOCALHOST));
+        c.relay.address = RelayIp::Ip(self.relay_address.unwrap_or(Ipv4Addr::LOCALHOST));
         c.relay.address_v6 = self
             .relay_address_v6
             .or(self.ipv6.then_some(Ipv6Addr::LOCALHOST));
@@ -205,25 +205,10 @@ impl Options {
     }
 }
 
-/// `config` as a TOML file, checked to read back as the same config. The public printout
-/// (`Config::to_redacted_toml`, what `check-config` shows) hides passwords and keys: they go
-/// back in here. TODO: `config.to_toml()` alone, once the config module makes it public.
+/// `config` as a TOML file (`Config::to_toml`, secrets included), checked to read back as the
+/// same config.
 pub fn config_toml(config: &Config) -> String {
-    let mut doc: toml::Table =
-        toml::from_str(&config.to_redacted_toml()).expect("the printout is TOML");
-    let users = doc
-        .get_mut("auth")
-        .and_then(|a| a.get_mut("users"))
-        .and_then(|u| u.as_array_mut());
-    for (entry, user) in users.into_iter().flatten().zip(&config.auth.users) {
-        let (key, value) = match &user.secret {
-            UserSecret::Password(p) => ("password", p),
-            UserSecret::Md5KeyHex(hex) => ("key", hex),
-        };
-        let entry = entry.as_table_mut().expect("a user is a table");
-        entry.insert(key.into(), toml::Value::String(value.clone()));
-    }
-    let text = toml::to_string(&doc).expect("a table serializes");
+    let text = config.to_toml();
     match Config::parse(&text, "<test config>") {
         Ok(back) => assert_eq!(&back, config, "the file says something else:\n{text}"),
         Err(e) => panic!("the test built an invalid config: {e}\n{text}"),
