@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayIp,
-    RelayConfig, UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayConfig,
+    RelayIp, UserEntry, UserSecret,
 };
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
 

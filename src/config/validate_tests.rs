@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use crate::config::test_support::{err, fails, parse, FULL};
-use crate::config::{LogFormat, RelayIp, RelayConfig, UserEntry, UserSecret};
+use crate::config::{LogFormat, RelayConfig, RelayIp, UserEntry, UserSecret};
 
 #[test]
 fn full_file() {
@@ -14,10 +14,7 @@ fn full_file() {
     assert_eq!(c.threads, 4);
     assert_eq!(c.listen.len(), 4);
     assert_eq!(c.log_format, LogFormat::Json);
-    assert_eq!(
-        c.relay.address,
-        RelayIp::Ip("192.0.2.10".parse().unwrap())
-    );
+    assert_eq!(c.relay.address, RelayIp::Ip("192.0.2.10".parse().unwrap()));
     assert_eq!(c.relay.address_v6, Some("2001:db8::10".parse().unwrap()));
     assert_eq!(
         c.relay.external_address,
