@@ -213,6 +213,35 @@ fn api_endpoint(config: &Config) -> anyhow::Result<(std::net::SocketAddr, String
     Ok((addr, token))
 }
 
+/// Whether the running daemon refuses `username` as revoked. Revocations live only in the daemon
+/// (made through its API, kept across reloads, gone with the process), so without an API there
+/// are none, and a daemon that cannot be asked is said so on stderr: the file's verdict stands.
+fn daemon_revoked(config: &Config, username: &str) -> anyhow::Result<bool> {
+    if config.api.listen.is_none() {
+        return Ok(false);
+    }
+    let (addr, token) = api_endpoint(config)?;
+    let body = serde_json::json!({ "username": username }).to_string();
+    match client::request(addr, "POST", "/api/v1/revoked", Some(&token), Some(&body)) {
+        Ok((200, answer)) => {
+            let answer: serde_json::Value =
+                serde_json::from_str(&answer).context("the API's answer is not JSON")?;
+            Ok(answer["revoked"].as_bool().unwrap_or(false))
+        }
+        Ok((status, answer)) => {
+            eprintln!(
+                "note: the daemon's API answered {status} ({}); revocations were not checked",
+                answer.trim()
+            );
+            Ok(false)
+        }
+        Err(e) => {
+            eprintln!("note: {e}; revocations made through a running daemon were not checked");
+            Ok(false)
+        }
+    }
+}
+
 fn sessions_command(config: &Config, action: SessionsAction) -> anyhow::Result<()> {
     // Only ids in the API's own format go into the request line: anything else (CR, LF, a
     // space, a slash) could change what the request does, with the operator's token.
@@ -335,14 +364,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let password = read_password(password, password_file)?;
             let cfg = Config::load(&config)?;
             let secrets = cfg.load_rest_secrets()?;
-            match credentials::verify(
+            let verdict = credentials::verify(
                 &cfg,
                 &secrets,
                 &username,
                 &password,
                 realm.as_deref(),
                 unix_now(),
-            ) {
+            );
+            if verdict.is_ok() && daemon_revoked(&cfg, &username)? {
+                bail!(
+                    "refused: {username:?} is revoked in the running daemon (`turnpike unrevoke` \
+                     lifts it)"
+                );
+            }
+            match verdict {
                 Ok(credentials::Accepted::StaticUser) => {
                     println!("accepted: static user {username:?}")
                 }

@@ -528,6 +528,24 @@ fn revoke_and_unrevoke_through_the_cli() {
     let cfg = config.to_str().unwrap();
     TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
 
+    // verify-credential asks the running daemon, where revocations live.
+    let verify = |username: &str, password: &str| {
+        let args = [
+            "verify-credential",
+            "--config",
+            cfg,
+            "--username",
+            username,
+            "--password",
+            "-",
+        ];
+        run_cli(&args, Some(&format!("{password}\n")))
+    };
+    let expiry = unix_now() + 600;
+    let (rest_user, rest_password) = rest_credential("carol", expiry);
+    assert!(verify(USER, PASSWORD).status.success());
+    assert!(verify(&rest_user, &rest_password).status.success());
+
     let o = run_cli(&["revoke", "--config", cfg, USER], None);
     let (out, err) = out_text(&o);
     assert!(o.status.success(), "revoke: {out}{err}");
@@ -539,12 +557,22 @@ fn revoke_and_unrevoke_through_the_cli() {
         TurnClient::new(d.addr, USER, PASSWORD).allocate().code(),
         Some(401)
     );
+    let o = verify(USER, PASSWORD);
+    let (out, err) = out_text(&o);
+    assert!(!o.status.success(), "a revoked user is refused: {out}{err}");
+    assert!(err.contains("revoked"), "{err}");
+    assert!(run_cli(&["revoke", "--config", cfg, "carol"], None)
+        .status
+        .success());
+    let o = verify(&rest_user, &rest_password);
+    assert!(!o.status.success(), "{:?}", out_text(&o));
 
     let o = run_cli(&["unrevoke", "--config", cfg, USER], None);
     let (out, err) = out_text(&o);
     assert!(o.status.success(), "unrevoke: {out}{err}");
     assert_eq!(json(&out)["was_revoked"], true, "{out}");
     TurnClient::new(d.addr, USER, PASSWORD).must_allocate();
+    assert!(verify(USER, PASSWORD).status.success());
 
     // An empty user is refused before any request.
     let o = run_cli(&["revoke", "--config", cfg, ""], None);

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/turn", get(rest_turn))
         .route("/api/v1/revoke", post(revoke))
         .route("/api/v1/unrevoke", post(unrevoke))
+        .route("/api/v1/revoked", post(revoked))
         .route("/api/v1/sessions", get(sessions))
         .route("/api/v1/sessions/{id}", delete(kill_session))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
@@ -274,6 +275,27 @@ async fn unrevoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes
         "static_revocation_lifted": lifted.static_user,
     }))
     .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokedRequest {
+    username: String,
+}
+
+/// Whether the running daemon refuses credentials of this username as revoked (revocations
+/// live in the daemon, not in the file): what `turnpike verify-credential` asks after its own
+/// check of the configuration.
+async fn revoked(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let req: RevokedRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let revoked = state.lock_live().core.auth.is_revoked(&req.username);
+    Json(json!({ "username": req.username, "revoked": revoked })).into_response()
 }
 
 /// Session ids name the shard, the slot and its generation: unique, and stale ids never hit a

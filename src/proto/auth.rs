@@ -415,7 +415,7 @@ impl Authenticator {
     ) -> Result<(), AuthReject> {
         out.clear();
         if let Some(keys) = self.users.get(username) {
-            if keys.revoked {
+            if self.is_revoked(username) {
                 return Err(AuthReject::Revoked);
             }
             let key = match alg {
@@ -426,7 +426,7 @@ impl Authenticator {
             return Ok(());
         }
         let rest = self.rest.as_ref().ok_or(AuthReject::UnknownUser)?;
-        let (expiry, user) =
+        let (expiry, _) =
             parse_rest_username(username, rest.separator).ok_or(AuthReject::MalformedUsername)?;
         if expiry < unix_now {
             return Err(AuthReject::Expired);
@@ -434,7 +434,7 @@ impl Authenticator {
         if expiry > unix_now.saturating_add(rest.max_ttl_secs) {
             return Err(AuthReject::ExpiryTooFarAhead);
         }
-        if self.rest_refused_until(user, expiry).is_some() {
+        if self.is_revoked(username) {
             return Err(AuthReject::Revoked);
         }
         for key in &rest.keys {
@@ -512,6 +512,20 @@ impl Authenticator {
             .get(user)
             .copied()
             .filter(|&until| expiry <= until)
+    }
+
+    /// Whether credentials of `username` (as a client sends it) are refused as revoked: a revoked
+    /// static user, or a REST username whose user part is revoked up to or past its expiry. The
+    /// one revocation rule: requests (`candidate_keys`) and the API's revocation query use it.
+    pub fn is_revoked(&self, username: &str) -> bool {
+        if let Some(keys) = self.users.get(username) {
+            return keys.revoked;
+        }
+        let Some(rest) = &self.rest else {
+            return false;
+        };
+        parse_rest_username(username, rest.separator)
+            .is_some_and(|(expiry, user)| self.rest_refused_until(user, expiry).is_some())
     }
 
     /// Whether the static user `name` is revoked.
@@ -1347,9 +1361,19 @@ mod tests {
             keys(&a, &format!("{}:alice", NOW + 100), md5, NOW),
             Err(AuthReject::Revoked)
         );
+        // The revocation query says the same as the key lookup.
+        assert!(a.is_revoked(&format!("{}:alice", NOW + 100)));
+        assert!(!a.is_revoked(&format!("{}:alice", NOW + 101)));
+        assert!(!a.is_revoked(&format!("{}:bob", NOW + 100)));
+        assert!(!a.is_revoked("no-such-user"));
         // Static users are not affected by REST revocation.
         a.revoke_user("user", u64::MAX);
         assert!(keys(&a, "user", md5, NOW).is_ok());
+        assert!(!a.is_revoked("user"));
+        let mut b = auth(&[b"secret"]);
+        assert!(b.revoke_static_user("user"));
+        assert!(b.is_revoked("user"));
+        assert_eq!(keys(&b, "user", md5, NOW), Err(AuthReject::Revoked));
 
         // A reload carries revocations over.
         let mut fresh = auth(&[b"secret"]);
