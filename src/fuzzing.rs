@@ -1522,7 +1522,11 @@ impl CoreHarness {
                     None => (0..a.relays.len()).collect(),
                 };
                 if targets.is_empty() {
-                    assert_eq!(session, Some(a.expires), "expiry after a replayed family delete");
+                    assert_eq!(
+                        session,
+                        Some(a.expires),
+                        "expiry after a replayed family delete"
+                    );
                     return;
                 }
                 let whole = targets.len() == a.relays.len();

@@ -72,7 +72,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 
 use AddressClass as C;
-use DenyReason as R;
 
 /// Operator-facing peer policy settings, as parsed from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -129,23 +128,8 @@ impl Verdict {
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyReason {
-    Unspecified,
-    Loopback,
-    LinkLocal,
-    Multicast,
-    Broadcast,
-    Private,
-    /// 100.64.0.0/10 (carrier-grade NAT).
-    SharedAddressSpace,
-    Documentation,
-    Benchmarking,
-    Reserved,
-    UniqueLocal,
-    SiteLocal,
-    Teredo,
-    SixToFour,
-    Nat64LocalUse,
-    Discard,
+    /// An address class the configuration leaves closed (never `AddressClass::Public`).
+    Class(AddressClass),
     /// One of the server's own addresses outside the relay port range, or a service
     /// endpoint (listener, HTTP API, metrics).
     ServerOwn,
@@ -159,22 +143,7 @@ impl DenyReason {
     /// a variant must not change it.
     pub fn as_str(&self) -> &'static str {
         match self {
-            DenyReason::Unspecified => "unspecified",
-            DenyReason::Loopback => "loopback",
-            DenyReason::LinkLocal => "link_local",
-            DenyReason::Multicast => "multicast",
-            DenyReason::Broadcast => "broadcast",
-            DenyReason::Private => "private",
-            DenyReason::SharedAddressSpace => "shared_address_space",
-            DenyReason::Documentation => "documentation",
-            DenyReason::Benchmarking => "benchmarking",
-            DenyReason::Reserved => "reserved",
-            DenyReason::UniqueLocal => "unique_local",
-            DenyReason::SiteLocal => "site_local",
-            DenyReason::Teredo => "teredo",
-            DenyReason::SixToFour => "six_to_four",
-            DenyReason::Nat64LocalUse => "nat64_local_use",
-            DenyReason::Discard => "discard",
+            DenyReason::Class(class) => class.as_str(),
             DenyReason::ServerOwn => "server_own",
             DenyReason::Configured => "configured",
             DenyReason::PortZero => "port_zero",
@@ -285,30 +254,30 @@ impl AddressClass {
 
     /// What a peer of this class is denied as; `None` for `Public`.
     fn deny_reason(self) -> Option<DenyReason> {
-        Some(match self {
-            C::Public => return None,
-            C::Unspecified => R::Unspecified,
-            C::Loopback => R::Loopback,
-            C::LinkLocal => R::LinkLocal,
-            C::Multicast => R::Multicast,
-            C::Broadcast => R::Broadcast,
-            C::Private => R::Private,
-            C::SharedAddressSpace => R::SharedAddressSpace,
-            C::Documentation => R::Documentation,
-            C::Benchmarking => R::Benchmarking,
-            C::Reserved => R::Reserved,
-            C::UniqueLocal => R::UniqueLocal,
-            C::SiteLocal => R::SiteLocal,
-            C::Teredo => R::Teredo,
-            C::SixToFour => R::SixToFour,
-            C::Nat64LocalUse => R::Nat64LocalUse,
-            C::Discard => R::Discard,
-        })
+        (self != C::Public).then_some(DenyReason::Class(self))
     }
 
-    /// The snake_case label, the same as the deny reason's (`"public"` for `Public`).
+    /// Stable snake_case label (metrics label values and logs).
     pub fn as_str(self) -> &'static str {
-        self.deny_reason().map_or("public", |r| r.as_str())
+        match self {
+            C::Public => "public",
+            C::Unspecified => "unspecified",
+            C::Loopback => "loopback",
+            C::LinkLocal => "link_local",
+            C::Multicast => "multicast",
+            C::Broadcast => "broadcast",
+            C::Private => "private",
+            C::SharedAddressSpace => "shared_address_space",
+            C::Documentation => "documentation",
+            C::Benchmarking => "benchmarking",
+            C::Reserved => "reserved",
+            C::UniqueLocal => "unique_local",
+            C::SiteLocal => "site_local",
+            C::Teredo => "teredo",
+            C::SixToFour => "six_to_four",
+            C::Nat64LocalUse => "nat64_local_use",
+            C::Discard => "discard",
+        }
     }
 }
 
@@ -782,7 +751,7 @@ impl PeerPolicy {
                     canonical,
                 }
             } else {
-                Verdict::Deny(DenyReason::Loopback)
+                Verdict::Deny(DenyReason::Class(AddressClass::Loopback))
             };
         }
 
@@ -1178,16 +1147,31 @@ mod tests {
     fn issue_addresses_denied_by_default() {
         let p = default_policy();
         let cases = [
-            ("0.0.0.0:80", DenyReason::Unspecified),
-            ("[::]:80", DenyReason::Unspecified),
-            ("[::ffff:127.0.0.1]:80", DenyReason::Loopback),
-            ("[::127.0.0.1]:80", DenyReason::Loopback),
-            ("[64:ff9b::7f00:1]:80", DenyReason::Loopback),
-            ("[2002:7f00:1::]:80", DenyReason::Loopback),
-            ("169.254.169.254:80", DenyReason::LinkLocal),
-            ("[fe80::1]:80", DenyReason::LinkLocal),
-            ("127.0.0.1:80", DenyReason::Loopback),
-            ("[::1]:80", DenyReason::Loopback),
+            ("0.0.0.0:80", DenyReason::Class(AddressClass::Unspecified)),
+            ("[::]:80", DenyReason::Class(AddressClass::Unspecified)),
+            (
+                "[::ffff:127.0.0.1]:80",
+                DenyReason::Class(AddressClass::Loopback),
+            ),
+            (
+                "[::127.0.0.1]:80",
+                DenyReason::Class(AddressClass::Loopback),
+            ),
+            (
+                "[64:ff9b::7f00:1]:80",
+                DenyReason::Class(AddressClass::Loopback),
+            ),
+            (
+                "[2002:7f00:1::]:80",
+                DenyReason::Class(AddressClass::Loopback),
+            ),
+            (
+                "169.254.169.254:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            ("[fe80::1]:80", DenyReason::Class(AddressClass::LinkLocal)),
+            ("127.0.0.1:80", DenyReason::Class(AddressClass::Loopback)),
+            ("[::1]:80", DenyReason::Class(AddressClass::Loopback)),
         ];
         for (peer, reason) in cases {
             assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
@@ -1217,22 +1201,52 @@ mod tests {
     fn never_open_stays_closed_with_everything_opened() {
         let p = wide_open();
         let cases = [
-            ("0.0.0.0:80", DenyReason::Unspecified),
-            ("0.1.2.3:80", DenyReason::Unspecified),
-            ("[::]:80", DenyReason::Unspecified),
-            ("[::ffff:0.0.0.0]:80", DenyReason::Unspecified),
-            ("[::0.0.0.2]:80", DenyReason::Unspecified),
-            ("169.254.169.254:80", DenyReason::LinkLocal),
-            ("[::ffff:169.254.169.254]:80", DenyReason::LinkLocal),
-            ("[64:ff9b::a9fe:a9fe]:80", DenyReason::LinkLocal),
-            ("[2002:a9fe:a9fe::]:80", DenyReason::LinkLocal),
-            ("[fe80::1]:80", DenyReason::LinkLocal),
-            ("[febf:ffff::1]:80", DenyReason::LinkLocal),
-            ("224.0.0.1:80", DenyReason::Multicast),
-            ("239.255.255.250:1900", DenyReason::Multicast),
-            ("[::ffff:224.0.0.251]:5353", DenyReason::Multicast),
-            ("[ff02::1]:80", DenyReason::Multicast),
-            ("255.255.255.255:80", DenyReason::Broadcast),
+            ("0.0.0.0:80", DenyReason::Class(AddressClass::Unspecified)),
+            ("0.1.2.3:80", DenyReason::Class(AddressClass::Unspecified)),
+            ("[::]:80", DenyReason::Class(AddressClass::Unspecified)),
+            (
+                "[::ffff:0.0.0.0]:80",
+                DenyReason::Class(AddressClass::Unspecified),
+            ),
+            (
+                "[::0.0.0.2]:80",
+                DenyReason::Class(AddressClass::Unspecified),
+            ),
+            (
+                "169.254.169.254:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            (
+                "[::ffff:169.254.169.254]:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            (
+                "[64:ff9b::a9fe:a9fe]:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            (
+                "[2002:a9fe:a9fe::]:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            ("[fe80::1]:80", DenyReason::Class(AddressClass::LinkLocal)),
+            (
+                "[febf:ffff::1]:80",
+                DenyReason::Class(AddressClass::LinkLocal),
+            ),
+            ("224.0.0.1:80", DenyReason::Class(AddressClass::Multicast)),
+            (
+                "239.255.255.250:1900",
+                DenyReason::Class(AddressClass::Multicast),
+            ),
+            (
+                "[::ffff:224.0.0.251]:5353",
+                DenyReason::Class(AddressClass::Multicast),
+            ),
+            ("[ff02::1]:80", DenyReason::Class(AddressClass::Multicast)),
+            (
+                "255.255.255.255:80",
+                DenyReason::Class(AddressClass::Broadcast),
+            ),
         ];
         for (peer, reason) in cases {
             assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
@@ -1249,11 +1263,11 @@ mod tests {
         });
         assert_eq!(
             denied_for(&p, "169.254.169.254:80"),
-            Some(DenyReason::LinkLocal)
+            Some(DenyReason::Class(AddressClass::LinkLocal))
         );
         assert_eq!(
             denied_for(&p, "0.0.0.0:50000"),
-            Some(DenyReason::Unspecified)
+            Some(DenyReason::Class(AddressClass::Unspecified))
         );
     }
 
@@ -1302,40 +1316,94 @@ mod tests {
     fn default_denied_ranges_with_reasons() {
         let p = default_policy();
         let cases = [
-            ("10.0.0.1:80", DenyReason::Private),
-            ("10.255.255.255:80", DenyReason::Private),
-            ("172.16.0.1:80", DenyReason::Private),
-            ("172.31.255.254:80", DenyReason::Private),
-            ("192.168.1.1:80", DenyReason::Private),
-            ("100.64.0.1:80", DenyReason::SharedAddressSpace),
-            ("100.127.255.255:80", DenyReason::SharedAddressSpace),
-            ("192.0.0.8:80", DenyReason::Reserved),
-            ("240.0.0.1:80", DenyReason::Reserved),
-            ("255.255.255.254:80", DenyReason::Reserved),
-            ("192.0.2.1:80", DenyReason::Documentation),
-            ("198.51.100.7:80", DenyReason::Documentation),
-            ("203.0.113.5:80", DenyReason::Documentation),
-            ("198.18.0.1:80", DenyReason::Benchmarking),
-            ("198.19.255.255:80", DenyReason::Benchmarking),
-            ("192.88.99.1:80", DenyReason::SixToFour),
-            ("[2001:db8::1]:80", DenyReason::Documentation),
-            ("[3fff::1]:80", DenyReason::Documentation),
-            ("[3fff:0fff::1]:80", DenyReason::Documentation),
-            ("[2001:2::1]:80", DenyReason::Benchmarking),
-            ("[fc00::1]:80", DenyReason::UniqueLocal),
-            ("[fd12:3456::1]:80", DenyReason::UniqueLocal),
-            ("[fec0::1]:80", DenyReason::SiteLocal),
-            ("[2001:0::1]:80", DenyReason::Teredo),
+            ("10.0.0.1:80", DenyReason::Class(AddressClass::Private)),
+            (
+                "10.255.255.255:80",
+                DenyReason::Class(AddressClass::Private),
+            ),
+            ("172.16.0.1:80", DenyReason::Class(AddressClass::Private)),
+            (
+                "172.31.255.254:80",
+                DenyReason::Class(AddressClass::Private),
+            ),
+            ("192.168.1.1:80", DenyReason::Class(AddressClass::Private)),
+            (
+                "100.64.0.1:80",
+                DenyReason::Class(AddressClass::SharedAddressSpace),
+            ),
+            (
+                "100.127.255.255:80",
+                DenyReason::Class(AddressClass::SharedAddressSpace),
+            ),
+            ("192.0.0.8:80", DenyReason::Class(AddressClass::Reserved)),
+            ("240.0.0.1:80", DenyReason::Class(AddressClass::Reserved)),
+            (
+                "255.255.255.254:80",
+                DenyReason::Class(AddressClass::Reserved),
+            ),
+            (
+                "192.0.2.1:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "198.51.100.7:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "203.0.113.5:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "198.18.0.1:80",
+                DenyReason::Class(AddressClass::Benchmarking),
+            ),
+            (
+                "198.19.255.255:80",
+                DenyReason::Class(AddressClass::Benchmarking),
+            ),
+            ("192.88.99.1:80", DenyReason::Class(AddressClass::SixToFour)),
+            (
+                "[2001:db8::1]:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "[3fff::1]:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "[3fff:0fff::1]:80",
+                DenyReason::Class(AddressClass::Documentation),
+            ),
+            (
+                "[2001:2::1]:80",
+                DenyReason::Class(AddressClass::Benchmarking),
+            ),
+            ("[fc00::1]:80", DenyReason::Class(AddressClass::UniqueLocal)),
+            (
+                "[fd12:3456::1]:80",
+                DenyReason::Class(AddressClass::UniqueLocal),
+            ),
+            ("[fec0::1]:80", DenyReason::Class(AddressClass::SiteLocal)),
+            ("[2001:0::1]:80", DenyReason::Class(AddressClass::Teredo)),
             (
                 "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80",
-                DenyReason::Teredo,
+                DenyReason::Class(AddressClass::Teredo),
             ),
-            ("[2002:808:808::1]:80", DenyReason::SixToFour),
-            ("[64:ff9b:1::a00:1]:80", DenyReason::Nat64LocalUse),
-            ("[100::1]:80", DenyReason::Discard),
-            ("[2001:10::1]:80", DenyReason::Reserved),
-            ("[2001:20::1]:80", DenyReason::Reserved),
-            ("[::ffff:0:a00:1]:80", DenyReason::Reserved),
+            (
+                "[2002:808:808::1]:80",
+                DenyReason::Class(AddressClass::SixToFour),
+            ),
+            (
+                "[64:ff9b:1::a00:1]:80",
+                DenyReason::Class(AddressClass::Nat64LocalUse),
+            ),
+            ("[100::1]:80", DenyReason::Class(AddressClass::Discard)),
+            ("[2001:10::1]:80", DenyReason::Class(AddressClass::Reserved)),
+            ("[2001:20::1]:80", DenyReason::Class(AddressClass::Reserved)),
+            (
+                "[::ffff:0:a00:1]:80",
+                DenyReason::Class(AddressClass::Reserved),
+            ),
         ];
         for (peer, reason) in cases {
             assert_eq!(p.check(sa(peer)), Verdict::Deny(reason), "{peer}");
@@ -1360,24 +1428,27 @@ mod tests {
         let p = default_policy();
         assert_eq!(
             denied_for(&p, "[::ffff:10.0.0.1]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
-        assert_eq!(denied_for(&p, "[::10.0.0.1]:80"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "[::10.0.0.1]:80"),
+            Some(DenyReason::Class(AddressClass::Private))
+        );
         assert_eq!(
             denied_for(&p, "[64:ff9b::a00:1]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
         assert_eq!(
             denied_for(&p, "[2002:0a00:0001::]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
         assert_eq!(
             denied_for(&p, "[2002:0a00:0001:ffff::1]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
         assert_eq!(
             denied_for(&p, "[::ffff:100.64.0.1]:80"),
-            Some(DenyReason::SharedAddressSpace)
+            Some(DenyReason::Class(AddressClass::SharedAddressSpace))
         );
     }
 
@@ -1407,9 +1478,12 @@ mod tests {
         // Outside the allowed nets nothing changed.
         assert_eq!(
             denied_for(&p, "203.0.113.5:80"),
-            Some(DenyReason::Documentation)
+            Some(DenyReason::Class(AddressClass::Documentation))
         );
-        assert_eq!(denied_for(&p, "[fec0::1]:80"), Some(DenyReason::SiteLocal));
+        assert_eq!(
+            denied_for(&p, "[fec0::1]:80"),
+            Some(DenyReason::Class(AddressClass::SiteLocal))
+        );
         // 6to4 of an allowed IPv4 is re-opened too: the canonical address is allowed.
         assert!(allowed(&p, "[2002:0a00:0001::]:80"));
     }
@@ -1421,7 +1495,10 @@ mod tests {
             ..PolicyConfig::default()
         });
         assert!(allowed(&p, "10.1.2.3:80"));
-        assert_eq!(denied_for(&p, "10.2.0.1:80"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "10.2.0.1:80"),
+            Some(DenyReason::Class(AddressClass::Private))
+        );
     }
 
     #[test]
@@ -1429,11 +1506,11 @@ mod tests {
         let p = default_policy();
         assert_eq!(
             denied_for(&p, "203.0.113.5:40000"),
-            Some(DenyReason::Documentation)
+            Some(DenyReason::Class(AddressClass::Documentation))
         );
         assert_eq!(
             denied_for(&p, "198.18.0.1:40000"),
-            Some(DenyReason::Benchmarking)
+            Some(DenyReason::Class(AddressClass::Benchmarking))
         );
         let p = PeerPolicy::new(PolicyConfig {
             allow: nets(&["203.0.113.0/24", "198.18.0.0/15"]),
@@ -1462,20 +1539,23 @@ mod tests {
         });
         assert_eq!(
             denied_for(&p, "[::ffff:10.0.0.1]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
-        assert_eq!(denied_for(&p, "[::10.0.0.1]:80"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "[::10.0.0.1]:80"),
+            Some(DenyReason::Class(AddressClass::Private))
+        );
         assert_eq!(
             denied_for(&p, "[64:ff9b::a00:1]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
         assert_eq!(
             denied_for(&p, "[2002:0a00:0001::]:80"),
-            Some(DenyReason::Private)
+            Some(DenyReason::Class(AddressClass::Private))
         );
         assert_eq!(
             denied_for(&p, "[::ffff:203.0.113.5]:80"),
-            Some(DenyReason::Documentation)
+            Some(DenyReason::Class(AddressClass::Documentation))
         );
         // ...while IPv6's own ranges and 6to4 of public IPv4 do open.
         assert!(allowed(&p, "[fd00::1]:80"));
@@ -1514,7 +1594,11 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "[2002:7f00:1::]:80",
         ] {
-            assert_eq!(denied_for(&p, peer), Some(DenyReason::Loopback), "{peer}");
+            assert_eq!(
+                denied_for(&p, peer),
+                Some(DenyReason::Class(AddressClass::Loopback)),
+                "{peer}"
+            );
         }
     }
 
@@ -1621,7 +1705,7 @@ mod tests {
         // Other loopback addresses are not our relay: plain loopback rules apply.
         assert_eq!(
             denied_for(&p, "127.0.0.2:50000"),
-            Some(DenyReason::Loopback)
+            Some(DenyReason::Class(AddressClass::Loopback))
         );
     }
 
@@ -1631,7 +1715,10 @@ mod tests {
         assert_eq!(p.check(sa("10.0.0.5:50000")), allow_to("10.0.0.5:50000"));
         assert_eq!(denied_for(&p, "10.0.0.5:22"), Some(DenyReason::ServerOwn));
         assert_eq!(denied_for(&p, "10.0.0.5:3478"), Some(DenyReason::ServerOwn));
-        assert_eq!(denied_for(&p, "10.0.0.6:50000"), Some(DenyReason::Private));
+        assert_eq!(
+            denied_for(&p, "10.0.0.6:50000"),
+            Some(DenyReason::Class(AddressClass::Private))
+        );
         // Spelled as 6to4 or mapped: still our relay.
         assert!(allowed(&p, "[2002:a00:5::]:50000"));
         assert_eq!(
@@ -1718,7 +1805,7 @@ mod tests {
         // Another host in the same documentation net is still default-denied.
         assert_eq!(
             denied_for(&p, "203.0.113.8:50000"),
-            Some(DenyReason::Documentation)
+            Some(DenyReason::Class(AddressClass::Documentation))
         );
     }
 
@@ -1905,22 +1992,34 @@ mod tests {
     #[test]
     fn deny_reason_labels_are_stable_and_unique() {
         let all = [
-            (DenyReason::Unspecified, "unspecified"),
-            (DenyReason::Loopback, "loopback"),
-            (DenyReason::LinkLocal, "link_local"),
-            (DenyReason::Multicast, "multicast"),
-            (DenyReason::Broadcast, "broadcast"),
-            (DenyReason::Private, "private"),
-            (DenyReason::SharedAddressSpace, "shared_address_space"),
-            (DenyReason::Documentation, "documentation"),
-            (DenyReason::Benchmarking, "benchmarking"),
-            (DenyReason::Reserved, "reserved"),
-            (DenyReason::UniqueLocal, "unique_local"),
-            (DenyReason::SiteLocal, "site_local"),
-            (DenyReason::Teredo, "teredo"),
-            (DenyReason::SixToFour, "six_to_four"),
-            (DenyReason::Nat64LocalUse, "nat64_local_use"),
-            (DenyReason::Discard, "discard"),
+            (DenyReason::Class(AddressClass::Unspecified), "unspecified"),
+            (DenyReason::Class(AddressClass::Loopback), "loopback"),
+            (DenyReason::Class(AddressClass::LinkLocal), "link_local"),
+            (DenyReason::Class(AddressClass::Multicast), "multicast"),
+            (DenyReason::Class(AddressClass::Broadcast), "broadcast"),
+            (DenyReason::Class(AddressClass::Private), "private"),
+            (
+                DenyReason::Class(AddressClass::SharedAddressSpace),
+                "shared_address_space",
+            ),
+            (
+                DenyReason::Class(AddressClass::Documentation),
+                "documentation",
+            ),
+            (
+                DenyReason::Class(AddressClass::Benchmarking),
+                "benchmarking",
+            ),
+            (DenyReason::Class(AddressClass::Reserved), "reserved"),
+            (DenyReason::Class(AddressClass::UniqueLocal), "unique_local"),
+            (DenyReason::Class(AddressClass::SiteLocal), "site_local"),
+            (DenyReason::Class(AddressClass::Teredo), "teredo"),
+            (DenyReason::Class(AddressClass::SixToFour), "six_to_four"),
+            (
+                DenyReason::Class(AddressClass::Nat64LocalUse),
+                "nat64_local_use",
+            ),
+            (DenyReason::Class(AddressClass::Discard), "discard"),
             (DenyReason::ServerOwn, "server_own"),
             (DenyReason::Configured, "configured"),
             (DenyReason::PortZero, "port_zero"),
