@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::task::JoinHandle;
 
-use super::udp::{bind_udp, register, RegisteredSocket};
+use super::udp::{bind_udp, register, setsockopt_int, RegisteredSocket};
 use crate::proto::allocation::RelayId;
 use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
 
@@ -213,10 +213,8 @@ fn open_error(e: io::Error) -> RelayOpenError {
 /// DF on (never fragment locally, EMSGSIZE past the path MTU) or back to the kernel's default
 /// path-MTU discovery. A failure leaves the socket as it was, which costs at most a fragment.
 fn set_dont_fragment(socket: &std::net::UdpSocket, on: bool) {
-    let sock = socket2::SockRef::from(socket);
-    let fd = socket.as_raw_fd();
-    let (level, name, value) = match sock.local_addr().ok().and_then(|a| a.as_socket()) {
-        Some(SocketAddr::V6(_)) => (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, i32::from(on)),
+    let (level, name, value) = match socket.local_addr() {
+        Ok(SocketAddr::V6(_)) => (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, i32::from(on)),
         _ => (
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
@@ -227,16 +225,8 @@ fn set_dont_fragment(socket: &std::net::UdpSocket, on: bool) {
             },
         ),
     };
-    // SAFETY: valid fd and a pointer to an int of the advertised size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &value as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
+    // Best effort: a refused option costs at most a fragment, never the datagram.
+    let _ = setsockopt_int(socket.as_raw_fd(), level, name, value);
 }
 
 impl ShardRelays {
@@ -299,14 +289,18 @@ mod tests {
     use super::*;
 
     fn df_mode(socket: &std::net::UdpSocket) -> i32 {
+        sockopt(socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
+    }
+
+    fn sockopt(socket: &std::net::UdpSocket, level: i32, name: i32) -> i32 {
         let mut value: i32 = -1;
         let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
         // SAFETY: valid fd, out-pointers sized as advertised.
         unsafe {
             libc::getsockopt(
                 socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
+                level,
+                name,
                 &mut value as *mut i32 as *mut libc::c_void,
                 &mut len,
             );
@@ -360,6 +354,32 @@ mod tests {
                 df_mode(relays.socket_for_send(df_id, false).unwrap()),
                 libc::IP_PMTUDISC_DO
             );
+            // IPv6 has no fragmenting routers; DF there means "do not fragment locally".
+            let v6 = RelayId {
+                slot: 2,
+                v6: true,
+                ..id
+            };
+            let v6_open = OpenRelay {
+                id: v6,
+                source: RelaySource::Bind {
+                    ip: "::1".parse().unwrap(),
+                    even_port: false,
+                    reserve_next: false,
+                },
+                dont_fragment: false,
+            };
+            if relays.open(&v6_open).is_ok() {
+                let dontfrag = |r: &mut ShardRelays, df| {
+                    sockopt(
+                        r.socket_for_send(v6, df).unwrap(),
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_DONTFRAG,
+                    )
+                };
+                assert_eq!(dontfrag(&mut relays, true), 1);
+                assert_eq!(dontfrag(&mut relays, false), 0);
+            }
         });
     }
 }

@@ -35,7 +35,7 @@ pub struct Listener {
     pub bound: SocketAddr,
 }
 
-fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+pub(super) fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes a valid pointer to an int of the advertised size.
     let rc = unsafe {
         libc::setsockopt(
