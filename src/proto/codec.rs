@@ -559,6 +559,40 @@ pub fn parse_channel_data(buf: &[u8]) -> Option<ChannelData> {
     })
 }
 
+/// Why a byte stream (TCP, TLS) cannot be read as TURN frames any further: the connection is
+/// closed, since nothing after a broken frame can be found again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("neither a STUN message nor ChannelData")]
+    NotTurn,
+    #[error("a STUN length that is not a multiple of 4")]
+    BadLength,
+}
+
+/// The length of the frame at the start of a TCP or TLS stream (RFC 8656 §12.5: STUN messages
+/// and ChannelData back to back, ChannelData padded to a multiple of 4), or `Ok(None)` while
+/// its header has not fully arrived. The frame's bytes may still be arriving.
+pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, StreamError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = read_u16(buf, 2) as usize;
+    match buf[0] >> 6 {
+        0b00 if len % 4 != 0 => Err(StreamError::BadLength),
+        0b00 => Ok(Some(HEADER_LEN + len)),
+        0b01 => Ok(Some(4 + padded(len))),
+        _ => Err(StreamError::NotTurn),
+    }
+}
+
+/// Pads a ChannelData frame `buf[start..end]` to a multiple of 4 for a stream transport, using
+/// up to [`TAILROOM`] bytes behind it; returns the new end.
+pub fn pad_for_stream(buf: &mut [u8], start: usize, end: usize) -> usize {
+    let padded_end = start + padded(end - start);
+    buf[end..padded_end].fill(0);
+    padded_end
+}
+
 /// Room a receive buffer keeps in front of peer data so a Data indication header
 /// (20 header + 24 XOR-PEER-ADDRESS for IPv6 + 4 DATA header) can be written in place.
 pub const HEADROOM: usize = 48;
@@ -618,6 +652,39 @@ pub fn frame_data_indication(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_frames_are_found_back_to_back_and_partial_headers_wait() {
+        let mut stream = Vec::new();
+        MessageWriter::new(&mut stream, method::BINDING, Class::Request, [1; 12])
+            .attr(attr::SOFTWARE, b"abc");
+        let stun_len = stream.len();
+        // ChannelData of 5 bytes, padded to 8 on a stream.
+        stream.extend_from_slice(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0]);
+        assert_eq!(stream_frame_len(&stream), Ok(Some(stun_len)));
+        assert_eq!(stream_frame_len(&stream[stun_len..]), Ok(Some(12)));
+        for cut in 0..4 {
+            assert_eq!(stream_frame_len(&stream[..cut]), Ok(None), "{cut} bytes");
+        }
+        // The header decides; the body may still be on its way.
+        assert_eq!(stream_frame_len(&stream[..4]), Ok(Some(stun_len)));
+        assert_eq!(
+            stream_frame_len(&[0x80, 0, 0, 0]),
+            Err(StreamError::NotTurn)
+        );
+        assert_eq!(stream_frame_len(&[0, 1, 0, 6]), Err(StreamError::BadLength));
+    }
+
+    #[test]
+    fn channel_data_for_a_stream_is_padded_with_zeros() {
+        let mut buf = vec![0xEE; HEADROOM + 5 + TAILROOM];
+        let (s, e) = frame_channel_data(&mut buf, HEADROOM, HEADROOM + 5, 0x4001);
+        let end = pad_for_stream(&mut buf, s, e);
+        assert_eq!(end - s, 12);
+        assert_eq!(&buf[e..end], &[0, 0, 0]);
+        let (s, e) = frame_channel_data(&mut buf, HEADROOM, HEADROOM + 4, 0x4001);
+        assert_eq!(pad_for_stream(&mut buf, s, e), e, "already a multiple of 4");
+    }
 
     #[test]
     fn constant_time_eq_basics() {

@@ -125,6 +125,8 @@ pub enum EndReason {
     Revoked,
     /// The daemon is shutting down.
     Shutdown,
+    /// The client's TCP or TLS connection closed (RFC 8656 §3.1: the allocation goes with it).
+    ConnectionClosed,
 }
 
 impl EndReason {
@@ -135,6 +137,7 @@ impl EndReason {
             EndReason::Admin => "ended by admin",
             EndReason::Revoked => "user revoked",
             EndReason::Shutdown => "server shutdown",
+            EndReason::ConnectionClosed => "connection closed",
         }
     }
 }

@@ -321,6 +321,23 @@ impl Core {
         slots.len()
     }
 
+    /// A stream client's connection closed: its allocation ends, and one still waiting for its
+    /// relay sockets is abandoned. False when the 5-tuple held neither.
+    pub fn connection_closed(&mut self, ft: &FiveTuple, now: Instant) -> bool {
+        if let Some(i) = self.pending.iter().position(|p| p.ft == *ft) {
+            let p = self.pending.swap_remove(i);
+            self.abandon(p);
+            return true;
+        }
+        match self.by_client.get(ft).copied() {
+            Some(slot) => {
+                self.end_allocation(slot, now, EndReason::ConnectionClosed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ends every allocation, and abandons those still waiting for relay sockets (shutdown).
     pub fn close_all(&mut self, now: Instant, why: EndReason) {
         for p in std::mem::take(&mut self.pending) {

@@ -416,6 +416,35 @@ fn half_a_dual_allocation_failing_closes_the_other_half() {
 }
 
 #[test]
+fn a_closed_stream_connection_ends_its_allocation_and_nothing_else() {
+    let mut p = Pair::new();
+    let mut alice = p.client(1, self::alice());
+    alice.ft.transport = Transport::Tcp;
+    // A nonce is bound to its transport: the TCP client fetches its own.
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, p.txid());
+    p.send(&alice, &req);
+    let m = Message::parse(&p.reply).unwrap();
+    alice.nonce = m.get(attr::NONCE).unwrap().value.to_vec();
+    let bob = p.client(2, creds("bob", "builder"));
+    let a_relay = p.allocate(&alice, 50_000);
+    p.allocate(&bob, 50_002);
+    assert!(p.core.connection_closed(&alice.ft, p.now));
+    assert_eq!(p.commands(), vec![Command::CloseRelay(a_relay)]);
+    assert_eq!(p.core.allocation_count(), 1, "bob's UDP allocation stays");
+    assert!(
+        !p.core.connection_closed(&alice.ft, p.now),
+        "nothing left to end"
+    );
+    // A connection that closes while its Allocate waits for the socket gives everything back.
+    let open = p.allocate_until_open(&alice, |_| {});
+    assert!(p.core.connection_closed(&alice.ft, p.now));
+    assert_eq!(p.opened(&open, 50_004, None), ClientAction::Drop);
+    assert_eq!(p.commands(), vec![Command::CloseRelay(open.id)]);
+    assert_eq!(p.core.allocation_count(), 1);
+}
+
+#[test]
 fn an_answer_nobody_waits_for_any_more_closes_its_socket() {
     let mut p = Pair::new();
     let alice = p.client(1, self::alice());
