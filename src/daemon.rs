@@ -199,10 +199,16 @@ fn concrete_listeners(
 
 /// The quick-start output when no credentials are configured: an ephemeral secret, one credential,
 /// and the `iceServers` JSON for `new RTCPeerConnection(...)`.
-fn quickstart(secret: &[u8], config: &Config, relays: &ResolvedRelays, listeners: &[SocketAddr]) {
+fn quickstart(
+    secret: &[u8],
+    config: &Config,
+    relays: &ResolvedRelays,
+    listeners: &[SocketAddr],
+    tcp_listeners: &[SocketAddr],
+) {
     let ttl = QUICKSTART_TTL.as_secs().min(config.auth.rest_max_ttl_secs);
     let host = credentials::public_host(config, relays.v4.map(|r| r.advertised));
-    let uris = credentials::default_uris(listeners, &host);
+    let uris = credentials::default_uris(listeners, tcp_listeners, &host);
     let secrets = [secret.to_vec()];
     let minted = match credentials::mint_for(config, &secrets, "quickstart", ttl, unix_now(), uris)
     {
@@ -290,6 +296,7 @@ pub struct ReadyPorts {
 impl Readiness {
     pub fn new(
         listeners: &[SocketAddr],
+        tcp_listeners: &[SocketAddr],
         api: Option<SocketAddr>,
         relays: &ResolvedRelays,
         relay_ports: (u16, u16),
@@ -302,6 +309,10 @@ impl Readiness {
                     transport: "udp",
                     addr,
                 })
+                .chain(tcp_listeners.iter().map(|&addr| ReadyListener {
+                    transport: "tcp",
+                    addr,
+                }))
                 .collect(),
             api,
             relay: relays
@@ -391,9 +402,28 @@ pub fn serve(
         }
         None => None,
     };
+    let tcp_listeners = config
+        .tcp_listen
+        .iter()
+        .map(|&addr| {
+            crate::io::tcp::bind_tcp(addr).map_err(|source| DaemonError::Bind {
+                what: format!("tcp listener {addr} (is another TURN server running on it?)"),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tcp_bound = tcp_listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| DaemonError::Bind {
+            what: "tcp listener".into(),
+            source,
+        })?;
     // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
     // bound (a configured port 0 is whatever port the kernel picked).
     let mut endpoints = listeners.clone();
+    endpoints.extend(&tcp_bound);
     if let Some(l) = &api_listener {
         let bound = l.local_addr().map_err(|source| DaemonError::Bind {
             what: "api listener".into(),
@@ -427,6 +457,14 @@ pub fn serve(
         let setup = ShardSetup {
             index,
             listen: listeners.clone(),
+            tcp_listeners: tcp_listeners
+                .iter()
+                .map(|l| l.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|source| DaemonError::Bind {
+                    what: "tcp listener (clone for a shard)".into(),
+                    source,
+                })?,
             config: Arc::clone(&core),
             shared: Arc::clone(&shared),
             relay_ports: (config.relay.port_min, config.relay.port_max),
@@ -482,6 +520,7 @@ pub fn serve(
         relay_port_span: u64::from(config.relay.port_max - config.relay.port_min) + 1,
         advertised: relays.v4.map(|r| r.advertised),
         listeners: listeners.clone(),
+        tcp_listeners: tcp_bound.clone(),
         started: Instant::now(),
     });
 
@@ -511,11 +550,14 @@ pub fn serve(
         for l in &listeners {
             tracing::info!(addr = %l, transport = "udp", "listening");
         }
+        for l in &tcp_bound {
+            tracing::info!(addr = %l, transport = "tcp", "listening");
+        }
         if let Some(path) = ready_file {
             // Refuse rather than serve without it: whoever asked for the file waits for it, and
             // an exit status names the bad path now, where a missing file is only a timeout.
             let ports = (config.relay.port_min, config.relay.port_max);
-            Readiness::new(&listeners, api_bound, &relays, ports)
+            Readiness::new(&listeners, &tcp_bound, api_bound, &relays, ports)
                 .write(&path)
                 .map_err(|source| DaemonError::ReadyFile {
                     path: path.clone(),
@@ -532,9 +574,13 @@ pub fn serve(
             "turnpike ready"
         );
         if let Some(secret) = &ephemeral_secret {
-            quickstart(secret, &config, &relays, &listeners);
+            quickstart(secret, &config, &relays, &listeners, &tcp_bound);
         }
-        control::notify::ready(&format!("serving on {} udp listener(s)", listeners.len()));
+        control::notify::ready(&format!(
+            "serving on {} udp and {} tcp listener(s)",
+            listeners.len(),
+            tcp_bound.len()
+        ));
         control::run_until_stopped(Arc::clone(&state))
             .await
             .map_err(|e| DaemonError::Setup(format!("signal handler: {e}")))
@@ -577,6 +623,7 @@ mod tests {
                 "0.0.0.0:3478".parse().unwrap(),
                 "[::1]:41000".parse().unwrap(),
             ],
+            &["0.0.0.0:3478".parse().unwrap()],
             Some("127.0.0.1:8080".parse().unwrap()),
             &relays,
             (49152, 49200),
@@ -593,6 +640,7 @@ mod tests {
                 "listen": [
                     {"transport": "udp", "addr": "0.0.0.0:3478"},
                     {"transport": "udp", "addr": "[::1]:41000"},
+                    {"transport": "tcp", "addr": "0.0.0.0:3478"},
                 ],
                 "api": "127.0.0.1:8080",
                 "relay": [

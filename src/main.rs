@@ -175,6 +175,7 @@ fn credentials_command(
         };
         credentials::default_uris(
             &config.listen,
+            &config.tcp_listen,
             &credentials::public_host(config, advertised),
         )
     } else {

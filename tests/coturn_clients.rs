@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::Write as _;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -132,6 +132,11 @@ fn uclient_relays_everything(auth: &[&str], mode: &[&str], expect_user: impl Fn(
     uclient_relays_everything_on("127.0.0.1", auth, mode, expect_user);
 }
 
+/// Whether `mode` asks uclient for TURN over TCP (`-t`).
+fn over_tcp(mode: &[&str]) -> bool {
+    mode.contains(&"-t")
+}
+
 /// The same over `ip` ("127.0.0.1" or "::1"): client, server, relay and echo peer all on it.
 fn uclient_relays_everything_on(
     ip: &'static str,
@@ -142,14 +147,22 @@ fn uclient_relays_everything_on(
     if !tools_available() {
         return;
     }
-    let d = Daemon::with(Options {
-        ipv6: ip == "::1",
-        ..Options::default()
-    });
+    let tcp_listen: SocketAddr = SocketAddr::new(ip.parse().unwrap(), 0);
+    let d = Daemon::with(
+        Options {
+            ipv6: ip == "::1",
+            ..Options::default()
+        }
+        .edit(move |c| c.tcp_listen = vec![tcp_listen]),
+    );
+    let port = match over_tcp(mode) {
+        true => d.tcp_addr.expect("a TCP listener").port(),
+        false => d.addr.port(),
+    };
     let peer = EchoPeer::start(ip);
     let out = run_bounded(
         Command::new("turnutils_uclient")
-            .args(["-p", &d.addr.port().to_string()])
+            .args(["-p", &port.to_string()])
             .args(auth)
             .args(mode)
             .args(["-n", &MSGS.to_string(), "-m", &CLIENTS.to_string()])
@@ -190,7 +203,15 @@ fn uclient_relays_everything_on(
         |_| true,
     );
     for e in &ended {
-        assert_eq!(field(e, "reason"), "deleted by client", "{e}");
+        // Over TCP a client may close its connection before or after its Refresh 0.
+        let reason = field(e, "reason");
+        assert!(
+            reason == "deleted by client" || (over_tcp(mode) && reason == "connection closed"),
+            "{e}"
+        );
+        if over_tcp(mode) {
+            assert_eq!(field(e, "transport"), "tcp", "{e}");
+        }
         assert!(expect_user(field(e, "user")), "user in {e}");
         assert_eq!(e["dropped_packets"], 0, "{e}");
     }
@@ -229,6 +250,27 @@ fn uclient_client_to_client() {
 fn uclient_send_indications() {
     // -s: Send/Data indications instead of ChannelData.
     uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-s"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_tcp_channels() {
+    // RFC 8656 §3.1: TURN over TCP to the server, UDP relays to the peers.
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_tcp_send_indications() {
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t", "-s"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_tcp_client_to_client() {
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t", "-y"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_tcp_on_ipv6() {
+    uclient_relays_everything_on("::1", &["-u", USER, "-w", PASSWORD], &["-t"], |u| u == USER);
 }
 
 #[test]

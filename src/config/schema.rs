@@ -17,7 +17,10 @@ pub struct Config {
     pub software: String,
     /// Number of I/O shards; 0 means one per CPU core.
     pub threads: usize,
+    /// UDP listeners.
     pub listen: Vec<SocketAddr>,
+    /// TCP listeners (RFC 8656 stream framing; the relays stay UDP). Empty: none.
+    pub tcp_listen: Vec<SocketAddr>,
     pub log_format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive; only checked for being
     /// non-empty and printable here, the daemon parses it.
@@ -40,6 +43,7 @@ impl Default for Config {
             software: String::new(),
             threads: 0,
             listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478))],
+            tcp_listen: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             public_host: String::new(),
@@ -264,6 +268,7 @@ pub(super) mod raw {
         pub software: String,
         pub threads: i64,
         pub listen: Vec<String>,
+        pub tcp_listen: Vec<String>,
         pub log_format: String,
         pub log_level: String,
         pub public_host: String,
@@ -367,6 +372,7 @@ pub(super) mod raw {
                 software: c.software.clone(),
                 threads: int(c.threads),
                 listen: c.listen.iter().map(ToString::to_string).collect(),
+                tcp_listen: c.tcp_listen.iter().map(ToString::to_string).collect(),
                 log_format: c.log_format.to_string(),
                 log_level: c.log_level.clone(),
                 public_host: c.public_host.clone(),

@@ -158,7 +158,11 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
     }
 
     let relay = build_relay(raw.relay, cx);
-    let listen = build_listen(&raw.listen, &relay, cx);
+    if raw.listen.is_empty() {
+        cx.invalid("listen", "[]", "at least one listener is required");
+    }
+    let listen = build_listen("listen", &raw.listen, &relay, cx);
+    let tcp_listen = build_listen("tcp_listen", &raw.tcp_listen, &relay, cx);
     let auth = build_auth(raw.auth, cx);
     let limits = build_limits(raw.limits, cx);
     let peers = build_peers(raw.peers, cx);
@@ -184,6 +188,7 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         } else {
             listen
         },
+        tcp_listen,
         log_format,
         log_level: raw.log_level,
         public_host: raw.public_host,
@@ -212,14 +217,17 @@ fn check_text(cx: &mut Cx<'_>, key: &str, value: &str, may_be_empty: bool) {
     }
 }
 
-fn build_listen(raw: &[String], relay: &RelayConfig, cx: &mut Cx<'_>) -> Vec<SocketAddr> {
-    if raw.is_empty() {
-        cx.invalid("listen", "[]", "at least one listener is required");
-        return Vec::new();
-    }
+/// One list of listeners (`listen`, `tcp_listen`): each an IP:port outside the relay range,
+/// none overlapping another of the same list.
+fn build_listen(
+    name: &str,
+    raw: &[String],
+    relay: &RelayConfig,
+    cx: &mut Cx<'_>,
+) -> Vec<SocketAddr> {
     let mut listen: Vec<(usize, SocketAddr)> = Vec::new();
     for (i, text) in raw.iter().enumerate() {
-        let key = format!("listen[{i}]");
+        let key = format!("{name}[{i}]");
         let addr: SocketAddr = match text.parse() {
             Ok(addr) => addr,
             Err(_) => {
@@ -262,10 +270,10 @@ fn build_listen(raw: &[String], relay: &RelayConfig, cx: &mut Cx<'_>) -> Vec<Soc
             });
             if let Some((j, other)) = clash {
                 let reason = if *other == addr {
-                    format!("duplicate of listen[{j}]")
+                    format!("duplicate of {name}[{j}]")
                 } else {
                     format!(
-                        "overlaps listen[{j}] ({:?}): a wildcard address already \
+                        "overlaps {name}[{j}] ({:?}): a wildcard address already \
                          covers every address on that port",
                         other.to_string()
                     )

@@ -137,6 +137,31 @@ fn listen_rules() {
 }
 
 #[test]
+fn tcp_listen_rules() {
+    // The same rules as `listen`, named by their own key; none at all is fine.
+    assert!(parse("").unwrap().tcp_listen.is_empty());
+    fails(
+        "tcp_listen = [\"localhost:3478\"]\n",
+        1,
+        "tcp_listen[0] = \"localhost:3478\" is invalid",
+    );
+    fails(
+        "tcp_listen = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n",
+        1,
+        "tcp_listen[1] = \"0.0.0.0:3478\" is invalid: duplicate of tcp_listen[0]",
+    );
+    fails(
+        "tcp_listen = [\"0.0.0.0:50000\"]\n",
+        1,
+        "tcp_listen[0] = \"0.0.0.0:50000\" is invalid: port 50000 lies inside the relay port range",
+    );
+    // UDP and TCP on one port is the usual setup.
+    let c = parse("listen = [\"0.0.0.0:3478\"]\ntcp_listen = [\"0.0.0.0:3478\", \"[::]:3478\"]\n")
+        .unwrap();
+    assert_eq!(c.tcp_listen.len(), 2);
+}
+
+#[test]
 fn log_rules() {
     fails(
         "log_format = \"xml\"\n",

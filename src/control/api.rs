@@ -136,7 +136,7 @@ fn mint(
         .unwrap_or(credentials::default_ttl(config))
         .min(credentials::max_ttl(config));
     let host = credentials::public_host(config, state.advertised);
-    let uris = credentials::default_uris(&state.listeners, &host);
+    let uris = credentials::default_uris(&state.listeners, &state.tcp_listeners, &host);
     let minted = credentials::mint_for(config, &live.rest_secrets, user, ttl, unix_now(), uris)
         .map_err(|e| match e {
             MintError::NoSecret => error(StatusCode::SERVICE_UNAVAILABLE, e),

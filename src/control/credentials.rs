@@ -81,15 +81,22 @@ pub fn public_host(config: &Config, advertised: Option<IpAddr>) -> String {
 
 /// STUN and TURN URIs for every listener port on the public host. `listeners` are the bound
 /// addresses when the daemon knows them (a configured port 0 is only known once bound).
-pub fn default_uris(listeners: &[SocketAddr], host: &str) -> Vec<String> {
-    let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
-    ports.dedup();
+pub fn default_uris(udp: &[SocketAddr], tcp: &[SocketAddr], host: &str) -> Vec<String> {
+    let ports = |listeners: &[SocketAddr]| {
+        let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
+        ports.dedup();
+        ports
+    };
+    let (udp, tcp) = (ports(udp), ports(tcp));
     let mut uris = Vec::new();
-    for port in &ports {
+    for port in &udp {
         uris.push(format!("stun:{host}:{port}"));
     }
-    for port in &ports {
+    for port in &udp {
         uris.push(format!("turn:{host}:{port}?transport=udp"));
+    }
+    for port in &tcp {
+        uris.push(format!("turn:{host}:{port}?transport=tcp"));
     }
     uris
 }
@@ -357,7 +364,7 @@ key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
     #[test]
     fn minted_credential_verifies_and_shapes_parse() {
         let c = config();
-        let uris = default_uris(&c.listen, &public_host(&c, None));
+        let uris = default_uris(&c.listen, &c.tcp_listen, &public_host(&c, None));
         assert_eq!(
             uris,
             [

@@ -180,6 +180,8 @@ pub struct ControlState {
     pub advertised: Option<std::net::IpAddr>,
     /// The bound UDP listeners (a configured port 0 resolved), for minted URIs.
     pub listeners: Vec<std::net::SocketAddr>,
+    /// The bound TCP listeners, likewise.
+    pub tcp_listeners: Vec<std::net::SocketAddr>,
     pub started: Instant,
 }
 
@@ -457,6 +459,7 @@ mod tests {
             relay_port_span: 1,
             advertised: None,
             listeners: Vec::new(),
+            tcp_listeners: Vec::new(),
             started: Instant::now(),
         };
         (Dir(dir), state)

@@ -3,4 +3,5 @@
 pub mod interfaces;
 pub mod relay;
 pub mod shard;
+pub mod tcp;
 pub mod udp;

@@ -3,6 +3,7 @@
 //! leaves the thread or takes a lock.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -12,9 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::relay::{Reservations, ShardRelays};
+use super::tcp::{self, StreamConn};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
 use crate::proto::allocation::RelayId;
-use crate::proto::codec::HEADROOM;
+use crate::proto::codec::{self, HEADROOM};
 use crate::proto::error::EndReason;
 use crate::proto::server::{
     ClientAction, Command, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
@@ -55,6 +57,8 @@ pub enum ShardCommand {
 pub struct ShardSetup {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
+    /// Clones of the daemon's listening TCP sockets: every shard accepts from each.
+    pub tcp_listeners: Vec<std::net::TcpListener>,
     pub config: Arc<CoreConfig>,
     pub shared: Arc<Shared>,
     pub relay_ports: (u16, u16),
@@ -70,6 +74,8 @@ struct ShardState {
     /// Reserved ports belong to no shard; shard 0 counts them once for the whole server.
     counts_reservations: bool,
     listeners: Vec<Rc<Listener>>,
+    /// The TCP clients this shard accepted, by 5-tuple.
+    streams: HashMap<FiveTuple, Rc<StreamConn>>,
     reply: Vec<u8>,
     peers: PeerBatch,
     send_errors: u64,
@@ -78,6 +84,20 @@ struct ShardState {
 impl ShardState {
     /// Sends the frame the core wrote into peer batch slot `slot`.
     fn send_frame_to_client(&mut self, to: &FiveTuple, slot: usize, start: usize, end: usize) {
+        if to.transport != Transport::Udp {
+            let buf = self.peers.slot_mut(slot);
+            // ChannelData is padded to 4 bytes on a stream (RFC 8656 §12.5).
+            let end = if buf[start] >> 6 == 0b01 {
+                codec::pad_for_stream(buf, start, end)
+            } else {
+                end
+            };
+            let frame = &self.peers.slot(slot)[start..end];
+            if !self.streams.get(to).is_some_and(|c| c.queue(frame)) {
+                self.send_errors += 1;
+            }
+            return;
+        }
         let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
             return;
         };
@@ -102,8 +122,18 @@ impl ShardState {
         }
     }
 
-    /// Sends the reply buffer to a client over the listener its 5-tuple names.
+    /// Queues a frame on a stream client's connection; a connection too far behind loses it.
+    fn queue_on_stream(&mut self, to: &FiveTuple, frame: &[u8]) {
+        if !self.streams.get(to).is_some_and(|c| c.queue(frame)) {
+            self.send_errors += 1;
+        }
+    }
+
+    /// Sends the reply buffer to a client over the listener or connection its 5-tuple names.
     fn send_reply(&mut self, to: &FiveTuple, reply: &[u8]) {
+        if to.transport != Transport::Udp {
+            return self.queue_on_stream(to, reply);
+        }
         let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
             return;
         };
@@ -111,6 +141,24 @@ impl ShardState {
             self.send_errors += 1;
             tracing::trace!(error = %e, "reply send failed");
         }
+    }
+
+    /// One datagram or stream frame from a client, through the core and out again.
+    fn client_frame(&mut self, now: Instant, ft: &FiveTuple, data: &[u8]) {
+        let mut reply = std::mem::take(&mut self.reply);
+        match self.core.handle_client(now, ft, data, &mut reply) {
+            ClientAction::Drop => {}
+            ClientAction::Reply { to } => self.send_reply(&to, &reply),
+            ClientAction::ToPeer {
+                relay,
+                peer,
+                start,
+                end,
+                dont_fragment,
+            } => self.send_to_peer(relay, peer, &data[start..end], dont_fragment),
+        }
+        self.reply = reply;
+        self.run_commands(now);
     }
 
     /// Carries out what the core asked for during the last calls: relay sockets opened (and the
@@ -199,12 +247,21 @@ async fn serve(
         relays,
         counts_reservations: setup.index == 0,
         listeners: listeners.clone(),
+        streams: HashMap::new(),
         reply: Vec::with_capacity(1500),
         peers: PeerBatch::new(),
         send_errors: 0,
     }));
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
+    }
+    for listener in setup.tcp_listeners {
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => {
+                tokio::task::spawn_local(accept(Rc::clone(&state), l));
+            }
+            Err(e) => tracing::error!(error = %e, "tcp listener not served by this shard"),
+        }
     }
     tokio::task::spawn_local(timers(Rc::clone(&state)));
     tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
@@ -278,21 +335,7 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
                     client: meta.addr,
                     local: listener.local_for(meta),
                 };
-                let data = batch.datagram(i);
-                let mut reply = std::mem::take(&mut st.reply);
-                match st.core.handle_client(now, &ft, data, &mut reply) {
-                    ClientAction::Drop => {}
-                    ClientAction::Reply { to } => st.send_reply(&to, &reply),
-                    ClientAction::ToPeer {
-                        relay,
-                        peer,
-                        start,
-                        end,
-                        dont_fragment,
-                    } => st.send_to_peer(relay, peer, &data[start..end], dont_fragment),
-                }
-                st.reply = reply;
-                st.run_commands(now);
+                st.client_frame(now, &ft, batch.datagram(i));
             }
             spawn_relay_tasks(&state, st);
             if n < quinn_udp::BATCH_SIZE {
@@ -306,6 +349,84 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+async fn accept(state: Shard, listener: tokio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                tokio::task::spawn_local(connection(Rc::clone(&state), stream, client));
+            }
+            // Out of file descriptors, say: the listener stays, the next accept may succeed.
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// One TCP client, from accept to close; its allocation ends with the connection.
+async fn connection(state: Shard, stream: tokio::net::TcpStream, client: SocketAddr) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let ft = FiveTuple {
+        transport: Transport::Tcp,
+        client,
+        local,
+    };
+    let conn = Rc::new(StreamConn::default());
+    state.borrow_mut().streams.insert(ft, Rc::clone(&conn));
+    if let Err(e) = serve_stream(&state, &stream, &ft, &conn).await {
+        tracing::debug!(client = %client, error = %e, "tcp connection closed");
+    }
+    let mut st = state.borrow_mut();
+    st.streams.remove(&ft);
+    let now = Instant::now();
+    st.core.connection_closed(&ft, now);
+    st.run_commands(now);
+}
+
+async fn serve_stream(
+    state: &Shard,
+    stream: &tokio::net::TcpStream,
+    ft: &FiveTuple,
+    conn: &StreamConn,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let mut idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
+    loop {
+        let writing = conn.has_output();
+        tokio::select! {
+            () = tokio::time::sleep_until(idle_until) => {
+                if !state.borrow().core.has_allocation(ft) {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle without an allocation"));
+                }
+                idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
+            }
+            ready = stream.readable() => {
+                ready?;
+                idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
+                match tcp::read_some(stream, &mut buf) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+                let mut guard = state.borrow_mut();
+                let st = &mut *guard;
+                let now = Instant::now();
+                let used = tcp::complete_frames(&buf, |frame| st.client_frame(now, ft, frame))?;
+                buf.drain(..used);
+                spawn_relay_tasks(state, st);
+            }
+            ready = stream.writable(), if writing => ready?,
+            () = conn.queued(), if !writing => {}
+        }
+        conn.flush(stream)?;
     }
 }
 

@@ -308,6 +308,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// The UDP STUN/TURN listener, as bound.
     pub addr: SocketAddr,
+    /// The TCP listener as bound, when `tcp_listen` configures one.
+    pub tcp_addr: Option<SocketAddr>,
     /// The HTTP API listener as bound, when the API is on.
     pub api_addr: Option<SocketAddr>,
     /// The relay port range: [`Options::relay_ports`], or the block the harness picked.
@@ -413,6 +415,7 @@ impl Daemon {
         let mut d = Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
+            tcp_addr: None,
             api_addr: None,
             relay_ports,
             ready: serde_json::Value::Null,
@@ -460,9 +463,19 @@ impl Daemon {
                 .unwrap_or_else(|| panic!("not an address: {a} in {text}"))
         };
         let listen = v["listen"].as_array().expect("listen array");
-        assert_eq!(listen.len(), 1, "one UDP listener: {text}");
-        assert_eq!(listen[0]["transport"], "udp", "{text}");
-        self.addr = addr(&listen[0]["addr"]);
+        let of = |transport: &str| -> Vec<SocketAddr> {
+            listen
+                .iter()
+                .filter(|l| l["transport"] == transport)
+                .map(|l| addr(&l["addr"]))
+                .collect()
+        };
+        let (udp, tcp) = (of("udp"), of("tcp"));
+        assert_eq!(udp.len(), 1, "one UDP listener: {text}");
+        assert!(tcp.len() <= 1, "at most one TCP listener: {text}");
+        assert_eq!(udp.len() + tcp.len(), listen.len(), "{text}");
+        self.addr = udp[0];
+        self.tcp_addr = tcp.first().copied();
         self.api_addr = (!v["api"].is_null()).then(|| addr(&v["api"]));
         assert_eq!(
             self.api_addr.is_some(),

@@ -215,6 +215,11 @@ impl Core {
         self.by_client.len()
     }
 
+    /// Whether this 5-tuple holds an allocation (or is about to).
+    pub fn has_allocation(&self, ft: &FiveTuple) -> bool {
+        self.by_client.contains_key(ft) || self.pending.iter().any(|p| p.ft == *ft)
+    }
+
     pub fn shared(&self) -> &Shared {
         &self.shared
     }

@@ -1,0 +1,186 @@
+//! TURN over TCP (RFC 8656 §3.1): STUN messages and ChannelData back to back on a byte stream,
+//! ChannelData padded to 4 bytes. A connection belongs to the shard that accepted it, like a
+//! UDP client's 5-tuple; its relays to peers are UDP. Output for the client (replies and relayed
+//! frames) is queued on the connection and written in one go when its task next runs, so a
+//! burst of peer datagrams costs one write, not one per datagram.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::proto::codec::{self, HEADER_LEN};
+
+/// Bytes a connection may have queued for a client that reads too slowly; past it, relayed
+/// frames are dropped (as a full UDP path would drop them) rather than held without bound.
+pub const MAX_QUEUED: usize = 256 * 1024;
+/// The largest frame a stream can carry: a STUN message or padded ChannelData of 64 KiB.
+const MAX_FRAME: usize = HEADER_LEN + u16::MAX as usize + 3;
+/// How much one read asks the kernel for.
+const READ_CHUNK: usize = 16 * 1024;
+/// A connection without an allocation that sends nothing for this long is closed: an idle
+/// socket costs a file descriptor, and nobody is waiting on it.
+pub const IDLE_WITHOUT_ALLOCATION: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A listening TCP socket, bound once by the daemon; every shard accepts from a clone of it.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // "[::]:3478" serves IPv6; IPv4 clients come through an IPv4 listener of their own.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// The shard's handle on one client connection: where output for it is queued.
+#[derive(Default)]
+pub struct StreamConn {
+    out: RefCell<Vec<u8>>,
+    wake: Notify,
+}
+
+impl StreamConn {
+    /// Queues a frame for the client; false, and nothing queued, when the client is too far
+    /// behind.
+    pub fn queue(&self, frame: &[u8]) -> bool {
+        let mut out = self.out.borrow_mut();
+        if out.len() + frame.len() > MAX_QUEUED {
+            return false;
+        }
+        let was_empty = out.is_empty();
+        out.extend_from_slice(frame);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Waits until output is queued (or returns at once if some already is).
+    pub async fn queued(&self) {
+        if self.out.borrow().is_empty() {
+            self.wake.notified().await;
+        }
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.borrow().is_empty()
+    }
+
+    /// Writes what the socket takes now; the rest stays queued.
+    pub fn flush(&self, stream: &TcpStream) -> io::Result<()> {
+        let mut out = self.out.borrow_mut();
+        let mut written = 0;
+        while written < out.len() {
+            match stream.try_write(&out[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        out.drain(..written);
+        Ok(())
+    }
+}
+
+/// Reads what the socket has into `buf`; `Ok(false)` at the end of the stream.
+pub fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let len = buf.len();
+    buf.resize(len + READ_CHUNK, 0);
+    let result = stream.try_read(&mut buf[len..]);
+    let n = *result.as_ref().unwrap_or(&0);
+    buf.truncate(len + n);
+    match result {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// The complete frames at the start of `buf`, by their lengths, and how many bytes they take;
+/// an error when the stream cannot be TURN (the connection is then closed).
+pub fn complete_frames(buf: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<usize> {
+    let mut pos = 0;
+    loop {
+        let rest = &buf[pos..];
+        let len = match codec::stream_frame_len(rest) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(pos),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        };
+        if len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "frame longer than a stream frame can be",
+            ));
+        }
+        if rest.len() < len {
+            return Ok(pos);
+        }
+        each(&rest[..len]);
+        pos += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_anywhere_are_found_whole_and_in_order() {
+        let mut stream = Vec::new();
+        let mut msg = Vec::new();
+        codec::MessageWriter::new(
+            &mut msg,
+            codec::method::BINDING,
+            codec::Class::Request,
+            [4; 12],
+        );
+        stream.extend_from_slice(&msg);
+        stream.extend_from_slice(&[0x40, 0x01, 0x00, 0x03, 7, 8, 9, 0]);
+        stream.extend_from_slice(&msg);
+        let whole: Vec<Vec<u8>> = {
+            let mut v = Vec::new();
+            assert_eq!(
+                complete_frames(&stream, |f| v.push(f.to_vec())).unwrap(),
+                stream.len()
+            );
+            v
+        };
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[1], [0x40, 0x01, 0x00, 0x03, 7, 8, 9, 0]);
+        // Fed in pieces of every size, the same frames come out.
+        for piece in 1..stream.len() {
+            let (mut buf, mut got) = (Vec::new(), Vec::new());
+            for chunk in stream.chunks(piece) {
+                buf.extend_from_slice(chunk);
+                let used = complete_frames(&buf, |f| got.push(f.to_vec())).unwrap();
+                buf.drain(..used);
+            }
+            assert!(buf.is_empty(), "piece {piece}");
+            assert_eq!(got, whole, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_is_not_turn_is_an_error() {
+        assert!(complete_frames(&[0xC0, 0, 0, 0], |_| {}).is_err());
+        assert!(complete_frames(&[0x00, 0x01, 0x00, 0x03], |_| {}).is_err());
+    }
+
+    #[test]
+    fn a_slow_reader_holds_at_most_its_queue() {
+        let conn = StreamConn::default();
+        let frame = [0u8; 1000];
+        let queued = (0..1000).filter(|_| conn.queue(&frame)).count();
+        assert_eq!(queued, MAX_QUEUED / 1000);
+        assert!(conn.has_output());
+    }
+}
