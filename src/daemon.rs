@@ -450,10 +450,10 @@ pub fn serve(
     let reservations = Arc::new(Reservations::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut handles = Vec::new();
-    let mut senders = Vec::new();
-    for index in 0..threads {
-        let (command_tx, command_rx) = mpsc::unbounded_channel();
-        senders.push(command_tx);
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
+    let siblings: Arc<[_]> = senders.clone().into();
+    for (index, command_rx) in receivers.drain(..).enumerate() {
         let setup = ShardSetup {
             index,
             listen: listeners.clone(),
@@ -471,6 +471,7 @@ pub fn serve(
             reservations: Arc::clone(&reservations),
             shutdown: shutdown_rx.clone(),
             commands: command_rx,
+            siblings: Arc::clone(&siblings),
             seed: u64::from_le_bytes(random_bytes::<8>()?),
         };
         let (tx, rx) = std::sync::mpsc::channel();

@@ -279,6 +279,66 @@ fn uclient_over_ipv6_gets_ipv6_relays() {
     uclient_relays_everything_on("::1", &["-u", USER, "-w", PASSWORD], &[], |u| u == USER);
 }
 
+/// RFC 6062 with coturn's client: `-T` makes every client pair TCP-relay to each other (one
+/// Connects to the other's relayed address, which announces it with a ConnectionAttempt; both
+/// bind data connections); `-P` makes the second one a plain TCP peer that connects to the
+/// first one's relay. Two shards, so data connections also land on the shard that does not
+/// own their peer connection and are moved. Every message must come back.
+fn uclient_tcp_relays_everything(mode: &str) {
+    if !tools_available() {
+        return;
+    }
+    let tcp_listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let d = Daemon::with(Options::default().edit(move |c| c.tcp_listen = vec![tcp_listen]));
+    let port = d.tcp_addr.expect("a TCP listener").port();
+    let out = run_bounded(
+        Command::new("turnutils_uclient")
+            .args(["-p", &port.to_string()])
+            .args(["-u", USER, "-w", PASSWORD, mode])
+            .args(["-n", &MSGS.to_string(), "-m", &CLIENTS.to_string()])
+            .args(["-l", "160", "-z", "5"])
+            .arg("127.0.0.1"),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "uclient failed ({}):\n{text}",
+        out.status
+    );
+    let total = MSGS * CLIENTS;
+    let summary = text
+        .lines()
+        .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
+        .unwrap_or_else(|| panic!("no totals in uclient output:\n{text}"));
+    assert!(
+        summary.ends_with(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
+        "uclient totals: {summary:?}\n{text}"
+    );
+    assert!(
+        text.contains("Total lost packets 0 ("),
+        "uclient lost packets:\n{text}"
+    );
+    let created = d.events("allocation created");
+    assert!(!created.is_empty(), "no allocation logged");
+    for e in &created {
+        assert_eq!(field(e, "transport"), "tcp", "{e}");
+    }
+}
+
+#[test]
+fn uclient_tcp_relay_client_to_client() {
+    uclient_tcp_relays_everything("-T");
+}
+
+#[test]
+fn uclient_tcp_relay_with_an_active_peer() {
+    uclient_tcp_relays_everything("-P");
+}
+
 #[test]
 fn stunclient_gets_reflexive_address() {
     if !tools_available() {

@@ -4,4 +4,5 @@ pub mod interfaces;
 pub mod relay;
 pub mod shard;
 pub mod tcp;
+pub mod tcp_relay;
 pub mod udp;

@@ -287,6 +287,7 @@ impl ShardRelays {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::server::RelayTransport;
 
     fn df_mode(socket: &std::net::UdpSocket) -> i32 {
         sockopt(socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
@@ -323,6 +324,7 @@ mod tests {
             };
             let req = OpenRelay {
                 id,
+                transport: RelayTransport::Udp,
                 source: RelaySource::Bind {
                     ip: "127.0.0.1".parse().unwrap(),
                     even_port: false,
@@ -346,6 +348,7 @@ mod tests {
             relays
                 .open(&OpenRelay {
                     id: df_id,
+                    transport: RelayTransport::Udp,
                     dont_fragment: true,
                     ..req
                 })
@@ -362,6 +365,7 @@ mod tests {
             };
             let v6_open = OpenRelay {
                 id: v6,
+                transport: RelayTransport::Udp,
                 source: RelaySource::Bind {
                     ip: "::1".parse().unwrap(),
                     even_port: false,

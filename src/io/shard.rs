@@ -14,12 +14,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::relay::{Reservations, ShardRelays};
 use super::tcp::{self, StreamConn};
+use super::tcp_relay::{self, Handover, TcpRelays};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::{self, HEADROOM};
 use crate::proto::error::EndReason;
 use crate::proto::server::{
-    ClientAction, Command, Core, CoreConfig, PeerAction, SessionInfo, Shared, Stats,
+    ClientAction, Command, Core, CoreConfig, PeerAction, RelayTransport, SessionInfo, Shared, Stats,
 };
 use crate::proto::{FiveTuple, Transport};
 
@@ -52,6 +53,13 @@ pub enum ShardCommand {
         user: String,
         reply: oneshot::Sender<usize>,
     },
+    /// A client connection another shard accepted, whose ConnectionBind names a TCP relay
+    /// connection of this shard (RFC 6062); `buffered` starts with that request.
+    Adopt {
+        stream: std::net::TcpStream,
+        client: SocketAddr,
+        buffered: Vec<u8>,
+    },
 }
 
 pub struct ShardSetup {
@@ -65,6 +73,9 @@ pub struct ShardSetup {
     pub reservations: Arc<Reservations>,
     pub shutdown: watch::Receiver<bool>,
     pub commands: mpsc::UnboundedReceiver<ShardCommand>,
+    /// Every shard's command sender, by index (this one's included): where client connections
+    /// are moved to (see `ShardCommand::Adopt`).
+    pub siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
     pub seed: u64,
 }
 
@@ -79,6 +90,35 @@ struct ShardState {
     reply: Vec<u8>,
     peers: PeerBatch,
     send_errors: u64,
+    tcp_relays: TcpRelays,
+    siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
+}
+
+impl tcp_relay::Host for ShardState {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn tcp_relays(&mut self) -> &mut TcpRelays {
+        &mut self.tcp_relays
+    }
+    fn run_commands(&mut self, now: Instant) {
+        ShardState::run_commands(self, now)
+    }
+    fn adopt_elsewhere(
+        &self,
+        shard: u8,
+        stream: std::net::TcpStream,
+        client: SocketAddr,
+        buffered: Vec<u8>,
+    ) -> bool {
+        let adopt = ShardCommand::Adopt {
+            stream,
+            client,
+            buffered,
+        };
+        let sibling = self.siblings.get(shard as usize);
+        sibling.is_some_and(|s| s.send(adopt).is_ok())
+    }
 }
 
 impl ShardState {
@@ -167,7 +207,10 @@ impl ShardState {
         while let Some(command) = self.core.poll_command() {
             match command {
                 Command::OpenRelay(req) => {
-                    let result = self.relays.open(&req);
+                    let result = match req.transport {
+                        RelayTransport::Udp => self.relays.open(&req),
+                        RelayTransport::Tcp => self.tcp_relays.open(&req),
+                    };
                     let mut reply = std::mem::take(&mut self.reply);
                     if let ClientAction::Reply { to } =
                         self.core.relay_opened(now, req.id, result, &mut reply)
@@ -176,8 +219,16 @@ impl ShardState {
                     }
                     self.reply = reply;
                 }
-                Command::CloseRelay(id) => self.relays.close(id),
+                Command::CloseRelay(id) => {
+                    self.relays.close(id);
+                    self.tcp_relays.close(id);
+                }
                 Command::DropReservation(token) => self.relays.drop_reservation(token),
+                Command::ConnectPeer { id, from, peer } => self.tcp_relays.connect(id, from, peer),
+                Command::ClosePeer(id) => self.tcp_relays.close_peer(id),
+                Command::Pipe { id, client } => self.tcp_relays.pipe(id, client),
+                Command::HandOver { client, shard } => self.tcp_relays.hand_over(client, shard),
+                Command::ToClient { to, message } => self.send_reply(&to, &message),
             }
         }
     }
@@ -188,6 +239,7 @@ impl ShardState {
             allocations: self.core.allocation_count(),
             // A reserved port's socket is open and its port taken, claimed or not.
             relay_sockets: self.relays.open_count()
+                + self.tcp_relays.listener_count()
                 + if self.counts_reservations {
                     self.core.shared().reserved_ports()
                 } else {
@@ -241,7 +293,8 @@ async fn serve(
     let _ = bound.send(Ok(listeners.iter().map(|l| l.bound).collect()));
 
     let relays = ShardRelays::new(setup.relay_ports, Arc::clone(&setup.reservations));
-    let core = Core::new(setup.config, setup.shared, setup.seed);
+    let mut core = Core::new(setup.config, setup.shared, setup.seed);
+    core.set_shard(setup.index);
     let state: Shard = Rc::new(RefCell::new(ShardState {
         core,
         relays,
@@ -251,6 +304,8 @@ async fn serve(
         reply: Vec::with_capacity(1500),
         peers: PeerBatch::new(),
         send_errors: 0,
+        tcp_relays: TcpRelays::new(setup.relay_ports),
+        siblings: setup.siblings,
     }));
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
@@ -299,6 +354,17 @@ async fn commands(state: Shard, mut rx: mpsc::UnboundedReceiver<ShardCommand>) {
             ShardCommand::EndUser { user, reply } => {
                 let _ = reply.send(st.core.end_user(&user, now, EndReason::Revoked));
             }
+            ShardCommand::Adopt {
+                stream,
+                client,
+                buffered,
+            } => match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    let task = connection(Rc::clone(&state), stream, client, buffered);
+                    tokio::task::spawn_local(task);
+                }
+                Err(e) => tracing::debug!(error = %e, "moved client connection lost"),
+            },
         }
         st.run_commands(now);
     }
@@ -356,7 +422,7 @@ async fn accept(state: Shard, listener: tokio::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
-                tokio::task::spawn_local(connection(Rc::clone(&state), stream, client));
+                tokio::task::spawn_local(connection(Rc::clone(&state), stream, client, Vec::new()));
             }
             // Out of file descriptors, say: the listener stays, the next accept may succeed.
             Err(e) => {
@@ -367,8 +433,14 @@ async fn accept(state: Shard, listener: tokio::net::TcpListener) {
     }
 }
 
-/// One TCP client, from accept to close; its allocation ends with the connection.
-async fn connection(state: Shard, stream: tokio::net::TcpStream, client: SocketAddr) {
+/// One TCP client, from accept to close; its allocation ends with the connection. `buffered`:
+/// bytes already read from it (by the shard that moved it here).
+async fn connection(
+    state: Shard,
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    buffered: Vec<u8>,
+) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
@@ -380,8 +452,18 @@ async fn connection(state: Shard, stream: tokio::net::TcpStream, client: SocketA
     };
     let conn = Rc::new(StreamConn::default());
     state.borrow_mut().streams.insert(ft, Rc::clone(&conn));
-    if let Err(e) = serve_stream(&state, &stream, &ft, &conn).await {
-        tracing::debug!(client = %client, error = %e, "tcp connection closed");
+    match serve_stream(&state, &stream, &ft, &conn, buffered).await {
+        Err(e) => tracing::debug!(client = %client, error = %e, "tcp connection closed"),
+        Ok(None) => {}
+        Ok(Some((handover, rest))) => {
+            // RFC 6062: after its ConnectionBind the connection carries no more TURN.
+            let _ = flush_all(&stream, &conn).await;
+            let moved = tcp_relay::hand_over(&state, stream, &ft, handover, rest).await;
+            if moved {
+                state.borrow_mut().streams.remove(&ft);
+                return;
+            }
+        }
     }
     let mut st = state.borrow_mut();
     st.streams.remove(&ft);
@@ -390,15 +472,53 @@ async fn connection(state: Shard, stream: tokio::net::TcpStream, client: SocketA
     st.run_commands(now);
 }
 
+/// Writes everything queued for the client.
+async fn flush_all(stream: &tokio::net::TcpStream, conn: &StreamConn) -> io::Result<()> {
+    while conn.has_output() {
+        stream.writable().await?;
+        conn.flush(stream)?;
+    }
+    Ok(())
+}
+
+/// Serves TURN frames until the connection ends, or until a ConnectionBind hands it over: then
+/// the handover, and the bytes after that request (or from it on, for a move to another shard).
 async fn serve_stream(
     state: &Shard,
     stream: &tokio::net::TcpStream,
     ft: &FiveTuple,
     conn: &StreamConn,
-) -> io::Result<()> {
-    let mut buf = Vec::new();
+    mut buf: Vec<u8>,
+) -> io::Result<Option<(Handover, Vec<u8>)>> {
     let mut idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
+    let mut fresh = !buf.is_empty();
     loop {
+        if std::mem::take(&mut fresh) {
+            let mut guard = state.borrow_mut();
+            let st = &mut *guard;
+            let now = Instant::now();
+            let (mut at, mut handed_at) = (0, None);
+            let used = tcp::complete_frames(&buf, |frame| {
+                st.client_frame(now, ft, frame);
+                let start = at;
+                at += frame.len();
+                let stop = st.tcp_relays.has_handover(ft);
+                if stop {
+                    handed_at = Some(start);
+                }
+                !stop
+            })?;
+            spawn_relay_tasks(state, st);
+            if let Some(h) = handed_at.and_then(|_| st.tcp_relays.take_handover(ft)) {
+                let from = match h {
+                    Handover::Move { .. } => handed_at.unwrap_or(used),
+                    _ => used,
+                };
+                return Ok(Some((h, buf.split_off(from))));
+            }
+            buf.drain(..used);
+        }
+        conn.flush(stream)?;
         let writing = conn.has_output();
         tokio::select! {
             () = tokio::time::sleep_until(idle_until) => {
@@ -411,22 +531,15 @@ async fn serve_stream(
                 ready?;
                 idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
                 match tcp::read_some(stream, &mut buf) {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Ok(true) => fresh = true,
+                    Ok(false) => return Ok(None),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                let mut guard = state.borrow_mut();
-                let st = &mut *guard;
-                let now = Instant::now();
-                let used = tcp::complete_frames(&buf, |frame| st.client_frame(now, ft, frame))?;
-                buf.drain(..used);
-                spawn_relay_tasks(state, st);
             }
             ready = stream.writable(), if writing => ready?,
             () = conn.queued(), if !writing => {}
         }
-        conn.flush(stream)?;
     }
 }
 
@@ -436,6 +549,7 @@ fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
         let task = tokio::task::spawn_local(relay(Rc::clone(state), id, socket));
         st.relays.set_task(id, task);
     }
+    tcp_relay::spawn_tasks(state, &mut st.tcp_relays);
 }
 
 async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {

@@ -98,8 +98,9 @@ pub fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
 }
 
 /// The complete frames at the start of `buf`, by their lengths, and how many bytes they take;
-/// an error when the stream cannot be TURN (the connection is then closed).
-pub fn complete_frames(buf: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<usize> {
+/// an error when the stream cannot be TURN (the connection is then closed). `each` returns
+/// false to stop after its frame (RFC 6062: after a ConnectionBind the bytes are no TURN).
+pub fn complete_frames(buf: &[u8], mut each: impl FnMut(&[u8]) -> bool) -> io::Result<usize> {
     let mut pos = 0;
     loop {
         let rest = &buf[pos..];
@@ -117,8 +118,10 @@ pub fn complete_frames(buf: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<us
         if rest.len() < len {
             return Ok(pos);
         }
-        each(&rest[..len]);
         pos += len;
+        if !each(&rest[..len]) {
+            return Ok(pos);
+        }
     }
 }
 
@@ -142,7 +145,11 @@ mod tests {
         let whole: Vec<Vec<u8>> = {
             let mut v = Vec::new();
             assert_eq!(
-                complete_frames(&stream, |f| v.push(f.to_vec())).unwrap(),
+                complete_frames(&stream, |f| {
+                    v.push(f.to_vec());
+                    true
+                })
+                .unwrap(),
                 stream.len()
             );
             v
@@ -154,7 +161,11 @@ mod tests {
             let (mut buf, mut got) = (Vec::new(), Vec::new());
             for chunk in stream.chunks(piece) {
                 buf.extend_from_slice(chunk);
-                let used = complete_frames(&buf, |f| got.push(f.to_vec())).unwrap();
+                let used = complete_frames(&buf, |f| {
+                    got.push(f.to_vec());
+                    true
+                })
+                .unwrap();
                 buf.drain(..used);
             }
             assert!(buf.is_empty(), "piece {piece}");
@@ -164,8 +175,8 @@ mod tests {
 
     #[test]
     fn a_stream_that_is_not_turn_is_an_error() {
-        assert!(complete_frames(&[0xC0, 0, 0, 0], |_| {}).is_err());
-        assert!(complete_frames(&[0x00, 0x01, 0x00, 0x03], |_| {}).is_err());
+        assert!(complete_frames(&[0xC0, 0, 0, 0], |_| true).is_err());
+        assert!(complete_frames(&[0x00, 0x01, 0x00, 0x03], |_| true).is_err());
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct Allocation {
     pub expires: Instant,
     /// Index 0 is the IPv4 relay, 1 the IPv6 relay (RFC 8656 dual allocation).
     pub relays: [Option<Relay>; 2],
+    /// A TCP allocation (RFC 6062): its relays listen for TCP and its peers are reached with
+    /// Connect, not with Send, ChannelData or channels.
+    pub tcp: bool,
     pub permissions: Vec<Permission>,
     pub channels: Vec<Channel>,
     /// The last request's transaction id and our answer, so a retransmission gets the same answer.
@@ -235,6 +238,7 @@ mod tests {
             created: now,
             expires: now + Duration::from_secs(600),
             relays: [None, None],
+            tcp: false,
             permissions: Vec::new(),
             channels: Vec::new(),
             last_txid: [0; 12],

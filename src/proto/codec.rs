@@ -26,9 +26,13 @@ pub mod method {
     pub const DATA: u16 = 0x007;
     pub const CREATE_PERMISSION: u16 = 0x008;
     pub const CHANNEL_BIND: u16 = 0x009;
+    /// RFC 6062 §6.1: TCP relays.
+    pub const CONNECT: u16 = 0x00A;
+    pub const CONNECTION_BIND: u16 = 0x00B;
+    pub const CONNECTION_ATTEMPT: u16 = 0x00C;
 }
 
-/// Attribute types we understand (RFC 8489 §18.3, RFC 8656 §18, RFC 5780, RFC 6156).
+/// Attribute types we understand (RFC 8489 §18.3, RFC 8656 §18, RFC 5780, RFC 6156, RFC 6062).
 pub mod attr {
     pub const MAPPED_ADDRESS: u16 = 0x0001;
     pub const CHANGE_REQUEST: u16 = 0x0003;
@@ -54,6 +58,8 @@ pub mod attr {
     pub const RESERVATION_TOKEN: u16 = 0x0022;
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
+    /// RFC 6062 §6.2: names one peer connection of a TCP allocation.
+    pub const CONNECTION_ID: u16 = 0x002A;
     /// RFC 5780: only inflates a Binding request.
     pub const PADDING: u16 = 0x0026;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;

@@ -53,10 +53,14 @@ pub enum TurnError {
     AddressFamilyNotSupported,
     /// 441: the credentials differ from the ones the allocation was made with.
     WrongCredentials,
-    /// 442: a relay transport other than UDP was requested.
+    /// 442: a relay transport other than UDP or TCP was requested.
     UnsupportedTransport,
     /// 443: the peer's address family has no relay in this allocation.
     PeerAddressFamilyMismatch,
+    /// 446: a Connect names a peer this TCP allocation already has a connection to (RFC 6062 §5.2).
+    ConnectionAlreadyExists,
+    /// 447: the relay's TCP connection to the peer failed or timed out (RFC 6062 §5.2).
+    ConnectionFailure,
     /// 486: the user holds its quota of allocations.
     AllocationQuotaReached,
     /// 508: the server is out of something (relay ports, total allocations, permission or
@@ -77,6 +81,8 @@ impl TurnError {
             TurnError::WrongCredentials => 441,
             TurnError::UnsupportedTransport => 442,
             TurnError::PeerAddressFamilyMismatch => 443,
+            TurnError::ConnectionAlreadyExists => 446,
+            TurnError::ConnectionFailure => 447,
             TurnError::AllocationQuotaReached => 486,
             TurnError::InsufficientCapacity => 508,
         }
@@ -95,6 +101,8 @@ impl TurnError {
             TurnError::WrongCredentials => "Wrong Credentials",
             TurnError::UnsupportedTransport => "Unsupported Transport Protocol",
             TurnError::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
+            TurnError::ConnectionAlreadyExists => "Connection Already Exists",
+            TurnError::ConnectionFailure => "Connection Timeout or Failure",
             TurnError::AllocationQuotaReached => "Allocation Quota Reached",
             TurnError::InsufficientCapacity => "Insufficient Capacity",
         }
@@ -182,6 +190,8 @@ mod tests {
             (TurnError::WrongCredentials, 441),
             (TurnError::UnsupportedTransport, 442),
             (TurnError::PeerAddressFamilyMismatch, 443),
+            (TurnError::ConnectionAlreadyExists, 446),
+            (TurnError::ConnectionFailure, 447),
             (TurnError::AllocationQuotaReached, 486),
             (TurnError::InsufficientCapacity, 508),
         ];

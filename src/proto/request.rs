@@ -34,6 +34,8 @@ const TURN_KNOWN: &[&[u16]] = &[
     CreatePermission::KNOWN,
     ChannelBind::KNOWN,
     Send::KNOWN,
+    Connect::KNOWN,
+    ConnectionBind::KNOWN,
 ];
 
 /// Unknown comprehension-required attributes of `msg`, judged by `known`. An all-zero
@@ -116,7 +118,7 @@ pub struct EvenPort {
 /// An Allocate request (RFC 8656 §7.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allocate {
-    /// The relay transport (REQUESTED-TRANSPORT); UDP is the only one served.
+    /// The relay transport (REQUESTED-TRANSPORT): UDP, or TCP (RFC 6062).
     pub transport: Transport,
     /// LIFETIME as asked; the handler clamps it.
     pub lifetime: Option<u32>,
@@ -141,6 +143,7 @@ impl Allocate {
     pub fn parse(msg: &Message) -> Result<Self, TurnError> {
         let transport = match msg.get(attr::REQUESTED_TRANSPORT).map(|a| a.value) {
             Some([17, _, _, _]) => Transport::Udp,
+            Some([6, _, _, _]) => Transport::Tcp,
             Some([_, _, _, _]) => return Err(TurnError::UnsupportedTransport),
             _ => return Err(TurnError::BadRequest),
         };
@@ -155,7 +158,10 @@ impl Allocate {
         // RFC 8656 §7.2: these combinations contradict each other.
         let contradictory = (token.is_some() && (even_port.is_some() || requested.is_some()))
             || (additional.is_some() && (requested.is_some() || token.is_some()));
-        if contradictory {
+        // RFC 6062 §5.1: a TCP relay has no port pairs and sends no datagrams to fragment.
+        let udp_only =
+            even_port.is_some() || token.is_some() || msg.get(attr::DONT_FRAGMENT).is_some();
+        if contradictory || (transport == Transport::Tcp && udp_only) {
             return Err(TurnError::BadRequest);
         }
         let reservation = match token.map(<[u8; 8]>::try_from) {
@@ -284,6 +290,43 @@ impl ChannelBind {
     }
 }
 
+/// A Connect request (RFC 6062 §4.3): open a TCP connection from the relay to this peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub peer: SocketAddr,
+}
+
+impl Connect {
+    pub const KNOWN: &'static [u16] = &[attr::XOR_PEER_ADDRESS];
+
+    pub fn parse(msg: &Message) -> Result<Self, TurnError> {
+        msg.get(attr::XOR_PEER_ADDRESS)
+            .and_then(|a| decode_xor_address(a.value, &msg.transaction_id()))
+            .map(|peer| Connect { peer })
+            .ok_or(TurnError::BadRequest)
+    }
+}
+
+/// A ConnectionBind request (RFC 6062 §4.4): makes the connection it arrives on the data
+/// connection of one peer connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionBind {
+    pub id: u32,
+}
+
+impl ConnectionBind {
+    pub const KNOWN: &'static [u16] = &[attr::CONNECTION_ID];
+
+    pub fn parse(msg: &Message) -> Result<Self, TurnError> {
+        msg.get(attr::CONNECTION_ID)
+            .and_then(|a| <[u8; 4]>::try_from(a.value).ok())
+            .map(|v| ConnectionBind {
+                id: u32::from_be_bytes(v),
+            })
+            .ok_or(TurnError::BadRequest)
+    }
+}
+
 /// A Send indication (RFC 8656 §11.1). Indications are never answered: one that does not decode
 /// is discarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -408,10 +451,29 @@ mod tests {
         assert_eq!(allocate(|_| {}), Err(TurnError::BadRequest));
         assert_eq!(
             allocate(|w| {
-                w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+                w.attr(attr::REQUESTED_TRANSPORT, &[132, 0, 0, 0]);
             }),
             Err(TurnError::UnsupportedTransport)
         );
+        let tcp = |w: &mut MessageWriter| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        };
+        assert_eq!(allocate(tcp).map(|a| a.transport), Ok(Transport::Tcp));
+        // RFC 6062 §5.1: the UDP-only attributes make a TCP Allocate a bad request.
+        for (kind, value) in [
+            (attr::EVEN_PORT, &[0u8][..]),
+            (attr::RESERVATION_TOKEN, &[1; 8][..]),
+            (attr::DONT_FRAGMENT, &[][..]),
+        ] {
+            assert_eq!(
+                allocate(|w| {
+                    tcp(w);
+                    w.attr(kind, value);
+                }),
+                Err(TurnError::BadRequest),
+                "attribute {kind:#06x}"
+            );
+        }
         assert_eq!(
             allocate(|w| {
                 udp(w);
@@ -502,6 +564,32 @@ mod tests {
         assert_eq!(parse(CHANNEL_MAX).map(|c| c.number), Ok(CHANNEL_MAX));
         assert_eq!(parse(CHANNEL_MIN - 1), Err(TurnError::BadRequest));
         assert_eq!(parse(CHANNEL_MAX + 1), Err(TurnError::BadRequest));
+    }
+
+    #[test]
+    fn connect_and_connection_bind_need_their_attribute() {
+        let buf = message(method::CONNECT, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, ([198, 51, 100, 1], 9).into());
+        });
+        assert_eq!(
+            Connect::parse(&Message::parse(&buf).unwrap()),
+            Ok(Connect {
+                peer: ([198, 51, 100, 1], 9).into()
+            })
+        );
+        let buf = message(method::CONNECT, |_| {});
+        assert_eq!(
+            Connect::parse(&Message::parse(&buf).unwrap()),
+            Err(TurnError::BadRequest)
+        );
+        let bind = |value: &[u8]| {
+            let buf = message(method::CONNECTION_BIND, |w| {
+                w.attr(attr::CONNECTION_ID, value);
+            });
+            ConnectionBind::parse(&Message::parse(&buf).unwrap())
+        };
+        assert_eq!(bind(&[1, 2, 3, 4]), Ok(ConnectionBind { id: 0x0102_0304 }));
+        assert_eq!(bind(&[1, 2, 3]), Err(TurnError::BadRequest));
     }
 
     #[test]

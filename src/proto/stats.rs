@@ -118,6 +118,15 @@ counters! {
         "Requests whose credentials were refused, by reason.";
     rate_limited: u64 => "rate_limited_replies_total" {}
         "Unauthenticated replies suppressed by the per-source limit.";
+    tcp_connects_ok: u64 => "tcp_peer_connects_total" { result = "ok" }
+        "Connect requests of TCP allocations (RFC 6062), by result.";
+    tcp_connects_failed: u64 => "tcp_peer_connects_total" { result = "failed" }
+        "Connect requests of TCP allocations (RFC 6062), by result.";
+    /// Counted when each pipe ends.
+    tcp_piped_to_peer_bytes: u64 => "tcp_piped_bytes_total" { direction = "to_peer" }
+        "Bytes passed through TCP relay connections (RFC 6062), by direction; counted when each connection ends.";
+    tcp_piped_to_client_bytes: u64 => "tcp_piped_bytes_total" { direction = "to_client" }
+        "Bytes passed through TCP relay connections (RFC 6062), by direction; counted when each connection ends.";
 }
 
 #[cfg(test)]

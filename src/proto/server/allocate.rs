@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::command::{Command, OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
+use super::command::{
+    Command, OpenRelay, OpenedRelay, RelayOpenError, RelaySource, RelayTransport,
+};
 use super::respond::{Answer, Signer, Success};
 use super::{ClientAction, Core, RelayAddress};
 use crate::proto::allocation::{
@@ -16,7 +18,7 @@ use crate::proto::codec::{attr, Class, MessageWriter};
 use crate::proto::error::{EndReason, TurnError};
 use crate::proto::quota::{QuotaError, QuotaKey};
 use crate::proto::request::{Allocate, Refresh};
-use crate::proto::FiveTuple;
+use crate::proto::{FiveTuple, Transport};
 
 /// An Allocate granted everything but its relay sockets, which the I/O layer is opening.
 pub(super) struct PendingAllocate {
@@ -49,6 +51,11 @@ impl Core {
         username: &str,
         request: Allocate,
     ) -> Result<Success, TurnError> {
+        // RFC 6062 §5.1: a TCP relay is offered only to a client on a TCP or TLS connection,
+        // whose data connections come to the same listener.
+        if request.transport == Transport::Tcp && ft.transport == Transport::Udp {
+            return Err(TurnError::BadRequest);
+        }
         let config = Arc::clone(&self.config);
         let families = request.families;
         let v4 = config.relay_v4.filter(|_| families.v4);
@@ -100,8 +107,13 @@ impl Core {
                 gen,
                 v6: i == 1,
             };
+            let transport = match request.transport {
+                Transport::Tcp => RelayTransport::Tcp,
+                _ => RelayTransport::Udp,
+            };
             self.commands.push_back(Command::OpenRelay(OpenRelay {
                 id,
+                transport,
                 source,
                 dont_fragment: request.dont_fragment,
             }));
@@ -252,6 +264,7 @@ impl Core {
             created: now,
             expires: now + lifetime,
             relays,
+            tcp: p.request.transport == Transport::Tcp,
             permissions: Vec::new(),
             channels: Vec::new(),
             last_txid: [0; 12],

@@ -15,6 +15,7 @@
 //! - `relay_path`: the hot path: ChannelData, Send indications, datagrams from peers.
 //! - `credentials`: the long-term credential check.
 //! - `respond`: the one exit every answer leaves by.
+//! - `tcp_relay`: TCP allocations' peer connections (RFC 6062).
 
 mod allocate;
 mod command;
@@ -23,6 +24,7 @@ mod permissions;
 mod relay_path;
 mod respond;
 mod shared;
+mod tcp_relay;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -30,9 +32,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::allocate::PendingAllocate;
-pub use self::command::{Command, OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
+pub use self::command::{
+    Command, ConnectionId, OpenRelay, OpenedRelay, PeerConnectError, RelayOpenError, RelaySource,
+    RelayTransport,
+};
 use self::respond::{Answer, Success};
 pub use self::shared::{LiveRelayPorts, Shared};
+pub use self::tcp_relay::{BIND_TIMEOUT, CONNECT_TIMEOUT, MAX_CONNECTIONS_PER_ALLOCATION};
 use super::allocation::{Allocation, Counters, Relay};
 use super::auth::{Authenticator, LongTermKey};
 use super::codec::{method, Class, Message, MessageWriter};
@@ -157,6 +163,10 @@ pub struct Core {
     stats: Stats,
     /// While draining, existing allocations keep working and new ones are refused.
     draining: bool,
+    /// TCP allocations' peer connections (RFC 6062).
+    tcp: tcp_relay::TcpConnections,
+    /// The low byte of every connection id this core hands out (see [`ConnectionId`]).
+    shard: u8,
 }
 
 /// One allocation as the admin API shows it.
@@ -195,6 +205,8 @@ impl Core {
             keys: Vec::with_capacity(4),
             stats: Stats::default(),
             draining: false,
+            tcp: tcp_relay::TcpConnections::default(),
+            shard: 0,
         }
     }
 
@@ -232,12 +244,16 @@ impl Core {
 
     /// The earliest instant `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        match (self.timers.next(), self.tcp.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Ends every relay whose lifetime has run out (the allocation with its last relay) and every
     /// reservation nobody claimed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tcp_timeouts(now);
         while let Some(slot) = self.timers.pop_due(now) {
             let Some(a) = self.slots[slot as usize].alloc.as_mut() else {
                 continue;
@@ -327,8 +343,12 @@ impl Core {
     }
 
     /// A stream client's connection closed: its allocation ends, and one still waiting for its
-    /// relay sockets is abandoned. False when the 5-tuple held neither.
+    /// relay sockets is abandoned; a data connection of a TCP relay (already closed with its
+    /// pipe) is forgotten. False when the 5-tuple held none of these.
     pub fn connection_closed(&mut self, ft: &FiveTuple, now: Instant) -> bool {
+        if self.data_connection_closed(ft) {
+            return true;
+        }
         if let Some(i) = self.pending.iter().position(|p| p.ft == *ft) {
             let p = self.pending.swap_remove(i);
             self.abandon(p);
@@ -430,7 +450,9 @@ impl Core {
                 method::ALLOCATE
                 | method::REFRESH
                 | method::CREATE_PERMISSION
-                | method::CHANNEL_BIND,
+                | method::CHANNEL_BIND
+                | method::CONNECT
+                | method::CONNECTION_BIND,
             ) => self.turn_request(now, ft, &msg, reply),
             (Class::Request, _) => self.refuse(
                 now,
@@ -534,8 +556,11 @@ impl Core {
         signer: &respond::Signer,
         existing: Option<u32>,
     ) -> Result<Success, TurnError> {
-        use request::{Allocate, ChannelBind, CreatePermission, Refresh};
+        use request::{Allocate, ChannelBind, Connect, ConnectionBind, CreatePermission, Refresh};
         let Some(slot) = existing else {
+            if msg.method == method::CONNECTION_BIND {
+                return self.connection_bind(ft, username, ConnectionBind::parse(msg)?);
+            }
             if msg.method != method::ALLOCATE || self.pending.iter().any(|p| p.ft == *ft) {
                 return Err(TurnError::AllocationMismatch);
             }
@@ -547,8 +572,11 @@ impl Core {
             let req = Allocate::parse(msg)?;
             return self.allocate(ft, answer, signer, username, req);
         };
-        if msg.method == method::ALLOCATE {
-            return Err(TurnError::AllocationMismatch);
+        match msg.method {
+            method::ALLOCATE => return Err(TurnError::AllocationMismatch),
+            // RFC 6062 §5.4: a data connection is a connection without an allocation.
+            method::CONNECTION_BIND => return Err(TurnError::BadRequest),
+            _ => {}
         }
         if *self.alloc_mut(slot).username != *username {
             return Err(TurnError::WrongCredentials);
@@ -558,6 +586,9 @@ impl Core {
             method::CREATE_PERMISSION => {
                 self.create_permission(now, slot, &CreatePermission::parse(msg)?)
             }
+            method::CONNECT => self.connect(now, ft, slot, Connect::parse(msg)?, answer, signer),
+            // Channels carry datagrams; a TCP allocation has none to carry.
+            _ if self.alloc_mut(slot).tcp => Err(TurnError::BadRequest),
             _ => self.channel_bind(now, slot, ChannelBind::parse(msg)?),
         }
     }
@@ -585,6 +616,7 @@ impl Core {
             return;
         };
         tracing::debug!(user = &*a.username, relay = %r.advertised, reason = %why, "relay ended");
+        self.close_peer_connections(slot, Some(r.id));
         self.commands.push_back(Command::CloseRelay(r.id));
         self.shared.live_relays.remove(&r.local);
     }
@@ -596,6 +628,7 @@ impl Core {
         self.free_slot(slot);
         self.timers.remove(slot);
         self.by_client.remove(&a.five_tuple);
+        self.close_peer_connections(slot, None);
         for r in a.relays.iter().flatten() {
             self.commands.push_back(Command::CloseRelay(r.id));
             self.shared.live_relays.remove(&r.local);

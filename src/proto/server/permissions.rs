@@ -40,7 +40,11 @@ impl Core {
     }
 
     /// Policy (403), then a relay of the peer's family in this allocation (443).
-    fn admit_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<SocketAddr, TurnError> {
+    pub(super) fn admit_peer(
+        &mut self,
+        slot: u32,
+        peer: SocketAddr,
+    ) -> Result<SocketAddr, TurnError> {
         let target = self.peer_verdict(peer).ok_or(TurnError::Forbidden)?;
         if self.alloc_mut(slot).relay_for(&target).is_none() {
             return Err(TurnError::PeerAddressFamilyMismatch);

@@ -55,7 +55,8 @@ impl Core {
             return ClientAction::Drop;
         };
         let a = self.alloc_mut(slot);
-        let relay = a.relay_for(&peer).map(|r| r.id);
+        // A TCP allocation's relays are listeners: its peers are reached through Connect.
+        let relay = a.relay_for(&peer).filter(|_| !a.tcp).map(|r| r.id);
         let Some(relay) = relay.filter(|_| a.has_permission(peer.ip(), now)) else {
             a.counters.dropped_packets += 1;
             self.stats.dropped_no_permission += 1;
@@ -177,14 +178,14 @@ impl Core {
 
 /// xorshift64*: deterministic under test (seeded by the caller), unpredictable enough for Data
 /// indication transaction ids, which nothing verifies.
-fn next_random(state: &mut u64) -> u64 {
+pub(super) fn next_random(state: &mut u64) -> u64 {
     *state ^= *state >> 12;
     *state ^= *state << 25;
     *state ^= *state >> 27;
     state.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-fn random_txid(state: &mut u64) -> [u8; 12] {
+pub(super) fn random_txid(state: &mut u64) -> [u8; 12] {
     let a = next_random(state).to_le_bytes();
     let b = next_random(state).to_le_bytes();
     let mut t = [0u8; 12];

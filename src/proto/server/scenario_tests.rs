@@ -3,7 +3,7 @@
 //! quinn's two-endpoint `Pair` and firezone's command-sequence tests.
 
 use super::*;
-use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
+use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource, RelayTransport};
 
 const RELAY_IP: &str = "192.0.2.10";
 
@@ -161,6 +161,7 @@ fn an_allocate_asks_for_one_socket_and_is_answered_when_it_is_in() {
                 gen: 0,
                 v6: false
             },
+            transport: RelayTransport::Udp,
             source: RelaySource::Bind {
                 ip: RELAY_IP.parse().unwrap(),
                 even_port: false,

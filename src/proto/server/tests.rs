@@ -622,10 +622,10 @@ fn allocate_transport_and_attribute_errors() {
     };
     // No REQUESTED-TRANSPORT.
     assert_eq!(run(&mut h, &|_| {}), (Class::Error, Some(400)));
-    // TCP relays are not offered over this path.
+    // A transport nobody relays.
     assert_eq!(
         run(&mut h, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+            w.attr(attr::REQUESTED_TRANSPORT, &[132, 0, 0, 0]);
         }),
         (Class::Error, Some(442))
     );
@@ -1808,3 +1808,6 @@ fn a_request_with_attributes_after_message_integrity_is_answered() {
 
 #[path = "scenario_tests.rs"]
 mod scenarios;
+
+#[path = "tcp_relay_tests.rs"]
+mod tcp_relays;

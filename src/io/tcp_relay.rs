@@ -1,0 +1,515 @@
+//! TCP relays (RFC 6062) on the I/O side: the listening relay sockets, the relay's connections
+//! to peers, and the pipe between a peer connection and its client data connection. The core
+//! decides (who may connect, which id is bound to what, when a connection is given up); this
+//! module only carries it out and reports back.
+//!
+//! The pipe is written against `AsyncRead + AsyncWrite` for the client side, so a TLS data
+//! connection pipes the same way as a plain one. Each direction holds at most [`PIPE_BUFFER`]
+//! bytes: it reads again only once the last read is written, so a slow reader on one side
+//! stops the reading on the other (TCP backpressure end to end, never unbounded buffering).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::proto::allocation::RelayId;
+use crate::proto::server::{
+    ConnectionId, Core, OpenRelay, OpenedRelay, PeerConnectError, RelayOpenError, RelaySource,
+};
+use crate::proto::FiveTuple;
+
+/// Bytes one pipe direction holds at most.
+pub const PIPE_BUFFER: usize = 64 * 1024;
+/// Random probes for a free relay port before a scan of the range.
+const RANDOM_PROBES: usize = 32;
+
+/// What the shard offers the tasks of this module: its core, this module's table, and the
+/// command loop that carries out what the core asked for.
+pub trait Host: 'static {
+    fn core(&mut self) -> &mut Core;
+    fn tcp_relays(&mut self) -> &mut TcpRelays;
+    fn run_commands(&mut self, now: Instant);
+    /// Moves a client connection to shard `shard`, `buffered` its unread bytes; false when there
+    /// is no such shard.
+    fn adopt_elsewhere(
+        &self,
+        shard: u8,
+        stream: std::net::TcpStream,
+        client: SocketAddr,
+        buffered: Vec<u8>,
+    ) -> bool;
+}
+
+/// Starts the accept task of every listener and the task of every Connect the core asked for
+/// during the last calls.
+pub fn spawn_tasks<H: Host>(host: &Rc<RefCell<H>>, relays: &mut TcpRelays) {
+    for (id, listener) in relays.take_pending() {
+        let task = tokio::task::spawn_local(accept_peers(Rc::clone(host), id, listener));
+        relays.set_listener_task(id, task);
+    }
+    for (id, from, peer) in relays.take_connects() {
+        let task = tokio::task::spawn_local(connect_peer(Rc::clone(host), id, from, peer));
+        relays.set_connecting(id, task);
+    }
+}
+
+/// Carries out a client connection's [`Handover`] once its last TURN output is written: runs
+/// its pipe to the end, or moves it to the shard that owns its peer connection. True when the
+/// connection now belongs to another shard (nothing is left to close here).
+pub async fn hand_over<H: Host>(
+    host: &Rc<RefCell<H>>,
+    stream: TcpStream,
+    client: &FiveTuple,
+    handover: Handover,
+    rest: Vec<u8>,
+) -> bool {
+    match handover {
+        Handover::Close => false,
+        Handover::Move { shard } => {
+            let moved = stream
+                .into_std()
+                .map(|s| host.borrow().adopt_elsewhere(shard, s, client.client, rest));
+            moved.unwrap_or(false)
+        }
+        Handover::Pipe { id, peer, stop } => {
+            let piped = pipe(stream, peer, &rest, &stop).await;
+            let mut st = host.borrow_mut();
+            st.tcp_relays().pipe_ended(id);
+            st.core().record_piped(piped.to_peer, piped.to_client);
+            false
+        }
+    }
+}
+
+enum Peer {
+    Connecting(JoinHandle<()>),
+    /// Connected or accepted; nothing is read from it until it is piped, so what the peer sends
+    /// meanwhile waits in the kernel (bounded by TCP's window).
+    Established(TcpStream),
+    /// Piped; notified to stop the pipe.
+    Piped(Rc<Notify>),
+}
+
+/// What becomes of a client connection after a ConnectionBind.
+pub enum Handover {
+    /// Pipe it to this peer connection.
+    Pipe {
+        id: ConnectionId,
+        peer: TcpStream,
+        stop: Rc<Notify>,
+    },
+    /// Move it to this shard, which owns the peer connection it names.
+    Move { shard: u8 },
+    /// The peer connection is gone: close the client connection.
+    Close,
+}
+
+/// One shard's TCP relays: listeners by relay, peer connections by id.
+pub struct TcpRelays {
+    ports: (u16, u16),
+    rng: SystemRandom,
+    listeners: HashMap<RelayId, JoinHandle<()>>,
+    /// Listeners opened during a core call; the shard starts their accept tasks right after.
+    pending: Vec<(RelayId, TcpListener)>,
+    peers: HashMap<ConnectionId, Peer>,
+    /// Client connections the core just bound or handed over, for their tasks to pick up.
+    handovers: HashMap<FiveTuple, Handover>,
+    /// Connects asked for during a core call; the shard starts their tasks right after.
+    connects: Vec<(ConnectionId, SocketAddr, SocketAddr)>,
+}
+
+impl TcpRelays {
+    pub fn new(ports: (u16, u16)) -> Self {
+        TcpRelays {
+            ports,
+            rng: SystemRandom::new(),
+            listeners: HashMap::new(),
+            pending: Vec::new(),
+            peers: HashMap::new(),
+            handovers: HashMap::new(),
+            connects: Vec::new(),
+        }
+    }
+
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len() + self.pending.len()
+    }
+
+    /// Carries out an [`OpenRelay`] for a TCP relay: a listening socket on a port of the range.
+    pub fn open(&mut self, req: &OpenRelay) -> Result<OpenedRelay, RelayOpenError> {
+        // The core never asks for EVEN-PORT or reservations with TCP (RFC 6062 §5.1).
+        let RelaySource::Bind { ip, .. } = req.source else {
+            return Err(RelayOpenError::UnknownToken);
+        };
+        let listener = self.bind_in_range(ip).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => RelayOpenError::NoPort,
+            kind => RelayOpenError::Os(kind),
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| RelayOpenError::Os(e.kind()))?;
+        let listener = TcpListener::from_std(listener).map_err(|e| RelayOpenError::Os(e.kind()))?;
+        self.pending.push((req.id, listener));
+        Ok(OpenedRelay {
+            local,
+            reservation_token: None,
+        })
+    }
+
+    /// Closes relay `id`'s listener if it is a TCP relay (its peer connections are closed by
+    /// the core one by one).
+    pub fn close(&mut self, id: RelayId) {
+        if let Some(task) = self.listeners.remove(&id) {
+            task.abort();
+        }
+        self.pending.retain(|(i, _)| *i != id);
+    }
+
+    fn random_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        // Only the port choice depends on it; a failed draw probes port `lo` first.
+        let _ = self.rng.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn bind_in_range(&self, ip: IpAddr) -> io::Result<std::net::TcpListener> {
+        let (lo, hi) = self.ports;
+        let span = (hi - lo) as u64 + 1;
+        let try_port = |port: u16| match bind_listener(SocketAddr::new(ip, port)) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+            Err(e) => Err(e),
+        };
+        for _ in 0..RANDOM_PROBES {
+            if let Some(l) = try_port(lo + (self.random_u64() % span) as u16)? {
+                return Ok(l);
+            }
+        }
+        let start = self.random_u64() % span;
+        for i in 0..span {
+            if let Some(l) = try_port(lo + ((start + i) % span) as u16)? {
+                return Ok(l);
+            }
+        }
+        Err(io::ErrorKind::AddrInUse.into())
+    }
+
+    /// Listeners opened during the last core calls, for the shard to start their accept tasks.
+    pub fn take_pending(&mut self) -> Vec<(RelayId, TcpListener)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// [`Command::ConnectPeer`](crate::proto::server::Command::ConnectPeer): queued until the
+    /// shard starts its task.
+    pub fn connect(&mut self, id: ConnectionId, from: SocketAddr, peer: SocketAddr) {
+        self.connects.push((id, from, peer));
+    }
+
+    pub fn take_connects(&mut self) -> Vec<(ConnectionId, SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.connects)
+    }
+
+    pub fn set_listener_task(&mut self, id: RelayId, task: JoinHandle<()>) {
+        self.listeners.insert(id, task);
+    }
+
+    pub fn set_connecting(&mut self, id: ConnectionId, task: JoinHandle<()>) {
+        self.peers.insert(id, Peer::Connecting(task));
+    }
+
+    fn set_established(&mut self, id: ConnectionId, stream: TcpStream) {
+        self.peers.insert(id, Peer::Established(stream));
+    }
+
+    /// [`Command::ClosePeer`](crate::proto::server::Command::ClosePeer).
+    pub fn close_peer(&mut self, id: ConnectionId) {
+        self.connects.retain(|(i, ..)| *i != id);
+        match self.peers.remove(&id) {
+            Some(Peer::Connecting(task)) => task.abort(),
+            // A stored permit: a pipe not started yet stops as soon as it starts.
+            Some(Peer::Piped(stop)) => stop.notify_one(),
+            Some(Peer::Established(_)) | None => {}
+        }
+    }
+
+    /// [`Command::Pipe`](crate::proto::server::Command::Pipe): hands the peer connection to the
+    /// client connection's task.
+    pub fn pipe(&mut self, id: ConnectionId, client: FiveTuple) {
+        let handover = match self.peers.remove(&id) {
+            Some(Peer::Established(peer)) => {
+                let stop = Rc::new(Notify::new());
+                self.peers.insert(id, Peer::Piped(Rc::clone(&stop)));
+                Handover::Pipe { id, peer, stop }
+            }
+            _ => Handover::Close,
+        };
+        self.handovers.insert(client, handover);
+    }
+
+    /// [`Command::HandOver`](crate::proto::server::Command::HandOver).
+    pub fn hand_over(&mut self, client: FiveTuple, shard: u8) {
+        self.handovers.insert(client, Handover::Move { shard });
+    }
+
+    /// Whether the client connection's task must stop reading TURN frames.
+    pub fn has_handover(&self, client: &FiveTuple) -> bool {
+        self.handovers.contains_key(client)
+    }
+
+    pub fn take_handover(&mut self, client: &FiveTuple) -> Option<Handover> {
+        self.handovers.remove(client)
+    }
+
+    /// A pipe ended on its own: forget its peer entry.
+    pub fn pipe_ended(&mut self, id: ConnectionId) {
+        if matches!(self.peers.get(&id), Some(Peer::Piped(_))) {
+            self.peers.remove(&id);
+        }
+    }
+}
+
+/// A listening relay socket. Bound without SO_REUSEPORT, so the bind fails on a port anyone
+/// holds; SO_REUSEPORT is set after the bind, so the relay's own connections to peers can bind
+/// the same address (RFC 6062 §5.2: they come from the relayed address) while no other
+/// listener can.
+fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Ports with connections in TIME_WAIT stay usable for a new relay.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.set_reuse_port(true)?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A TCP connection from the relay's address to the peer.
+async fn connect_from(from: SocketAddr, peer: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match from {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(from)?;
+    let stream = socket.connect(peer).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Accepts peers on a TCP relay until the relay closes (the task is aborted).
+pub async fn accept_peers<H: Host>(host: Rc<RefCell<H>>, relay: RelayId, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors, say: the listener stays, the next accept may succeed.
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp relay accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut st = host.borrow_mut();
+        let now = Instant::now();
+        if let Some(id) = st.core().peer_accepted(now, relay, peer) {
+            st.tcp_relays().set_established(id, stream);
+        }
+        st.run_commands(now);
+    }
+}
+
+/// Carries out a [`Command::ConnectPeer`](crate::proto::server::Command::ConnectPeer). The core
+/// owns the 30-second limit: at its end it closes the connection, which aborts this task.
+pub async fn connect_peer<H: Host>(
+    host: Rc<RefCell<H>>,
+    id: ConnectionId,
+    from: SocketAddr,
+    peer: SocketAddr,
+) {
+    let result = connect_from(from, peer).await;
+    let mut st = host.borrow_mut();
+    let now = Instant::now();
+    let outcome = match &result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(PeerConnectError::Os(e.kind())),
+    };
+    let keep = st.core().peer_connected(now, id, outcome);
+    match result {
+        Ok(stream) if keep => st.tcp_relays().set_established(id, stream),
+        _ => {
+            st.tcp_relays().peers.remove(&id);
+        }
+    }
+    st.run_commands(now);
+}
+
+/// Bytes one pipe passed, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Piped {
+    pub to_peer: u64,
+    pub to_client: u64,
+}
+
+/// Passes bytes both ways between a client data connection and a peer connection until either
+/// side ends (end of stream or error) or `stop` is notified; then both close (RFC 6062 §5.5:
+/// closing one side closes the other). `first` are client bytes already read past the
+/// ConnectionBind; they go to the peer before anything else.
+pub async fn pipe<C, P>(client: C, peer: P, first: &[u8], stop: &Notify) -> Piped
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut peer_rx, mut peer_tx) = tokio::io::split(peer);
+    let (to_peer, to_client) = (Cell::new(0u64), Cell::new(0u64));
+    let up = async {
+        peer_tx.write_all(first).await?;
+        to_peer.set(first.len() as u64);
+        copy_bounded(&mut client_rx, &mut peer_tx, &to_peer).await
+    };
+    let down = copy_bounded(&mut peer_rx, &mut client_tx, &to_client);
+    let why = tokio::select! {
+        r = up => r.err(),
+        r = down => r.err(),
+        () = stop.notified() => None,
+    };
+    if let Some(e) = why {
+        tracing::debug!(error = %e, "tcp relay pipe ended");
+    }
+    Piped {
+        to_peer: to_peer.get(),
+        to_client: to_client.get(),
+    }
+}
+
+/// Copies until the end of `r`, holding at most [`PIPE_BUFFER`] bytes: the next read waits for
+/// the last write.
+async fn copy_bounded<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PIPE_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        count.set(count.get() + n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pipe_passes_both_ways_and_ends_when_one_side_closes() {
+        runtime().block_on(async {
+            let (client, mut client_far) = tokio::io::duplex(1024);
+            let (peer, mut peer_far) = tokio::io::duplex(1024);
+            let stop = Notify::new();
+            let far = async {
+                client_far.write_all(b" and more").await.unwrap();
+                let mut got = [0u8; 14];
+                peer_far.read_exact(&mut got).await.unwrap();
+                // The bytes read past the ConnectionBind come first.
+                assert_eq!(&got, b"early and more");
+                peer_far.write_all(b"back").await.unwrap();
+                let mut back = [0u8; 4];
+                client_far.read_exact(&mut back).await.unwrap();
+                assert_eq!(&back, b"back");
+                // The client hangs up: the pipe ends and the peer sees the end of its stream.
+                drop(client_far);
+                let mut rest = Vec::new();
+                peer_far.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+            };
+            let (piped, ()) = tokio::join!(pipe(client, peer, b"early", &stop), far);
+            assert_eq!(
+                piped,
+                Piped {
+                    to_peer: 14,
+                    to_client: 4
+                }
+            );
+        });
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_stops_the_reading_from_the_client() {
+        runtime().block_on(async {
+            const CAP: usize = 4096;
+            let (client, mut client_far) = tokio::io::duplex(CAP);
+            let (peer, peer_far) = tokio::io::duplex(CAP);
+            let stop = Notify::new();
+            let written = Cell::new(0usize);
+            let flood = async {
+                let chunk = [7u8; 1024];
+                for _ in 0..1024 {
+                    if client_far.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    written.set(written.get() + chunk.len());
+                }
+            };
+            let stopper = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                stop.notify_one();
+            };
+            let (piped, (), ()) = tokio::join!(
+                pipe(client, peer, b"", &stop),
+                async {
+                    tokio::select! {
+                        () = flood => panic!("1 MiB went into a pipe nobody reads"),
+                        () = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    }
+                },
+                stopper
+            );
+            // What the client could write: both in-memory links' buffers and one pipe buffer.
+            assert!(written.get() <= 2 * CAP + PIPE_BUFFER, "{}", written.get());
+            assert!(piped.to_peer <= (CAP + PIPE_BUFFER) as u64, "{piped:?}");
+            drop(peer_far);
+        });
+    }
+
+    #[test]
+    fn a_stop_ends_the_pipe() {
+        runtime().block_on(async {
+            let (client, _client_far) = tokio::io::duplex(64);
+            let (peer, _peer_far) = tokio::io::duplex(64);
+            let stop = Notify::new();
+            // A permit stored before the pipe starts: the allocation ended in between.
+            stop.notify_one();
+            let piped =
+                tokio::time::timeout(Duration::from_secs(5), pipe(client, peer, b"", &stop))
+                    .await
+                    .expect("the pipe stops");
+            assert_eq!(piped, Piped::default());
+        });
+    }
+}
