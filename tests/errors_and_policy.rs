@@ -492,3 +492,285 @@ fn garbage_burst_leaves_the_daemon_serving() {
     let fresh_relay = fresh.must_allocate();
     relay_round_trip(&mut fresh, fresh_relay);
 }
+
+// ---------------------------------------------------------------------- TCP relays (RFC 6062)
+
+/// A synchronous TURN client on one TCP connection to the server (long-term credentials, MD5):
+/// a control connection, or a data connection until its ConnectionBind succeeds.
+struct TcpTurn {
+    s: std::net::TcpStream,
+    key: Vec<u8>,
+    nonce: Vec<u8>,
+    n: u32,
+    /// Indications that arrived while a response was awaited.
+    indications: Vec<Reply>,
+}
+
+impl TcpTurn {
+    fn open(server: SocketAddr) -> TcpTurn {
+        let s = std::net::TcpStream::connect(server).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let key = turnpike::proto::auth::long_term_key(
+            turnpike::proto::auth::PasswordAlgorithm::Md5,
+            common::USER,
+            common::REALM,
+            common::PASSWORD,
+        );
+        TcpTurn {
+            s,
+            key: key.as_bytes().to_vec(),
+            nonce: Vec::new(),
+            n: 0,
+            indications: Vec::new(),
+        }
+    }
+
+    fn txid(&mut self) -> [u8; 12] {
+        self.n += 1;
+        let mut t = [0x7C; 12];
+        t[..4].copy_from_slice(&self.n.to_be_bytes());
+        t
+    }
+
+    /// One STUN message from the stream (this client never receives ChannelData).
+    fn read_message(&mut self) -> Reply {
+        use std::io::Read;
+        let mut head = [0u8; 20];
+        self.s.read_exact(&mut head).expect("a STUN header");
+        let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+        let mut msg = head.to_vec();
+        msg.resize(20 + len, 0);
+        self.s.read_exact(&mut msg[20..]).expect("a STUN body");
+        Reply(msg)
+    }
+
+    fn transact(&mut self, req: &[u8]) -> Reply {
+        use std::io::Write;
+        self.s.write_all(req).unwrap();
+        loop {
+            let r = self.read_message();
+            if r.class() != Class::Indication && r.0[8..20] == req[8..20] {
+                return r;
+            }
+            self.indications.push(r);
+        }
+    }
+
+    /// An authenticated request, fetching (or refreshing, on 438) the nonce as needed.
+    fn request(&mut self, m: u16, fill: impl Fn(&mut MessageWriter)) -> Reply {
+        if self.nonce.is_empty() {
+            let mut req = Vec::new();
+            MessageWriter::new(&mut req, m, Class::Request, self.txid());
+            let r = self.transact(&req);
+            assert_eq!(r.code(), Some(401), "unauthenticated request");
+            self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
+        }
+        for _ in 0..2 {
+            let mut req = Vec::new();
+            let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
+            fill(&mut w);
+            w.attr(attr::USERNAME, common::USER.as_bytes())
+                .attr(attr::REALM, common::REALM.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&self.key);
+            let r = self.transact(&req);
+            if r.code() == Some(438) {
+                self.nonce = r.attr(attr::NONCE).expect("NONCE in 438");
+                continue;
+            }
+            return r;
+        }
+        panic!("stale nonce twice in a row");
+    }
+
+    fn allocate_tcp(&mut self) -> SocketAddr {
+        let r = self.request(method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        });
+        assert_eq!(r.class_code(), (Class::Success, None));
+        r.xor_addr(attr::XOR_RELAYED_ADDRESS)
+    }
+
+    /// Binds this connection to `id`; afterwards it is a raw byte pipe.
+    fn connection_bind(&mut self, id: &[u8]) -> Reply {
+        self.request(method::CONNECTION_BIND, |w| {
+            w.attr(attr::CONNECTION_ID, id);
+        })
+    }
+}
+
+fn tcp_daemon() -> Daemon {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Daemon::with(Options::default().edit(move |c| c.tcp_listen = vec![listen]))
+}
+
+/// Reads until the peer closes (EOF or reset); false if it stays open past the timeout.
+fn closes_within(s: &mut std::net::TcpStream, timeout: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn tcp_relay_connect_pipes_a_megabyte_to_a_tcp_echo_peer_and_back() {
+    use std::io::{Read, Write};
+    let d = tcp_daemon();
+    let server = d.tcp_addr.expect("a TCP listener");
+    // The echo peer: one connection, everything back, until the relay closes it.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, from) = echo.accept().unwrap();
+        let mut buf = [0u8; 16 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = seen_tx.send((from, total));
+    });
+
+    let mut ctl = TcpTurn::open(server);
+    let relayed = ctl.allocate_tcp();
+    let r = ctl.request(method::CONNECT, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, echo_addr);
+    });
+    assert_eq!(r.class_code(), (Class::Success, None));
+    assert!(
+        r.msg().verify_integrity(&ctl.key),
+        "signed like any response"
+    );
+    let id = r.attr(attr::CONNECTION_ID).expect("CONNECTION-ID");
+    // A second Connect to the same peer: 446.
+    let again = ctl.request(method::CONNECT, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, echo_addr);
+    });
+    assert_eq!(again.class_code(), (Class::Error, Some(446)));
+
+    let mut data = TcpTurn::open(server);
+    assert_eq!(
+        data.connection_bind(&id).class_code(),
+        (Class::Success, None)
+    );
+    // From here on the data connection is the peer connection's other end.
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut writer = data.s.try_clone().unwrap();
+    let sent = payload.clone();
+    let w = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut back = vec![0u8; payload.len()];
+    data.s.read_exact(&mut back).expect("the echo comes back");
+    w.join().unwrap();
+    assert!(back == payload, "echoed bytes differ");
+    // Closing the data connection closes the peer connection.
+    drop(data);
+    let (from, total) = seen_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the peer connection closed with the data connection");
+    assert_eq!(from, relayed, "the peer sees the relayed address");
+    assert_eq!(total, payload.len() as u64);
+    // A ConnectionBind for a connection id that is gone: 400.
+    let mut late = TcpTurn::open(server);
+    assert_eq!(
+        late.connection_bind(&id).class_code(),
+        (Class::Error, Some(400))
+    );
+}
+
+#[test]
+fn tcp_relay_incoming_peer_needs_a_permission_and_is_announced() {
+    use std::io::{Read, Write};
+    let d = tcp_daemon();
+    let server = d.tcp_addr.expect("a TCP listener");
+    let mut ctl = TcpTurn::open(server);
+    let relayed = ctl.allocate_tcp();
+    // No permission: the relay closes the connection.
+    let mut stranger = std::net::TcpStream::connect(relayed).unwrap();
+    assert!(closes_within(&mut stranger, Duration::from_secs(5)));
+    let r = ctl.request(method::CREATE_PERMISSION, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, "127.0.0.1:9".parse().unwrap());
+    });
+    assert_eq!(r.class_code(), (Class::Success, None));
+    assert!(
+        ctl.indications.is_empty(),
+        "nothing announced for the stranger"
+    );
+
+    let mut peer = std::net::TcpStream::connect(relayed).unwrap();
+    peer.write_all(b"sent before the bind").unwrap();
+    let attempt = ctl.read_message();
+    assert_eq!(
+        (attempt.class(), attempt.msg().method),
+        (Class::Indication, method::CONNECTION_ATTEMPT)
+    );
+    assert_eq!(
+        attempt.xor_addr(attr::XOR_PEER_ADDRESS),
+        peer.local_addr().unwrap()
+    );
+    let id = attempt.attr(attr::CONNECTION_ID).expect("CONNECTION-ID");
+    let mut data = TcpTurn::open(server);
+    assert_eq!(
+        data.connection_bind(&id).class_code(),
+        (Class::Success, None)
+    );
+    let mut got = [0u8; 20];
+    data.s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"sent before the bind");
+    data.s.write_all(b"and back").unwrap();
+    let mut got = [0u8; 8];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"and back");
+    // The peer hangs up: the data connection closes with it.
+    drop(peer);
+    assert!(closes_within(&mut data.s, Duration::from_secs(5)));
+    // Data connections land on whichever shard accepts them; the ones that land on the shard
+    // that does not own their peer connection are moved there. Eight pairs: all on the owner
+    // by chance once in 128 runs.
+    let mut pairs = Vec::new();
+    for i in 0..8u8 {
+        let mut peer = std::net::TcpStream::connect(relayed).unwrap();
+        let attempt = ctl.read_message();
+        let id = attempt.attr(attr::CONNECTION_ID).expect("CONNECTION-ID");
+        let mut data = TcpTurn::open(server);
+        assert_eq!(
+            data.connection_bind(&id).class_code(),
+            (Class::Success, None)
+        );
+        peer.write_all(&[i; 100]).unwrap();
+        data.s.write_all(&[i + 100; 100]).unwrap();
+        pairs.push((peer, data, i));
+    }
+    for (mut peer, mut data, i) in pairs {
+        let mut got = [0u8; 100];
+        data.s.read_exact(&mut got).unwrap();
+        assert_eq!(got, [i; 100]);
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, [i + 100; 100]);
+    }
+    // The allocation's end closes what is left: a second peer's unbound connection.
+    let mut second = std::net::TcpStream::connect(relayed).unwrap();
+    let _ = ctl.read_message();
+    drop(ctl);
+    assert!(closes_within(&mut second, Duration::from_secs(5)));
+}
+
+#[test]
+fn a_tcp_relay_is_refused_to_a_udp_client() {
+    let d = Daemon::start();
+    let mut c = static_user(&d);
+    c.challenge();
+    let r = c.request(method::ALLOCATE, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    });
+    assert_eq!(r.class_code(), (Class::Error, Some(400)));
+}
