@@ -174,6 +174,27 @@ mod tests {
     }
 
     #[test]
+    fn frames_stop_after_the_one_that_says_so() {
+        let mut msg = Vec::new();
+        codec::MessageWriter::new(
+            &mut msg,
+            codec::method::BINDING,
+            codec::Class::Request,
+            [4; 12],
+        );
+        // A ConnectionBind, then bytes that are not TURN (RFC 6062 data).
+        let mut stream = msg.clone();
+        stream.extend_from_slice(&[0xC0, 0xFF, 0xEE]);
+        let mut seen = 0;
+        let used = complete_frames(&stream, |_| {
+            seen += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!((seen, used), (1, msg.len()));
+    }
+
+    #[test]
     fn a_stream_that_is_not_turn_is_an_error() {
         assert!(complete_frames(&[0xC0, 0, 0, 0], |_| true).is_err());
         assert!(complete_frames(&[0x00, 0x01, 0x00, 0x03], |_| true).is_err());

@@ -972,7 +972,7 @@ fn requests_without_allocation_get_437_and_other_user_gets_441() {
 fn unknown_request_method_gets_400() {
     let mut h = Harness::new();
     let mut req = Vec::new();
-    MessageWriter::new(&mut req, 0x00A, Class::Request, [1; 12]);
+    MessageWriter::new(&mut req, 0x00F, Class::Request, [1; 12]);
     assert_eq!(h.call(&client(1), &req), (Class::Error, Some(400)));
 }
 
