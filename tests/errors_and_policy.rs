@@ -583,9 +583,12 @@ impl TcpTurn {
         panic!("stale nonce twice in a row");
     }
 
-    fn allocate_tcp(&mut self) -> SocketAddr {
+    fn allocate_tcp(&mut self, v6: bool) -> SocketAddr {
         let r = self.request(method::ALLOCATE, |w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+            if v6 {
+                w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+            }
         });
         assert_eq!(r.class_code(), (Class::Success, None));
         r.xor_addr(attr::XOR_RELAYED_ADDRESS)
@@ -621,11 +624,28 @@ fn closes_within(s: &mut std::net::TcpStream, timeout: Duration) -> bool {
 
 #[test]
 fn tcp_relay_connect_pipes_a_megabyte_to_a_tcp_echo_peer_and_back() {
+    connect_pipes_a_megabyte_on("127.0.0.1");
+}
+
+#[test]
+fn tcp_relay_connect_on_ipv6() {
+    connect_pipes_a_megabyte_on("::1");
+}
+
+/// Client, server, relay and echo peer on `ip`.
+fn connect_pipes_a_megabyte_on(ip: &'static str) {
     use std::io::{Read, Write};
-    let d = tcp_daemon();
+    let listen = SocketAddr::new(ip.parse().unwrap(), 0);
+    let d = Daemon::with(
+        Options {
+            ipv6: ip == "::1",
+            ..Options::with_api()
+        }
+        .edit(move |c| c.tcp_listen = vec![listen]),
+    );
     let server = d.tcp_addr.expect("a TCP listener");
     // The echo peer: one connection, everything back, until the relay closes it.
-    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo = std::net::TcpListener::bind((ip, 0)).unwrap();
     let echo_addr = echo.local_addr().unwrap();
     let (seen_tx, seen_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -642,7 +662,8 @@ fn tcp_relay_connect_pipes_a_megabyte_to_a_tcp_echo_peer_and_back() {
     });
 
     let mut ctl = TcpTurn::open(server);
-    let relayed = ctl.allocate_tcp();
+    let relayed = ctl.allocate_tcp(ip == "::1");
+    assert_eq!(relayed.is_ipv6(), ip == "::1");
     let r = ctl.request(method::CONNECT, |w| {
         w.xor_address(attr::XOR_PEER_ADDRESS, echo_addr);
     });
@@ -679,6 +700,23 @@ fn tcp_relay_connect_pipes_a_megabyte_to_a_tcp_echo_peer_and_back() {
         .expect("the peer connection closed with the data connection");
     assert_eq!(from, relayed, "the peer sees the relayed address");
     assert_eq!(total, payload.len() as u64);
+    // Counted once the pipe ends.
+    let mib = payload.len() as f64;
+    let timeout = Duration::from_secs(5);
+    d.wait_metric(
+        "turnpike_tcp_piped_bytes_total{direction=\"to_peer\"}",
+        mib,
+        timeout,
+    );
+    d.wait_metric(
+        "turnpike_tcp_piped_bytes_total{direction=\"to_client\"}",
+        mib,
+        timeout,
+    );
+    assert_eq!(
+        d.metric("turnpike_tcp_peer_connects_total{result=\"ok\"}"),
+        1.0
+    );
     // A ConnectionBind for a connection id that is gone: 400.
     let mut late = TcpTurn::open(server);
     assert_eq!(
@@ -693,7 +731,7 @@ fn tcp_relay_incoming_peer_needs_a_permission_and_is_announced() {
     let d = tcp_daemon();
     let server = d.tcp_addr.expect("a TCP listener");
     let mut ctl = TcpTurn::open(server);
-    let relayed = ctl.allocate_tcp();
+    let relayed = ctl.allocate_tcp(false);
     // No permission: the relay closes the connection.
     let mut stranger = std::net::TcpStream::connect(relayed).unwrap();
     assert!(closes_within(&mut stranger, Duration::from_secs(5)));

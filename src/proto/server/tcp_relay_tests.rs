@@ -197,6 +197,12 @@ fn connect_refusals_carry_their_codes() {
         ClientAction::Reply { to: ctl }
     );
     assert_eq!(h.reply_code(), (Class::Error, Some(403)));
+    // The allocation has no IPv6 relay.
+    assert_eq!(
+        h.connect(&ctl, peer("[2001:db8:1::1]:80")),
+        ClientAction::Reply { to: ctl }
+    );
+    assert_eq!(h.reply_code(), (Class::Error, Some(443)));
     // No XOR-PEER-ADDRESS.
     assert_eq!(
         h.authed(&ctl, method::CONNECT, |_| {}),
