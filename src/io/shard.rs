@@ -490,35 +490,11 @@ async fn serve_stream(
     conn: &StreamConn,
     mut buf: Vec<u8>,
 ) -> io::Result<Option<(Handover, Vec<u8>)>> {
+    if let Some(handover) = client_frames(state, ft, &mut buf)? {
+        return Ok(Some(handover));
+    }
     let mut idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
-    let mut fresh = !buf.is_empty();
     loop {
-        if std::mem::take(&mut fresh) {
-            let mut guard = state.borrow_mut();
-            let st = &mut *guard;
-            let now = Instant::now();
-            let (mut at, mut handed_at) = (0, None);
-            let used = tcp::complete_frames(&buf, |frame| {
-                st.client_frame(now, ft, frame);
-                let start = at;
-                at += frame.len();
-                let stop = st.tcp_relays.has_handover(ft);
-                if stop {
-                    handed_at = Some(start);
-                }
-                !stop
-            })?;
-            spawn_relay_tasks(state, st);
-            if let Some(h) = handed_at.and_then(|_| st.tcp_relays.take_handover(ft)) {
-                let from = match h {
-                    Handover::Move { .. } => handed_at.unwrap_or(used),
-                    _ => used,
-                };
-                return Ok(Some((h, buf.split_off(from))));
-            }
-            buf.drain(..used);
-        }
-        conn.flush(stream)?;
         let writing = conn.has_output();
         tokio::select! {
             () = tokio::time::sleep_until(idle_until) => {
@@ -531,16 +507,52 @@ async fn serve_stream(
                 ready?;
                 idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
                 match tcp::read_some(stream, &mut buf) {
-                    Ok(true) => fresh = true,
+                    Ok(true) => {}
                     Ok(false) => return Ok(None),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
+                }
+                if let Some(handover) = client_frames(state, ft, &mut buf)? {
+                    return Ok(Some(handover));
                 }
             }
             ready = stream.writable(), if writing => ready?,
             () = conn.queued(), if !writing => {}
         }
+        conn.flush(stream)?;
     }
+}
+
+/// The complete frames in `buf`, through the core; stops at a ConnectionBind that hands the
+/// connection over (RFC 6062), with the bytes that are no longer TURN.
+fn client_frames(
+    state: &Shard,
+    ft: &FiveTuple,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<(Handover, Vec<u8>)>> {
+    let mut guard = state.borrow_mut();
+    let st = &mut *guard;
+    let now = Instant::now();
+    let (mut at, mut handed_at) = (0, None);
+    let used = tcp::complete_frames(buf, |frame| {
+        st.client_frame(now, ft, frame);
+        let start = at;
+        at += frame.len();
+        let stop = st.tcp_relays.has_handover(ft);
+        handed_at = handed_at.or(stop.then_some(start));
+        !stop
+    })?;
+    spawn_relay_tasks(state, st);
+    if let Some(h) = handed_at.and_then(|_| st.tcp_relays.take_handover(ft)) {
+        // A moved connection's new shard reads the ConnectionBind again.
+        let from = match h {
+            Handover::Move { .. } => handed_at.unwrap_or(used),
+            _ => used,
+        };
+        return Ok(Some((h, buf.split_off(from))));
+    }
+    buf.drain(..used);
+    Ok(None)
 }
 
 /// Starts the receive task of every relay socket the core opened during the last calls.
