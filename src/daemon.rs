@@ -14,9 +14,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayIp};
 use crate::control::{self, credentials, unix_now, ControlState, Live, Shards};
+use crate::io::connection::{ListenerKind, StreamSettings};
+use crate::io::gate::ConnectionGate;
 use crate::io::interfaces::interface_addresses;
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
+use crate::io::tls::TlsContext;
 use crate::io::udp::bind_udp;
 use crate::proto::policy::{self, PeerPolicy, PolicyConfig};
 use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
@@ -33,6 +36,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("tls certificate: {0}")]
+    Tls(#[from] crate::io::tls::TlsError),
     #[error("cannot write the ready file {}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -203,12 +208,11 @@ fn quickstart(
     secret: &[u8],
     config: &Config,
     relays: &ResolvedRelays,
-    listeners: &[SocketAddr],
-    tcp_listeners: &[SocketAddr],
+    listeners: &credentials::Listeners,
 ) {
     let ttl = QUICKSTART_TTL.as_secs().min(config.auth.rest_max_ttl_secs);
     let host = credentials::public_host(config, relays.v4.map(|r| r.advertised));
-    let uris = credentials::default_uris(listeners, tcp_listeners, &host);
+    let uris = credentials::default_uris(listeners, &host);
     let secrets = [secret.to_vec()];
     let minted = match credentials::mint_for(config, &secrets, "quickstart", ttl, unix_now(), uris)
     {
@@ -295,25 +299,25 @@ pub struct ReadyPorts {
 
 impl Readiness {
     pub fn new(
-        listeners: &[SocketAddr],
-        tcp_listeners: &[SocketAddr],
+        listeners: &credentials::Listeners,
         api: Option<SocketAddr>,
         relays: &ResolvedRelays,
         relay_ports: (u16, u16),
     ) -> Readiness {
         Readiness {
             pid: std::process::id(),
-            listen: listeners
-                .iter()
-                .map(|&addr| ReadyListener {
-                    transport: "udp",
-                    addr,
-                })
-                .chain(tcp_listeners.iter().map(|&addr| ReadyListener {
-                    transport: "tcp",
-                    addr,
-                }))
-                .collect(),
+            listen: [
+                ("udp", &listeners.udp),
+                ("tcp", &listeners.tcp),
+                ("tls", &listeners.tls),
+            ]
+            .into_iter()
+            .flat_map(|(transport, addrs)| {
+                addrs
+                    .iter()
+                    .map(move |&addr| ReadyListener { transport, addr })
+            })
+            .collect(),
             api,
             relay: relays
                 .v4
@@ -402,28 +406,55 @@ pub fn serve(
         }
         None => None,
     };
-    let tcp_listeners = config
-        .tcp_listen
-        .iter()
-        .map(|&addr| {
-            crate::io::tcp::bind_tcp(addr).map_err(|source| DaemonError::Bind {
-                what: format!("tcp listener {addr} (is another TURN server running on it?)"),
+    // TCP and TLS listening sockets, bound once; every shard accepts from a clone of each.
+    let proxied = |addr: &SocketAddr| config.proxy_protocol.listeners.contains(addr);
+    let mut stream_listeners = Vec::new();
+    for (list, tls) in [(&config.tcp_listen, false), (&config.tls_listen, true)] {
+        for addr in list {
+            let transport = if tls { "tls" } else { "tcp" };
+            let bind_error = |source| DaemonError::Bind {
+                what: format!(
+                    "{transport} listener {addr} (is another TURN server running on it?)"
+                ),
                 source,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let tcp_bound = tcp_listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DaemonError::Bind {
-            what: "tcp listener".into(),
-            source,
-        })?;
+            };
+            let socket = crate::io::tcp::bind_tcp(*addr).map_err(bind_error)?;
+            let bound = socket.local_addr().map_err(bind_error)?;
+            let kind = ListenerKind {
+                tls,
+                proxy_protocol: proxied(addr),
+            };
+            stream_listeners.push((socket, bound, kind));
+        }
+    }
+    let bound_of = |tls: bool| -> Vec<SocketAddr> {
+        stream_listeners
+            .iter()
+            .filter(|(_, _, kind)| kind.tls == tls)
+            .map(|(_, bound, _)| *bound)
+            .collect()
+    };
+    let bound = credentials::Listeners {
+        udp: listeners.clone(),
+        tcp: bound_of(false),
+        tls: bound_of(true),
+    };
+    let tls = match control::load_certificate(&config)? {
+        Some(certificate) => Some(TlsContext::new(certificate)?),
+        None => None,
+    };
+    let streams = StreamSettings::new(
+        tls,
+        ConnectionGate::new(
+            config.limits.connections_total,
+            config.limits.connections_per_source,
+        ),
+        control::stream_policy(&config),
+    );
     // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
     // bound (a configured port 0 is whatever port the kernel picked).
     let mut endpoints = listeners.clone();
-    endpoints.extend(&tcp_bound);
+    endpoints.extend(bound.tcp.iter().chain(&bound.tls));
     if let Some(l) = &api_listener {
         let bound = l.local_addr().map_err(|source| DaemonError::Bind {
             what: "api listener".into(),
@@ -457,14 +488,15 @@ pub fn serve(
         let setup = ShardSetup {
             index,
             listen: listeners.clone(),
-            tcp_listeners: tcp_listeners
+            tcp_listeners: stream_listeners
                 .iter()
-                .map(|l| l.try_clone())
+                .map(|(l, _, kind)| l.try_clone().map(|l| (l, *kind)))
                 .collect::<Result<_, _>>()
                 .map_err(|source| DaemonError::Bind {
                     what: "tcp listener (clone for a shard)".into(),
                     source,
                 })?,
+            streams: Arc::clone(&streams),
             config: Arc::clone(&core),
             shared: Arc::clone(&shared),
             relay_ports: (config.relay.port_min, config.relay.port_max),
@@ -519,8 +551,8 @@ pub fn serve(
         reloads_failed: AtomicU64::new(0),
         relay_port_span: u64::from(config.relay.port_max - config.relay.port_min) + 1,
         advertised: relays.v4.map(|r| r.advertised),
-        listeners: listeners.clone(),
-        tcp_listeners: tcp_bound.clone(),
+        listeners: bound.clone(),
+        streams: Arc::clone(&streams),
         started: Instant::now(),
     });
 
@@ -550,14 +582,15 @@ pub fn serve(
         for l in &listeners {
             tracing::info!(addr = %l, transport = "udp", "listening");
         }
-        for l in &tcp_bound {
-            tracing::info!(addr = %l, transport = "tcp", "listening");
+        for (_, addr, kind) in &stream_listeners {
+            let transport = if kind.tls { "tls+tcp" } else { "tcp" };
+            tracing::info!(addr = %addr, transport, proxy_protocol = kind.proxy_protocol, "listening");
         }
         if let Some(path) = ready_file {
             // Refuse rather than serve without it: whoever asked for the file waits for it, and
             // an exit status names the bad path now, where a missing file is only a timeout.
             let ports = (config.relay.port_min, config.relay.port_max);
-            Readiness::new(&listeners, &tcp_bound, api_bound, &relays, ports)
+            Readiness::new(&bound, api_bound, &relays, ports)
                 .write(&path)
                 .map_err(|source| DaemonError::ReadyFile {
                     path: path.clone(),
@@ -574,12 +607,13 @@ pub fn serve(
             "turnpike ready"
         );
         if let Some(secret) = &ephemeral_secret {
-            quickstart(secret, &config, &relays, &listeners, &tcp_bound);
+            quickstart(secret, &config, &relays, &bound);
         }
         control::notify::ready(&format!(
-            "serving on {} udp and {} tcp listener(s)",
-            listeners.len(),
-            tcp_bound.len()
+            "serving on {} udp, {} tcp and {} tls listener(s)",
+            bound.udp.len(),
+            bound.tcp.len(),
+            bound.tls.len()
         ));
         control::run_until_stopped(Arc::clone(&state))
             .await
@@ -619,11 +653,14 @@ mod tests {
             }),
         };
         Readiness::new(
-            &[
-                "0.0.0.0:3478".parse().unwrap(),
-                "[::1]:41000".parse().unwrap(),
-            ],
-            &["0.0.0.0:3478".parse().unwrap()],
+            &credentials::Listeners {
+                udp: vec![
+                    "0.0.0.0:3478".parse().unwrap(),
+                    "[::1]:41000".parse().unwrap(),
+                ],
+                tcp: vec!["0.0.0.0:3478".parse().unwrap()],
+                tls: vec!["0.0.0.0:443".parse().unwrap()],
+            },
             Some("127.0.0.1:8080".parse().unwrap()),
             &relays,
             (49152, 49200),
@@ -641,6 +678,7 @@ mod tests {
                     {"transport": "udp", "addr": "0.0.0.0:3478"},
                     {"transport": "udp", "addr": "[::1]:41000"},
                     {"transport": "tcp", "addr": "0.0.0.0:3478"},
+                    {"transport": "tls", "addr": "0.0.0.0:443"},
                 ],
                 "api": "127.0.0.1:8080",
                 "relay": [

@@ -174,8 +174,7 @@ fn credentials_command(
                 .map(|v| v.advertised),
         };
         credentials::default_uris(
-            &config.listen,
-            &config.tcp_listen,
+            &credentials::Listeners::configured(config),
             &credentials::public_host(config, advertised),
         )
     } else {

@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayConfig,
-    RelayIp, UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig,
+    ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
 };
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
 
@@ -163,6 +163,22 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
     }
     let listen = build_listen("listen", &raw.listen, &relay, cx);
     let tcp_listen = build_listen("tcp_listen", &raw.tcp_listen, &relay, cx);
+    let tls_listen = build_listen("tls_listen", &raw.tls_listen, &relay, cx);
+    // Both are TCP: one port cannot be both (a TLS listener already serves plain TCP too).
+    for (i, addr) in tls_listen.iter().enumerate() {
+        if let Some(j) = tcp_listen.iter().position(|t| same_socket(*t, *addr)) {
+            cx.invalid(
+                &format!("tls_listen[{i}]"),
+                Q(&addr.to_string()),
+                format!(
+                    "overlaps tcp_listen[{j}]: a TLS listener also serves plain TCP on its \
+                     port, so drop the tcp_listen entry"
+                ),
+            );
+        }
+    }
+    let tls = build_tls(raw.tls, !tls_listen.is_empty(), cx);
+    let proxy_protocol = build_proxy_protocol(raw.proxy_protocol, &tcp_listen, &tls_listen, cx);
     let auth = build_auth(raw.auth, cx);
     let limits = build_limits(raw.limits, cx);
     let peers = build_peers(raw.peers, cx);
@@ -189,6 +205,7 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
             listen
         },
         tcp_listen,
+        tls_listen,
         log_format,
         log_level: raw.log_level,
         public_host: raw.public_host,
@@ -198,7 +215,96 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         limits,
         peers,
         api,
+        tls,
+        proxy_protocol,
     }
+}
+
+/// Whether two listeners would fight over one socket: the same port and family, and the same
+/// address or a wildcard on either side.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn build_tls(raw: raw::Tls, needed: bool, cx: &mut Cx<'_>) -> TlsConfig {
+    let d = TlsConfig::default();
+    let cert_file = cx.opt_path("tls.cert_file", &raw.cert_file);
+    let key_file = cx.opt_path("tls.key_file", &raw.key_file);
+    if needed {
+        for (key, value) in [("tls.cert_file", &cert_file), ("tls.key_file", &key_file)] {
+            if value.is_none() && cx.issues.iter().all(|i| i.key != key) {
+                cx.push(
+                    key,
+                    format!("{key} must be set: tls_listen needs a certificate and its key"),
+                );
+            }
+        }
+    }
+    let handshake_timeout_secs = cx.int(
+        "tls.handshake_timeout_secs",
+        raw.handshake_timeout_secs,
+        1,
+        120,
+        d.handshake_timeout_secs,
+    );
+    TlsConfig {
+        cert_file,
+        key_file,
+        handshake_timeout_secs,
+    }
+}
+
+fn build_proxy_protocol(
+    raw: raw::ProxyProtocol,
+    tcp_listen: &[SocketAddr],
+    tls_listen: &[SocketAddr],
+    cx: &mut Cx<'_>,
+) -> ProxyProtocolConfig {
+    let mut listeners = Vec::new();
+    for (i, text) in raw.listeners.iter().enumerate() {
+        let key = format!("proxy_protocol.listeners[{i}]");
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if tcp_listen.contains(&addr) || tls_listen.contains(&addr) => {
+                if listeners.contains(&addr) {
+                    cx.invalid(&key, Q(text), "listed twice");
+                } else {
+                    listeners.push(addr);
+                }
+            }
+            Ok(_) => cx.invalid(
+                &key,
+                Q(text),
+                "is not an entry of tcp_listen or tls_listen (write it exactly as there)",
+            ),
+            Err(_) => cx.invalid(&key, Q(text), "expected IP:port, as in tcp_listen"),
+        }
+    }
+    let trusted = raw
+        .trusted
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let key = format!("proxy_protocol.trusted[{i}]");
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    cx.invalid(
+                        &key,
+                        Q(text),
+                        r#"expected a CIDR such as "10.0.0.0/8", or a single address"#,
+                    );
+                    None
+                }
+            }
+        })
+        .collect();
+    ProxyProtocolConfig { listeners, trusted }
 }
 
 /// REALM and SOFTWARE: sent on the wire, so RFC length limits and no control
@@ -665,7 +771,31 @@ fn build_limits(raw: raw::Limits, cx: &mut Cx<'_>) -> LimitsConfig {
             ),
         );
     }
+    let connections_total = cx.int32(
+        "limits.connections_total",
+        raw.connections_total,
+        1,
+        max,
+        d.connections_total,
+    );
+    let connections_per_source = cx.int32(
+        "limits.connections_per_source",
+        raw.connections_per_source,
+        0,
+        max,
+        d.connections_per_source,
+    );
+    let connection_idle_secs = cx.int(
+        "limits.connection_idle_secs",
+        raw.connection_idle_secs,
+        5,
+        3600,
+        d.connection_idle_secs,
+    );
     LimitsConfig {
+        connections_total,
+        connections_per_source,
+        connection_idle_secs,
         allocations_per_user,
         total_allocations,
         permissions_per_allocation,

@@ -249,6 +249,69 @@ impl Drop for TempDir {
     }
 }
 
+/// A test CA and a server certificate it signed, as PEM files in a temp dir: nothing private is
+/// committed, every run makes its own.
+pub struct TestCert {
+    pub dir: TempDir,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// DER of the server certificate, to tell which one a handshake got.
+    pub cert_der: Vec<u8>,
+}
+
+impl TestCert {
+    /// A certificate for loopback (127.0.0.1, ::1, localhost) and `turn.test`.
+    pub fn new() -> TestCert {
+        TestCert::with_names(&["127.0.0.1", "::1", "localhost", "turn.test"], 30)
+    }
+
+    /// A certificate for `names` (IP literals become IP SANs) valid for `days` from now.
+    pub fn with_names(names: &[&str], days: i64) -> TestCert {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = TempDir::new("cert");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "turnpike test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, names[0]);
+        let now = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(unix_now());
+        leaf.not_before = now - Duration::from_secs(3600);
+        leaf.not_after = now + Duration::from_secs((days.max(0) as u64) * 86400);
+        let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+        let t = TestCert {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            cert_der: leaf.der().to_vec(),
+            dir,
+        };
+        std::fs::write(&t.ca, ca.pem()).unwrap();
+        std::fs::write(&t.cert, leaf.pem() + &ca.pem()).unwrap();
+        std::fs::write(&t.key, key.serialize_pem()).unwrap();
+        t
+    }
+
+    /// Options edit: a TLS listener on `ip` port 0 serving this certificate.
+    pub fn listen_on(&self, ip: &str) -> impl Fn(&mut Config) + Send + Sync + 'static {
+        let (cert, key) = (self.cert.clone(), self.key.clone());
+        let addr = SocketAddr::new(ip.parse().unwrap(), 0);
+        move |c: &mut Config| {
+            c.tls_listen = vec![addr];
+            c.tls.cert_file = Some(cert.clone());
+            c.tls.key_file = Some(key.clone());
+        }
+    }
+}
+
 /// The built `turnpike` binary.
 pub fn turnpike_bin() -> &'static str {
     env!("CARGO_BIN_EXE_turnpike")
@@ -310,6 +373,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// The TCP listener as bound, when `tcp_listen` configures one.
     pub tcp_addr: Option<SocketAddr>,
+    /// The TLS listener (TLS and plain TCP on one port) as bound, when `tls_listen` configures one.
+    pub tls_addr: Option<SocketAddr>,
     /// The HTTP API listener as bound, when the API is on.
     pub api_addr: Option<SocketAddr>,
     /// The relay port range: [`Options::relay_ports`], or the block the harness picked.
@@ -416,6 +481,7 @@ impl Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
             tcp_addr: None,
+            tls_addr: None,
             api_addr: None,
             relay_ports,
             ready: serde_json::Value::Null,
@@ -470,12 +536,14 @@ impl Daemon {
                 .map(|l| addr(&l["addr"]))
                 .collect()
         };
-        let (udp, tcp) = (of("udp"), of("tcp"));
+        let (udp, tcp, tls) = (of("udp"), of("tcp"), of("tls"));
         assert_eq!(udp.len(), 1, "one UDP listener: {text}");
         assert!(tcp.len() <= 1, "at most one TCP listener: {text}");
-        assert_eq!(udp.len() + tcp.len(), listen.len(), "{text}");
+        assert!(tls.len() <= 1, "at most one TLS listener: {text}");
+        assert_eq!(udp.len() + tcp.len() + tls.len(), listen.len(), "{text}");
         self.addr = udp[0];
         self.tcp_addr = tcp.first().copied();
+        self.tls_addr = tls.first().copied();
         self.api_addr = (!v["api"].is_null()).then(|| addr(&v["api"]));
         assert_eq!(
             self.api_addr.is_some(),

@@ -159,6 +159,36 @@ pub struct Core {
     draining: bool,
 }
 
+/// A count for each transport clients reach us on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByTransport {
+    pub udp: usize,
+    pub tcp: usize,
+    pub tls: usize,
+}
+
+impl ByTransport {
+    pub fn of(&mut self, transport: Transport) -> &mut usize {
+        match transport {
+            Transport::Udp => &mut self.udp,
+            Transport::Tcp => &mut self.tcp,
+            Transport::Tls => &mut self.tls,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.udp + self.tcp + self.tls
+    }
+}
+
+impl std::ops::AddAssign for ByTransport {
+    fn add_assign(&mut self, o: Self) {
+        self.udp += o.udp;
+        self.tcp += o.tcp;
+        self.tls += o.tls;
+    }
+}
+
 /// One allocation as the admin API shows it.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -213,6 +243,15 @@ impl Core {
 
     pub fn allocation_count(&self) -> usize {
         self.by_client.len()
+    }
+
+    /// Allocations by their client's transport; a walk over them, for metrics scrapes.
+    pub fn allocations_by_transport(&self) -> ByTransport {
+        let mut n = ByTransport::default();
+        for ft in self.by_client.keys() {
+            *n.of(ft.transport) += 1;
+        }
+        n
     }
 
     /// Whether this 5-tuple holds an allocation (or is about to).
