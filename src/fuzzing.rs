@@ -343,6 +343,7 @@ fn core_config() -> CoreConfig {
             local: v6,
             advertised: v6,
         }),
+        nat_discovery: Vec::new(),
     }
 }
 

@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub peers: PeersConfig,
     pub api: ApiConfig,
+    pub nat_discovery: NatDiscoveryConfig,
 }
 
 impl Default for Config {
@@ -53,6 +54,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             peers: PeersConfig::default(),
             api: ApiConfig::default(),
+            nat_discovery: NatDiscoveryConfig::default(),
         }
     }
 }
@@ -248,6 +250,29 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[nat_discovery]`: RFC 5780 NAT behaviour discovery, per family; off (both `None`) by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatDiscoveryConfig {
+    pub v4: Option<DiscoveryAddresses>,
+    pub v6: Option<DiscoveryAddresses>,
+}
+
+/// One family's RFC 5780 addresses: IP1:P1 and IP2:P2. The daemon also listens on IP1:P2 and
+/// IP2:P1 (`proto::discovery::NatDiscovery` does the arithmetic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryAddresses {
+    /// One of the `listen` entries: a concrete address with a fixed port.
+    pub primary: SocketAddr,
+    /// Another IP and another port of this host, in the same family.
+    pub alternate: SocketAddr,
+}
+
+impl NatDiscoveryConfig {
+    pub fn families(&self) -> impl Iterator<Item = DiscoveryAddresses> + '_ {
+        self.v4.iter().chain(self.v6.iter()).copied()
+    }
+}
+
 pub(super) mod raw {
     //! Mirrors of the file's tables: strings for addresses, paths and CIDRs,
     //! `i64` for every integer, so serde only ever reports syntax errors, wrong
@@ -278,6 +303,7 @@ pub(super) mod raw {
         pub limits: Limits,
         pub peers: Peers,
         pub api: Api,
+        pub nat_discovery: NatDiscovery,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -347,6 +373,15 @@ pub(super) mod raw {
         pub max_ttl_secs: i64,
     }
 
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct NatDiscovery {
+        pub primary: String,
+        pub alternate: String,
+        pub primary_v6: String,
+        pub alternate_v6: String,
+    }
+
     /// `None` is written as "", which the validator reads back as `None`.
     fn opt<T: ToString>(value: &Option<T>) -> String {
         value.as_ref().map(T::to_string).unwrap_or_default()
@@ -382,6 +417,18 @@ pub(super) mod raw {
                 limits: Limits::from_typed(&c.limits),
                 peers: Peers::from_typed(&c.peers),
                 api: Api::from_typed(&c.api),
+                nat_discovery: NatDiscovery::from_typed(&c.nat_discovery),
+            }
+        }
+    }
+
+    impl NatDiscovery {
+        fn from_typed(n: &typed::NatDiscoveryConfig) -> NatDiscovery {
+            NatDiscovery {
+                primary: opt(&n.v4.map(|a| a.primary)),
+                alternate: opt(&n.v4.map(|a| a.alternate)),
+                primary_v6: opt(&n.v6.map(|a| a.primary)),
+                alternate_v6: opt(&n.v6.map(|a| a.alternate)),
             }
         }
     }
@@ -481,6 +528,7 @@ pub(super) mod raw {
     default_from_typed!(Limits, LimitsConfig, Limits::from_typed);
     default_from_typed!(Peers, PeersConfig, Peers::from_typed);
     default_from_typed!(Api, ApiConfig, Api::from_typed);
+    default_from_typed!(NatDiscovery, NatDiscoveryConfig, NatDiscovery::from_typed);
 }
 
 #[cfg(test)]
