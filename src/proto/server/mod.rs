@@ -471,8 +471,9 @@ impl Core {
             Some(d) => d.answer(ft.local, req.change),
             None => None,
         };
-        // These answers are two to four times the size of the request and may come from an address the
-        // client never sent to: rate limited per source like every other unauthenticated reply.
+        // These answers are two to four times the size of the request and may come from an
+        // address the client never sent to: rate limited per source like every other
+        // unauthenticated reply.
         if origin.is_some() && !self.shared.limiter.allow(ft.client.ip(), now) {
             self.stats.rate_limited += 1;
             return ClientAction::Drop;
