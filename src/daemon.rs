@@ -21,6 +21,7 @@ use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
 use crate::io::tls::TlsContext;
 use crate::io::udp::bind_udp;
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::policy::{self, PeerPolicy, PolicyConfig};
 use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
 
@@ -112,12 +113,29 @@ pub fn resolve_relays(config: &Config) -> ResolvedRelays {
     ResolvedRelays { v4: Some(v4), v6 }
 }
 
-/// Builds the core's view of the configuration. `rest_secrets` are already loaded.
+/// The RFC 5780 address sets `config` asks for. TCP joins in where `tcp_listen` holds the
+/// primary address: then the daemon binds TCP listeners on the other three as well.
+pub fn nat_discovery(config: &Config) -> Vec<NatDiscovery> {
+    config
+        .nat_discovery
+        .families()
+        .map(|a| NatDiscovery {
+            primary: a.primary,
+            alternate: a.alternate,
+            tcp: config.tcp_listen.contains(&a.primary),
+        })
+        .collect()
+}
+
+/// Builds the core's view of the configuration. `rest_secrets` are already loaded; `listeners`
+/// are every service endpoint as bound and `discovery` the RFC 5780 listeners bound at start
+/// (neither changes on a reload).
 pub fn core_config(
     config: &Config,
     relays: &ResolvedRelays,
     rest_secrets: Vec<Vec<u8>>,
     listeners: &[SocketAddr],
+    discovery: &[NatDiscovery],
 ) -> Result<CoreConfig, DaemonError> {
     let auth = credentials::authenticator(config, rest_secrets)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
@@ -166,6 +184,7 @@ pub fn core_config(
         limits,
         relay_v4: relays.v4,
         relay_v6: relays.v6,
+        nat_discovery: discovery.to_vec(),
     })
 }
 
@@ -276,6 +295,16 @@ pub struct Readiness {
     /// One entry per family: where relay sockets bind, and the address clients are told.
     pub relay: Vec<ReadyRelay>,
     pub relay_ports: ReadyPorts,
+    /// RFC 5780 address sets (empty when off); the daemon listens on all four combinations of
+    /// each set's IPs and ports, over TCP too where `tcp` says so.
+    pub nat_discovery: Vec<ReadyDiscovery>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyDiscovery {
+    pub primary: SocketAddr,
+    pub alternate: SocketAddr,
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -303,6 +332,7 @@ impl Readiness {
         api: Option<SocketAddr>,
         relays: &ResolvedRelays,
         relay_ports: (u16, u16),
+        discovery: &[NatDiscovery],
     ) -> Readiness {
         Readiness {
             pid: std::process::id(),
@@ -332,6 +362,14 @@ impl Readiness {
                 min: relay_ports.0,
                 max: relay_ports.1,
             },
+            nat_discovery: discovery
+                .iter()
+                .map(|d| ReadyDiscovery {
+                    primary: d.primary,
+                    alternate: d.alternate,
+                    tcp: d.tcp,
+                })
+                .collect(),
         }
     }
 
@@ -387,6 +425,14 @@ pub fn serve(
     let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config);
     let (listeners, holders) = concrete_listeners(&config.listen)?;
+    let discovery = nat_discovery(&config);
+    // Fixed ports (validation says so): bound once without SO_REUSEPORT, like any fixed
+    // listener, so a port someone else holds stops the start.
+    let udp_discovery: Vec<SocketAddr> = discovery
+        .iter()
+        .flat_map(NatDiscovery::extra_listeners)
+        .collect();
+    concrete_listeners(&udp_discovery)?;
     let ephemeral = rest_secrets.is_empty() && config.auth.users.is_empty();
     if ephemeral {
         let secret = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random_bytes::<24>()?);
@@ -453,8 +499,32 @@ pub fn serve(
     );
     // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
     // bound (a configured port 0 is whatever port the kernel picked).
+    let tcp_discovery = discovery
+        .iter()
+        .filter(|d| d.tcp)
+        .flat_map(NatDiscovery::extra_listeners)
+        .map(|addr| {
+            crate::io::tcp::bind_tcp(addr).map_err(|source| DaemonError::Bind {
+                what: format!("tcp nat discovery listener {addr}"),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut endpoints = listeners.clone();
     endpoints.extend(bound.tcp.iter().chain(&bound.tls));
+    endpoints.extend(&udp_discovery);
+    endpoints.extend(tcp_discovery.iter().filter_map(|l| l.local_addr().ok()));
+    // The discovery-only TCP listeners serve plain TCP, no PROXY header; they mint no URIs.
+    let plain = ListenerKind {
+        tls: false,
+        proxy_protocol: false,
+    };
+    stream_listeners.extend(tcp_discovery.into_iter().map(|l| {
+        let bound = l
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        (l, bound, plain)
+    }));
     if let Some(l) = &api_listener {
         let bound = l.local_addr().map_err(|source| DaemonError::Bind {
             what: "api listener".into(),
@@ -467,6 +537,7 @@ pub fn serve(
         &relays,
         rest_secrets.clone(),
         &endpoints,
+        &discovery,
     )?);
     let shared = Arc::new(Shared::new(
         random_bytes::<32>()?,
@@ -487,7 +558,7 @@ pub fn serve(
         senders.push(command_tx);
         let setup = ShardSetup {
             index,
-            listen: listeners.clone(),
+            listen: listeners.iter().chain(&udp_discovery).copied().collect(),
             tcp_listeners: stream_listeners
                 .iter()
                 .map(|(l, _, kind)| l.try_clone().map(|l| (l, *kind)))
@@ -531,6 +602,7 @@ pub fn serve(
 
     let build_relays = relays;
     let build_endpoints = endpoints.clone();
+    let build_discovery = discovery.clone();
     let state = Arc::new(ControlState {
         shards: Shards::new(senders),
         shared: Arc::clone(&shared),
@@ -543,8 +615,14 @@ pub fn serve(
         }),
         config_path,
         build_core: Box::new(move |cfg, secrets| {
-            core_config(cfg, &build_relays, secrets, &build_endpoints)
-                .map_err(|e| control::ReloadError::Core(Box::new(e)))
+            core_config(
+                cfg,
+                &build_relays,
+                secrets,
+                &build_endpoints,
+                &build_discovery,
+            )
+            .map_err(|e| control::ReloadError::Core(Box::new(e)))
         }),
         draining: AtomicBool::new(false),
         reloads_ok: AtomicU64::new(0),
@@ -586,11 +664,19 @@ pub fn serve(
             let transport = if kind.tls { "tls+tcp" } else { "tcp" };
             tracing::info!(addr = %addr, transport, proxy_protocol = kind.proxy_protocol, "listening");
         }
+        for d in &discovery {
+            tracing::info!(
+                primary = %d.primary,
+                alternate = %d.alternate,
+                tcp = d.tcp,
+                "RFC 5780 NAT discovery on both addresses and ports"
+            );
+        }
         if let Some(path) = ready_file {
             // Refuse rather than serve without it: whoever asked for the file waits for it, and
             // an exit status names the bad path now, where a missing file is only a timeout.
             let ports = (config.relay.port_min, config.relay.port_max);
-            Readiness::new(&bound, api_bound, &relays, ports)
+            Readiness::new(&bound, api_bound, &relays, ports, &discovery)
                 .write(&path)
                 .map_err(|source| DaemonError::ReadyFile {
                     path: path.clone(),
@@ -664,11 +750,16 @@ mod tests {
             Some("127.0.0.1:8080".parse().unwrap()),
             &relays,
             (49152, 49200),
+            &[NatDiscovery {
+                primary: "192.0.2.1:3478".parse().unwrap(),
+                alternate: "192.0.2.2:3479".parse().unwrap(),
+                tcp: true,
+            }],
         )
     }
 
     #[test]
-    fn readiness_json_names_pid_listeners_api_relays_and_ports() {
+    fn readiness_json_names_pid_listeners_api_relays_ports_and_discovery() {
         let v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
         assert_eq!(
             v,
@@ -686,6 +777,9 @@ mod tests {
                     {"local": "2001:db8::5", "advertised": "2001:db8::5"},
                 ],
                 "relay_ports": {"min": 49152, "max": 49200},
+                "nat_discovery": [
+                    {"primary": "192.0.2.1:3478", "alternate": "192.0.2.2:3479", "tcp": true},
+                ],
             })
         );
         let no_api = Readiness {

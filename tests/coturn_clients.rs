@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use common::{field, Daemon, Options, PASSWORD, SECRET, USER};
 
-const TOOLS: [&str; 3] = [
+const TOOLS: [&str; 4] = [
     "turnutils_uclient",
     "turnutils_peer",
     "turnutils_stunclient",
+    "turnutils_natdiscovery",
 ];
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Messages per client and clients per run: `-n MSGS -m CLIENTS`.
@@ -363,5 +364,50 @@ fn stunclient_gets_reflexive_address() {
     assert_ne!(addr.port(), 0);
     assert_ne!(addr.port(), d.addr.port(), "that is the server's own port");
     // A Binding request allocates nothing.
+    assert!(d.events("allocation created").is_empty());
+}
+
+/// RFC 5780 on loopback (127.0.0.1 and 127.0.0.2 with two ports): coturn's discovery client
+/// finds the alternate address in OTHER-ADDRESS, gets the change-IP-and-port answer from it, and
+/// classifies loopback as it is: no NAT, so endpoint-independent mapping and filtering.
+#[test]
+fn natdiscovery_classifies_loopback_as_endpoint_independent() {
+    if !tools_available() {
+        return;
+    }
+    let disc = common::Discovery::pick();
+    let d = Daemon::with(disc.options());
+    assert_eq!(
+        d.ready["nat_discovery"],
+        serde_json::json!([{
+            "primary": disc.primary.to_string(),
+            "alternate": disc.alternate.to_string(),
+            "tcp": true,
+        }])
+    );
+    let out = run_bounded(
+        Command::new("turnutils_natdiscovery")
+            .args(["-m", "-f", "-L", "127.0.0.1"])
+            .args(["-p", &disc.primary.port().to_string()])
+            .arg("127.0.0.1"),
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "natdiscovery failed:\n{text}");
+    for line in [
+        "NAT with Endpoint Independent Mapping!".to_owned(),
+        "NAT with Endpoint Independent Filtering!".to_owned(),
+        "No ALG: Mapped == XOR-Mapped".to_owned(),
+        format!("Other addr: : {}", disc.alternate),
+        // The mapping test's second probe goes to IP2:P1 and is answered there.
+        format!("Response origin: : {}", disc.at(true, false)),
+        // The filtering test's change-IP-and-port answer comes from IP2:P2.
+        format!("Response origin: : {}", disc.alternate),
+    ] {
+        assert!(text.contains(&line), "{line:?} missing in:\n{text}");
+    }
+    for wrong in ["Dependent", "timeout", "error"] {
+        assert!(!text.contains(wrong), "{wrong:?} in:\n{text}");
+    }
     assert!(d.events("allocation created").is_empty());
 }

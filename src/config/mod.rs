@@ -33,8 +33,8 @@ use toml::de::DeTable;
 pub use error::{ConfigError, Issue};
 pub use print::REDACTED;
 pub use schema::{
-    ApiConfig, AuthConfig, Config, LimitsConfig, LogFormat, PeersConfig, ProxyProtocolConfig,
-    RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, LimitsConfig, LogFormat, NatDiscoveryConfig,
+    PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
 };
 pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_REST_SECRET_LEN};
 

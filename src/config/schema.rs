@@ -38,6 +38,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub tls: TlsConfig,
     pub proxy_protocol: ProxyProtocolConfig,
+    pub nat_discovery: NatDiscoveryConfig,
 }
 
 impl Default for Config {
@@ -60,6 +61,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             tls: TlsConfig::default(),
             proxy_protocol: ProxyProtocolConfig::default(),
+            nat_discovery: NatDiscoveryConfig::default(),
         }
     }
 }
@@ -296,6 +298,29 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[nat_discovery]`: RFC 5780 NAT behaviour discovery, per family; off (both `None`) by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatDiscoveryConfig {
+    pub v4: Option<DiscoveryAddresses>,
+    pub v6: Option<DiscoveryAddresses>,
+}
+
+/// One family's RFC 5780 addresses: IP1:P1 and IP2:P2. The daemon also listens on IP1:P2 and
+/// IP2:P1 (`proto::discovery::NatDiscovery` does the arithmetic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryAddresses {
+    /// One of the `listen` entries: a concrete address with a fixed port.
+    pub primary: SocketAddr,
+    /// Another IP and another port of this host, in the same family.
+    pub alternate: SocketAddr,
+}
+
+impl NatDiscoveryConfig {
+    pub fn families(&self) -> impl Iterator<Item = DiscoveryAddresses> + '_ {
+        self.v4.iter().chain(self.v6.iter()).copied()
+    }
+}
+
 pub(super) mod raw {
     //! Mirrors of the file's tables: strings for addresses, paths and CIDRs,
     //! `i64` for every integer, so serde only ever reports syntax errors, wrong
@@ -329,6 +354,7 @@ pub(super) mod raw {
         pub api: Api,
         pub tls: Tls,
         pub proxy_protocol: ProxyProtocol,
+        pub nat_discovery: NatDiscovery,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -416,6 +442,15 @@ pub(super) mod raw {
         pub max_ttl_secs: i64,
     }
 
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct NatDiscovery {
+        pub primary: String,
+        pub alternate: String,
+        pub primary_v6: String,
+        pub alternate_v6: String,
+    }
+
     /// `None` is written as "", which the validator reads back as `None`.
     fn opt<T: ToString>(value: &Option<T>) -> String {
         value.as_ref().map(T::to_string).unwrap_or_default()
@@ -454,6 +489,7 @@ pub(super) mod raw {
                 api: Api::from_typed(&c.api),
                 tls: Tls::from_typed(&c.tls),
                 proxy_protocol: ProxyProtocol::from_typed(&c.proxy_protocol),
+                nat_discovery: NatDiscovery::from_typed(&c.nat_discovery),
             }
         }
     }
@@ -473,6 +509,17 @@ pub(super) mod raw {
             ProxyProtocol {
                 listeners: p.listeners.iter().map(ToString::to_string).collect(),
                 trusted: p.trusted.iter().map(ToString::to_string).collect(),
+            }
+        }
+    }
+
+    impl NatDiscovery {
+        fn from_typed(n: &typed::NatDiscoveryConfig) -> NatDiscovery {
+            NatDiscovery {
+                primary: opt(&n.v4.map(|a| a.primary)),
+                alternate: opt(&n.v4.map(|a| a.alternate)),
+                primary_v6: opt(&n.v6.map(|a| a.primary)),
+                alternate_v6: opt(&n.v6.map(|a| a.alternate)),
             }
         }
     }
@@ -581,6 +628,7 @@ pub(super) mod raw {
         ProxyProtocolConfig,
         ProxyProtocol::from_typed
     );
+    default_from_typed!(NatDiscovery, NatDiscoveryConfig, NatDiscovery::from_typed);
 }
 
 #[cfg(test)]

@@ -13,9 +13,11 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig,
-    ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, Issue, LimitsConfig, LogFormat,
+    NatDiscoveryConfig, PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig,
+    UserEntry, UserSecret,
 };
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
 
 /// STUN USERNAME must be fewer than 509 bytes (RFC 8489 section 14.3).
@@ -194,16 +196,18 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         );
     }
     let api = build_api(raw.api, cx);
+    let listen = if listen.is_empty() {
+        defaults.listen
+    } else {
+        listen
+    };
+    let nat_discovery = build_nat_discovery(raw.nat_discovery, &listen, &tcp_listen, &relay, cx);
 
     Config {
         realm: raw.realm,
         software: raw.software,
         threads,
-        listen: if listen.is_empty() {
-            defaults.listen
-        } else {
-            listen
-        },
+        listen,
         tcp_listen,
         tls_listen,
         log_format,
@@ -217,6 +221,7 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         api,
         tls,
         proxy_protocol,
+        nat_discovery,
     }
 }
 
@@ -391,6 +396,159 @@ fn build_listen(
         listen.push((i, addr));
     }
     listen.into_iter().map(|(_, a)| a).collect()
+}
+
+fn build_nat_discovery(
+    raw: raw::NatDiscovery,
+    listen: &[SocketAddr],
+    tcp_listen: &[SocketAddr],
+    relay: &RelayConfig,
+    cx: &mut Cx<'_>,
+) -> NatDiscoveryConfig {
+    let lists = Lists {
+        listen,
+        tcp_listen,
+        relay,
+    };
+    NatDiscoveryConfig {
+        v4: discovery_family(cx, &lists, "", &raw.primary, &raw.alternate),
+        v6: discovery_family(cx, &lists, "_v6", &raw.primary_v6, &raw.alternate_v6),
+    }
+}
+
+/// What the discovery addresses are checked against.
+struct Lists<'a> {
+    listen: &'a [SocketAddr],
+    tcp_listen: &'a [SocketAddr],
+    relay: &'a RelayConfig,
+}
+
+/// One family's `nat_discovery.primary*` and `nat_discovery.alternate*`: both or neither.
+fn discovery_family(
+    cx: &mut Cx<'_>,
+    lists: &Lists<'_>,
+    suffix: &str,
+    primary_text: &str,
+    alternate_text: &str,
+) -> Option<DiscoveryAddresses> {
+    let v6 = suffix == "_v6";
+    let primary_key = format!("nat_discovery.primary{suffix}");
+    let alternate_key = format!("nat_discovery.alternate{suffix}");
+    match (primary_text.is_empty(), alternate_text.is_empty()) {
+        (true, true) => return None,
+        (true, false) => {
+            cx.invalid(
+                &alternate_key,
+                Q(alternate_text),
+                format!("needs {primary_key}: the UDP listener it is the alternate of"),
+            );
+            return None;
+        }
+        (false, true) => {
+            cx.invalid(
+                &primary_key,
+                Q(primary_text),
+                format!("needs {alternate_key}: RFC 5780 needs a second IP and port"),
+            );
+            return None;
+        }
+        (false, false) => {}
+    }
+    let primary = discovery_address(cx, &primary_key, primary_text, v6)?;
+    if !lists.listen.contains(&primary) {
+        cx.invalid(
+            &primary_key,
+            Q(primary_text),
+            "is not one of the `listen` entries; the primary discovery address must be a UDP \
+             listener with a concrete address and port",
+        );
+        return None;
+    }
+    let alternate = discovery_address(cx, &alternate_key, alternate_text, v6)?;
+    let reason = if alternate.ip() == primary.ip() {
+        Some(format!(
+            "has the IP address of {primary_key}; RFC 5780 needs a second address of this host"
+        ))
+    } else if alternate.port() == primary.port() {
+        Some(format!(
+            "has the port of {primary_key}; RFC 5780 needs a second port"
+        ))
+    } else if (lists.relay.port_min..=lists.relay.port_max).contains(&alternate.port()) {
+        Some(format!(
+            "port {} lies inside the relay port range {}-{} (relay.port_min, relay.port_max)",
+            alternate.port(),
+            lists.relay.port_min,
+            lists.relay.port_max
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        cx.invalid(&alternate_key, Q(alternate_text), reason);
+        return None;
+    }
+    let addresses = NatDiscovery {
+        primary,
+        alternate,
+        tcp: false,
+    };
+    // TCP listeners join in only where tcp_listen holds the primary (see the daemon).
+    let mut taken: Vec<(&str, &SocketAddr)> = lists.listen.iter().map(|l| ("listen", l)).collect();
+    if lists.tcp_listen.contains(&primary) {
+        taken.extend(lists.tcp_listen.iter().map(|l| ("tcp_listen", l)));
+    }
+    for extra in addresses.extra_listeners() {
+        let clash = taken.iter().find(|(_, l)| {
+            l.port() == extra.port()
+                && l.is_ipv4() == extra.is_ipv4()
+                && (l.ip() == extra.ip() || l.ip().is_unspecified())
+        });
+        if let Some((list, l)) = clash {
+            cx.invalid(
+                &alternate_key,
+                Q(alternate_text),
+                format!(
+                    "discovery listens on {extra} itself, which the {list} entry {:?} already \
+                     covers",
+                    l.to_string()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(DiscoveryAddresses { primary, alternate })
+}
+
+/// A discovery address: IP:port of the key's family, concrete, with a fixed port.
+fn discovery_address(cx: &mut Cx<'_>, key: &str, text: &str, v6: bool) -> Option<SocketAddr> {
+    let (want, example) = if v6 {
+        ("IPv6", "\"[2001:db8::1]:3478\"")
+    } else {
+        ("IPv4", "\"192.0.2.1:3478\"")
+    };
+    let reason = match text.parse::<SocketAddr>() {
+        Err(_) => format!("expected {want} IP:port such as {example}"),
+        Ok(a) if a.is_ipv6() != v6 => {
+            let key = if v6 {
+                key.trim_end_matches("_v6").to_owned()
+            } else {
+                format!("{key}_v6")
+            };
+            format!("is not {want}; put it in {key}")
+        }
+        Ok(a) if a.ip().is_unspecified() || a.ip().is_multicast() => {
+            "must be one concrete address of this host (answers name it to clients)".to_owned()
+        }
+        Ok(SocketAddr::V6(a)) if a.ip().to_ipv4_mapped().is_some() => {
+            "an IPv4-mapped address is IPv4; use the IPv4 key".to_owned()
+        }
+        Ok(a) if a.port() == 0 => {
+            "needs a fixed port: clients are told it in OTHER-ADDRESS".to_owned()
+        }
+        Ok(a) => return Some(a),
+    };
+    cx.invalid(key, Q(text), reason);
+    None
 }
 
 fn build_relay(raw: raw::Relay, cx: &mut Cx<'_>) -> RelayConfig {

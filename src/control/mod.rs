@@ -262,6 +262,7 @@ impl ControlState {
             ("threads", old.threads != config.threads),
             ("relay", old.relay != config.relay),
             ("api.listen", old.api.listen != config.api.listen),
+            ("nat_discovery", old.nat_discovery != config.nat_discovery),
             (
                 "auth.nonce_lifetime_secs",
                 old.auth.nonce_lifetime_secs != config.auth.nonce_lifetime_secs,
@@ -493,7 +494,7 @@ mod tests {
             v6: None,
         };
         let build = move |c: &Config, s: Vec<Vec<u8>>| {
-            core_config(c, &relays, s, &[]).map_err(|e| ReloadError::Core(Box::new(e)))
+            core_config(c, &relays, s, &[], &[]).map_err(|e| ReloadError::Core(Box::new(e)))
         };
         let secrets = config.load_rest_secrets().unwrap();
         let core = Arc::new(build(&config, secrets.clone()).unwrap());

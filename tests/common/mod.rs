@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use turnpike::config::{Config, LogFormat, RelayIp, UserEntry, UserSecret};
+use turnpike::config::{Config, DiscoveryAddresses, LogFormat, RelayIp, UserEntry, UserSecret};
 use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
 use turnpike::proto::codec::{attr, decode_xor_address, method, Class, Message, MessageWriter};
 
@@ -202,6 +202,76 @@ impl Options {
     /// [`Options::config`] as a file.
     pub fn config_text(&self, relay_ports: (u16, u16)) -> String {
         config_toml(&self.config(relay_ports))
+    }
+}
+
+/// RFC 5780 discovery on loopback: the primary 127.0.0.1:P1 (UDP and TCP) and the alternate
+/// 127.0.0.2:P2, two ports the kernel handed out free on both addresses for both transports
+/// (released again before the daemon binds them: a tiny race).
+pub struct Discovery {
+    pub primary: SocketAddr,
+    pub alternate: SocketAddr,
+}
+
+impl Discovery {
+    pub fn pick() -> Discovery {
+        let free_on_both = || -> u16 {
+            for _ in 0..50 {
+                let Ok(s) = UdpSocket::bind("127.0.0.1:0") else {
+                    continue;
+                };
+                let port = s.local_addr().unwrap().port();
+                let free = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
+                    (*ip == "127.0.0.1" || UdpSocket::bind((*ip, port)).is_ok())
+                        && std::net::TcpListener::bind((*ip, port)).is_ok()
+                });
+                if free {
+                    return port;
+                }
+            }
+            panic!("no port free on 127.0.0.1 and 127.0.0.2");
+        };
+        let p1 = free_on_both();
+        let p2 = loop {
+            let p = free_on_both();
+            if p != p1 {
+                break p;
+            }
+        };
+        Discovery {
+            primary: (Ipv4Addr::LOCALHOST, p1).into(),
+            alternate: (Ipv4Addr::new(127, 0, 0, 2), p2).into(),
+        }
+    }
+
+    /// The address on the primary or alternate IP and port.
+    pub fn at(&self, alternate_ip: bool, alternate_port: bool) -> SocketAddr {
+        let ip = if alternate_ip {
+            self.alternate
+        } else {
+            self.primary
+        }
+        .ip();
+        let port = if alternate_port {
+            self.alternate
+        } else {
+            self.primary
+        }
+        .port();
+        SocketAddr::new(ip, port)
+    }
+
+    /// Options listening on the primary (UDP and TCP) with `[nat_discovery]` set.
+    pub fn options(&self) -> Options {
+        let (primary, alternate) = (self.primary, self.alternate);
+        Options {
+            listen: Some(primary),
+            ..Options::default()
+        }
+        .edit(move |c| {
+            c.tcp_listen = vec![primary];
+            c.nat_discovery.v4 = Some(DiscoveryAddresses { primary, alternate });
+        })
     }
 }
 
