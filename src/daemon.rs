@@ -485,8 +485,17 @@ pub fn serve(
         tcp: bound_of(false),
         tls: bound_of(true),
     };
-    let tls = match control::load_certificate(&config)? {
-        Some(certificate) => Some(TlsContext::new(certificate)?),
+    let certificate = match config.tls_listen.is_empty() {
+        true => None,
+        false => control::load_certificate(&config)?,
+    };
+    let tls = match certificate {
+        Some(certificate) => {
+            for warning in control::certificate_warnings(&config, &certificate) {
+                tracing::warn!("{warning}");
+            }
+            Some(TlsContext::new(certificate)?)
+        }
         None => None,
     };
     let streams = StreamSettings::new(

@@ -181,26 +181,46 @@ pub fn stream_policy(config: &Config) -> StreamPolicy {
     }
 }
 
-/// The certificate the file names, loaded and checked, when TLS listeners need one; warns when
-/// it is close to its expiry.
+/// The certificate `[tls]` names, loaded and checked; None when the file names none.
 pub fn load_certificate(config: &Config) -> Result<Option<ServedCertificate>, TlsError> {
     let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
         return Ok(None);
     };
-    if config.tls_listen.is_empty() {
-        return Ok(None);
-    }
     let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
-    let served = ServedCertificate::load(cert, key, now)?;
-    let left = served.remaining_secs(now);
+    ServedCertificate::load(cert, key, now).map(Some)
+}
+
+/// What an operator should hear about a certificate that loads: an expiry within 14 days, and
+/// a `public_host` (the name minted `turns:` URIs carry) that the certificate does not cover,
+/// which browsers refuse.
+pub fn certificate_warnings(config: &Config, cert: &ServedCertificate) -> Vec<String> {
+    let mut out = Vec::new();
+    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+    let left = cert.remaining_secs(now);
     if left < EXPIRY_WARNING_SECS {
-        tracing::warn!(
-            cert = %cert.display(),
-            days_left = left / 86400,
-            "the TLS certificate expires soon; renew it and reload"
-        );
+        out.push(format!(
+            "the TLS certificate expires in {} days; renew it and reload (systemctl reload turnpike)",
+            left / 86400
+        ));
     }
-    Ok(Some(served))
+    let names = cert.names.join(", ");
+    if config.public_host.is_empty() {
+        out.push(format!(
+            "public_host is empty, so minted turns: URIs name the relay address; set it to the \
+             certificate's name ({names})"
+        ));
+    } else if !cert
+        .names
+        .iter()
+        .any(|n| crate::io::tls::name_covers(n, &config.public_host))
+    {
+        out.push(format!(
+            "the TLS certificate does not cover public_host {:?} (it names: {names}); clients \
+             checking the name will refuse turns: URIs",
+            config.public_host
+        ));
+    }
+    out
 }
 
 pub struct ControlState {
@@ -287,6 +307,12 @@ impl ControlState {
             Some(_) => load_certificate(&config)?,
             None => None,
         };
+        for warning in certificate
+            .iter()
+            .flat_map(|c| certificate_warnings(&config, c))
+        {
+            tracing::warn!("{warning}");
+        }
         // Revocations outlive reloads: a revoked user must stay refused.
         core.auth.carry_revocations_from(&live.core.auth);
         let core = Arc::new(core);

@@ -337,7 +337,8 @@ impl TestCert {
         TestCert::with_names(&["127.0.0.1", "::1", "localhost", "turn.test"], 30)
     }
 
-    /// A certificate for `names` (IP literals become IP SANs) valid for `days` from now.
+    /// A certificate for `names` (IP literals become IP SANs) valid for `days` from now (negative:
+    /// expired that long ago).
     pub fn with_names(names: &[&str], days: i64) -> TestCert {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
         let dir = TempDir::new("cert");
@@ -353,9 +354,13 @@ impl TestCert {
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         leaf.distinguished_name.push(DnType::CommonName, names[0]);
-        let now = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(unix_now());
-        leaf.not_before = now - Duration::from_secs(3600);
-        leaf.not_after = now + Duration::from_secs((days.max(0) as u64) * 86400);
+        // Negative `days`: a certificate that has expired.
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let at = |unix: i64| epoch + Duration::from_secs(unix.max(0) as u64);
+        let now = unix_now() as i64;
+        let not_after = now + days * 86400;
+        leaf.not_before = at(now.min(not_after) - 3600);
+        leaf.not_after = at(not_after);
         let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
         let t = TestCert {
             ca: dir.path().join("ca.pem"),
