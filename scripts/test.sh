@@ -14,7 +14,7 @@ trap 'echo "test.sh: FAILED during: $step ($(( $(date +%s) - started ))s)" >&2' 
 
 need_apt=0
 [ -n "${CI:-}" ] && need_apt=1
-for tool in turnutils_uclient turnutils_peer turnutils_stunclient nft ip chromium systemd-analyze; do
+for tool in turnutils_uclient turnutils_peer turnutils_stunclient turnutils_natdiscovery nft ip chromium systemd-analyze; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 

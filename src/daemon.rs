@@ -14,10 +14,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, RelayIp};
 use crate::control::{self, credentials, unix_now, ControlState, Live, Shards};
+use crate::io::connection::{ListenerKind, StreamSettings};
+use crate::io::gate::ConnectionGate;
 use crate::io::interfaces::interface_addresses;
 use crate::io::relay::Reservations;
 use crate::io::shard::{self, ShardReport, ShardSetup};
+use crate::io::tls::TlsContext;
 use crate::io::udp::bind_udp;
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::policy::{self, PeerPolicy, PolicyConfig};
 use crate::proto::server::{CoreConfig, Limits, RelayAddress, Shared};
 
@@ -33,6 +37,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("tls certificate: {0}")]
+    Tls(#[from] crate::io::tls::TlsError),
     #[error("cannot write the ready file {}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -107,12 +113,29 @@ pub fn resolve_relays(config: &Config) -> ResolvedRelays {
     ResolvedRelays { v4: Some(v4), v6 }
 }
 
-/// Builds the core's view of the configuration. `rest_secrets` are already loaded.
+/// The RFC 5780 address sets `config` asks for. TCP joins in where `tcp_listen` holds the
+/// primary address: then the daemon binds TCP listeners on the other three as well.
+pub fn nat_discovery(config: &Config) -> Vec<NatDiscovery> {
+    config
+        .nat_discovery
+        .families()
+        .map(|a| NatDiscovery {
+            primary: a.primary,
+            alternate: a.alternate,
+            tcp: config.tcp_listen.contains(&a.primary),
+        })
+        .collect()
+}
+
+/// Builds the core's view of the configuration. `rest_secrets` are already loaded; `listeners`
+/// are every service endpoint as bound and `discovery` the RFC 5780 listeners bound at start
+/// (neither changes on a reload).
 pub fn core_config(
     config: &Config,
     relays: &ResolvedRelays,
     rest_secrets: Vec<Vec<u8>>,
     listeners: &[SocketAddr],
+    discovery: &[NatDiscovery],
 ) -> Result<CoreConfig, DaemonError> {
     let auth = credentials::authenticator(config, rest_secrets)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
@@ -161,6 +184,7 @@ pub fn core_config(
         limits,
         relay_v4: relays.v4,
         relay_v6: relays.v6,
+        nat_discovery: discovery.to_vec(),
     })
 }
 
@@ -203,12 +227,11 @@ fn quickstart(
     secret: &[u8],
     config: &Config,
     relays: &ResolvedRelays,
-    listeners: &[SocketAddr],
-    tcp_listeners: &[SocketAddr],
+    listeners: &credentials::Listeners,
 ) {
     let ttl = QUICKSTART_TTL.as_secs().min(config.auth.rest_max_ttl_secs);
     let host = credentials::public_host(config, relays.v4.map(|r| r.advertised));
-    let uris = credentials::default_uris(listeners, tcp_listeners, &host);
+    let uris = credentials::default_uris(listeners, &host);
     let secrets = [secret.to_vec()];
     let minted = match credentials::mint_for(config, &secrets, "quickstart", ttl, unix_now(), uris)
     {
@@ -272,6 +295,16 @@ pub struct Readiness {
     /// One entry per family: where relay sockets bind, and the address clients are told.
     pub relay: Vec<ReadyRelay>,
     pub relay_ports: ReadyPorts,
+    /// RFC 5780 address sets (empty when off); the daemon listens on all four combinations of
+    /// each set's IPs and ports, over TCP too where `tcp` says so.
+    pub nat_discovery: Vec<ReadyDiscovery>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyDiscovery {
+    pub primary: SocketAddr,
+    pub alternate: SocketAddr,
+    pub tcp: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -295,25 +328,26 @@ pub struct ReadyPorts {
 
 impl Readiness {
     pub fn new(
-        listeners: &[SocketAddr],
-        tcp_listeners: &[SocketAddr],
+        listeners: &credentials::Listeners,
         api: Option<SocketAddr>,
         relays: &ResolvedRelays,
         relay_ports: (u16, u16),
+        discovery: &[NatDiscovery],
     ) -> Readiness {
         Readiness {
             pid: std::process::id(),
-            listen: listeners
-                .iter()
-                .map(|&addr| ReadyListener {
-                    transport: "udp",
-                    addr,
-                })
-                .chain(tcp_listeners.iter().map(|&addr| ReadyListener {
-                    transport: "tcp",
-                    addr,
-                }))
-                .collect(),
+            listen: [
+                ("udp", &listeners.udp),
+                ("tcp", &listeners.tcp),
+                ("tls", &listeners.tls),
+            ]
+            .into_iter()
+            .flat_map(|(transport, addrs)| {
+                addrs
+                    .iter()
+                    .map(move |&addr| ReadyListener { transport, addr })
+            })
+            .collect(),
             api,
             relay: relays
                 .v4
@@ -328,6 +362,14 @@ impl Readiness {
                 min: relay_ports.0,
                 max: relay_ports.1,
             },
+            nat_discovery: discovery
+                .iter()
+                .map(|d| ReadyDiscovery {
+                    primary: d.primary,
+                    alternate: d.alternate,
+                    tcp: d.tcp,
+                })
+                .collect(),
         }
     }
 
@@ -383,6 +425,14 @@ pub fn serve(
     let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config);
     let (listeners, holders) = concrete_listeners(&config.listen)?;
+    let discovery = nat_discovery(&config);
+    // Fixed ports (validation says so): bound once without SO_REUSEPORT, like any fixed
+    // listener, so a port someone else holds stops the start.
+    let udp_discovery: Vec<SocketAddr> = discovery
+        .iter()
+        .flat_map(NatDiscovery::extra_listeners)
+        .collect();
+    concrete_listeners(&udp_discovery)?;
     let ephemeral = rest_secrets.is_empty() && config.auth.users.is_empty();
     if ephemeral {
         let secret = base64::engine::general_purpose::STANDARD_NO_PAD.encode(random_bytes::<24>()?);
@@ -402,28 +452,88 @@ pub fn serve(
         }
         None => None,
     };
-    let tcp_listeners = config
-        .tcp_listen
+    // TCP and TLS listening sockets, bound once; every shard accepts from a clone of each.
+    let proxied = |addr: &SocketAddr| config.proxy_protocol.listeners.contains(addr);
+    let mut stream_listeners = Vec::new();
+    for (list, tls) in [(&config.tcp_listen, false), (&config.tls_listen, true)] {
+        for addr in list {
+            let transport = if tls { "tls" } else { "tcp" };
+            let bind_error = |source| DaemonError::Bind {
+                what: format!(
+                    "{transport} listener {addr} (is another TURN server running on it?)"
+                ),
+                source,
+            };
+            let socket = crate::io::tcp::bind_tcp(*addr).map_err(bind_error)?;
+            let bound = socket.local_addr().map_err(bind_error)?;
+            let kind = ListenerKind {
+                tls,
+                proxy_protocol: proxied(addr),
+            };
+            stream_listeners.push((socket, bound, kind));
+        }
+    }
+    let bound_of = |tls: bool| -> Vec<SocketAddr> {
+        stream_listeners
+            .iter()
+            .filter(|(_, _, kind)| kind.tls == tls)
+            .map(|(_, bound, _)| *bound)
+            .collect()
+    };
+    let bound = credentials::Listeners {
+        udp: listeners.clone(),
+        tcp: bound_of(false),
+        tls: bound_of(true),
+    };
+    let certificate = match config.tls_listen.is_empty() {
+        true => None,
+        false => control::load_certificate(&config)?,
+    };
+    let tls = match certificate {
+        Some(certificate) => {
+            for warning in control::certificate_warnings(&config, &certificate) {
+                tracing::warn!("{warning}");
+            }
+            Some(TlsContext::new(certificate)?)
+        }
+        None => None,
+    };
+    let streams = StreamSettings::new(
+        tls,
+        ConnectionGate::new(
+            config.limits.connections_total,
+            config.limits.connections_per_source,
+        ),
+        control::stream_policy(&config),
+    );
+    // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
+    // bound (a configured port 0 is whatever port the kernel picked).
+    let tcp_discovery = discovery
         .iter()
-        .map(|&addr| {
+        .filter(|d| d.tcp)
+        .flat_map(NatDiscovery::extra_listeners)
+        .map(|addr| {
             crate::io::tcp::bind_tcp(addr).map_err(|source| DaemonError::Bind {
-                what: format!("tcp listener {addr} (is another TURN server running on it?)"),
+                what: format!("tcp nat discovery listener {addr}"),
                 source,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let tcp_bound = tcp_listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DaemonError::Bind {
-            what: "tcp listener".into(),
-            source,
-        })?;
-    // Our own service endpoints are never valid peers: the TURN listeners and the HTTP API, as
-    // bound (a configured port 0 is whatever port the kernel picked).
     let mut endpoints = listeners.clone();
-    endpoints.extend(&tcp_bound);
+    endpoints.extend(bound.tcp.iter().chain(&bound.tls));
+    endpoints.extend(&udp_discovery);
+    endpoints.extend(tcp_discovery.iter().filter_map(|l| l.local_addr().ok()));
+    // The discovery-only TCP listeners serve plain TCP, no PROXY header; they mint no URIs.
+    let plain = ListenerKind {
+        tls: false,
+        proxy_protocol: false,
+    };
+    stream_listeners.extend(tcp_discovery.into_iter().map(|l| {
+        let bound = l
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        (l, bound, plain)
+    }));
     if let Some(l) = &api_listener {
         let bound = l.local_addr().map_err(|source| DaemonError::Bind {
             what: "api listener".into(),
@@ -436,6 +546,7 @@ pub fn serve(
         &relays,
         rest_secrets.clone(),
         &endpoints,
+        &discovery,
     )?);
     let shared = Arc::new(Shared::new(
         random_bytes::<32>()?,
@@ -456,15 +567,16 @@ pub fn serve(
     for (index, command_rx) in receivers.drain(..).enumerate() {
         let setup = ShardSetup {
             index,
-            listen: listeners.clone(),
-            tcp_listeners: tcp_listeners
+            listen: listeners.iter().chain(&udp_discovery).copied().collect(),
+            tcp_listeners: stream_listeners
                 .iter()
-                .map(|l| l.try_clone())
+                .map(|(l, _, kind)| l.try_clone().map(|l| (l, *kind)))
                 .collect::<Result<_, _>>()
                 .map_err(|source| DaemonError::Bind {
                     what: "tcp listener (clone for a shard)".into(),
                     source,
                 })?,
+            streams: Arc::clone(&streams),
             config: Arc::clone(&core),
             shared: Arc::clone(&shared),
             relay_ports: (config.relay.port_min, config.relay.port_max),
@@ -500,6 +612,7 @@ pub fn serve(
 
     let build_relays = relays;
     let build_endpoints = endpoints.clone();
+    let build_discovery = discovery.clone();
     let state = Arc::new(ControlState {
         shards: Shards::new(senders),
         shared: Arc::clone(&shared),
@@ -512,16 +625,22 @@ pub fn serve(
         }),
         config_path,
         build_core: Box::new(move |cfg, secrets| {
-            core_config(cfg, &build_relays, secrets, &build_endpoints)
-                .map_err(|e| control::ReloadError::Core(Box::new(e)))
+            core_config(
+                cfg,
+                &build_relays,
+                secrets,
+                &build_endpoints,
+                &build_discovery,
+            )
+            .map_err(|e| control::ReloadError::Core(Box::new(e)))
         }),
         draining: AtomicBool::new(false),
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
         relay_port_span: u64::from(config.relay.port_max - config.relay.port_min) + 1,
         advertised: relays.v4.map(|r| r.advertised),
-        listeners: listeners.clone(),
-        tcp_listeners: tcp_bound.clone(),
+        listeners: bound.clone(),
+        streams: Arc::clone(&streams),
         started: Instant::now(),
     });
 
@@ -551,14 +670,23 @@ pub fn serve(
         for l in &listeners {
             tracing::info!(addr = %l, transport = "udp", "listening");
         }
-        for l in &tcp_bound {
-            tracing::info!(addr = %l, transport = "tcp", "listening");
+        for (_, addr, kind) in &stream_listeners {
+            let transport = if kind.tls { "tls+tcp" } else { "tcp" };
+            tracing::info!(addr = %addr, transport, proxy_protocol = kind.proxy_protocol, "listening");
+        }
+        for d in &discovery {
+            tracing::info!(
+                primary = %d.primary,
+                alternate = %d.alternate,
+                tcp = d.tcp,
+                "RFC 5780 NAT discovery on both addresses and ports"
+            );
         }
         if let Some(path) = ready_file {
             // Refuse rather than serve without it: whoever asked for the file waits for it, and
             // an exit status names the bad path now, where a missing file is only a timeout.
             let ports = (config.relay.port_min, config.relay.port_max);
-            Readiness::new(&listeners, &tcp_bound, api_bound, &relays, ports)
+            Readiness::new(&bound, api_bound, &relays, ports, &discovery)
                 .write(&path)
                 .map_err(|source| DaemonError::ReadyFile {
                     path: path.clone(),
@@ -575,12 +703,13 @@ pub fn serve(
             "turnpike ready"
         );
         if let Some(secret) = &ephemeral_secret {
-            quickstart(secret, &config, &relays, &listeners, &tcp_bound);
+            quickstart(secret, &config, &relays, &bound);
         }
         control::notify::ready(&format!(
-            "serving on {} udp and {} tcp listener(s)",
-            listeners.len(),
-            tcp_bound.len()
+            "serving on {} udp, {} tcp and {} tls listener(s)",
+            bound.udp.len(),
+            bound.tcp.len(),
+            bound.tls.len()
         ));
         control::run_until_stopped(Arc::clone(&state))
             .await
@@ -620,19 +749,27 @@ mod tests {
             }),
         };
         Readiness::new(
-            &[
-                "0.0.0.0:3478".parse().unwrap(),
-                "[::1]:41000".parse().unwrap(),
-            ],
-            &["0.0.0.0:3478".parse().unwrap()],
+            &credentials::Listeners {
+                udp: vec![
+                    "0.0.0.0:3478".parse().unwrap(),
+                    "[::1]:41000".parse().unwrap(),
+                ],
+                tcp: vec!["0.0.0.0:3478".parse().unwrap()],
+                tls: vec!["0.0.0.0:443".parse().unwrap()],
+            },
             Some("127.0.0.1:8080".parse().unwrap()),
             &relays,
             (49152, 49200),
+            &[NatDiscovery {
+                primary: "192.0.2.1:3478".parse().unwrap(),
+                alternate: "192.0.2.2:3479".parse().unwrap(),
+                tcp: true,
+            }],
         )
     }
 
     #[test]
-    fn readiness_json_names_pid_listeners_api_relays_and_ports() {
+    fn readiness_json_names_pid_listeners_api_relays_ports_and_discovery() {
         let v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
         assert_eq!(
             v,
@@ -642,6 +779,7 @@ mod tests {
                     {"transport": "udp", "addr": "0.0.0.0:3478"},
                     {"transport": "udp", "addr": "[::1]:41000"},
                     {"transport": "tcp", "addr": "0.0.0.0:3478"},
+                    {"transport": "tls", "addr": "0.0.0.0:443"},
                 ],
                 "api": "127.0.0.1:8080",
                 "relay": [
@@ -649,6 +787,9 @@ mod tests {
                     {"local": "2001:db8::5", "advertised": "2001:db8::5"},
                 ],
                 "relay_ports": {"min": 49152, "max": 49200},
+                "nat_discovery": [
+                    {"primary": "192.0.2.1:3478", "alternate": "192.0.2.2:3479", "tcp": true},
+                ],
             })
         );
         let no_api = Readiness {

@@ -31,6 +31,7 @@ use crate::proto::auth::{
 use crate::proto::codec::{
     self, attr, method, Class, Message, MessageWriter, HEADER_LEN, HEADROOM, TAILROOM,
 };
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::error::EndReason;
 use crate::proto::policy::{canonical_ip, PeerPolicy, PolicyConfig};
 use crate::proto::server::{
@@ -427,6 +428,17 @@ fn core_config() -> CoreConfig {
             local: v6,
             advertised: v6,
         }),
+        nat_discovery: vec![nat_discovery()],
+    }
+}
+
+/// RFC 5780 addresses around the IPv4 clients' listener (TCP too), so CHANGE-REQUEST is honoured
+/// for clients 0, 1 and refused for the IPv6 one (420) and the TCP one (400).
+fn nat_discovery() -> NatDiscovery {
+    NatDiscovery {
+        primary: "192.0.2.10:3478".parse().expect("addr"),
+        alternate: "192.0.2.11:3479".parse().expect("addr"),
+        tcp: true,
     }
 }
 
@@ -1052,6 +1064,8 @@ pub struct Coverage {
     pub to_client_data: u64,
     pub to_client_channel: u64,
     pub admin_ends: u64,
+    /// RFC 5780 answers sent from another of the server's addresses.
+    pub moved_replies: u64,
     pub error_codes: BTreeMap<u16, u64>,
 }
 
@@ -1073,6 +1087,7 @@ impl Coverage {
         self.to_client_data += o.to_client_data;
         self.to_client_channel += o.to_client_channel;
         self.admin_ends += o.admin_ends;
+        self.moved_replies += o.moved_replies;
         for (k, v) in &o.error_codes {
             *self.error_codes.entry(*k).or_default() += v;
         }
@@ -1435,7 +1450,25 @@ impl CoreHarness {
             t.push(bytes.to_vec());
         }
         match action {
-            ClientAction::Reply { .. } => self.on_reply(c, bytes),
+            ClientAction::Reply { to } => {
+                assert_eq!(
+                    (to.transport, to.client),
+                    (ft.transport, ft.client),
+                    "a reply to someone else"
+                );
+                if to.local != ft.local {
+                    // Only an RFC 5780 answer over UDP leaves from another of our addresses.
+                    assert_eq!(ft.transport, Transport::Udp, "a stream reply moved");
+                    assert!(
+                        nat_discovery().position(to.local).is_some(),
+                        "reply from {to:?}"
+                    );
+                    let m = Message::parse(&self.reply).expect("reply parses");
+                    assert_eq!((m.class, m.method), (Class::Success, method::BINDING));
+                    self.coverage.moved_replies += 1;
+                }
+                self.on_reply(c, bytes)
+            }
             ClientAction::ToPeer {
                 relay,
                 peer,
@@ -2468,6 +2501,19 @@ fn scripted_sessions() -> Vec<(&'static str, Vec<Op>)> {
         EXTRA_KINDS.iter().position(|k| *k == 0x7777).unwrap_or(0) as u16,
         b"x".to_vec(),
     )];
+    // CHANGE-REQUEST with change IP and port: honoured for client 0 (the answer moves), 420 for
+    // the IPv6 client, 400 over TCP.
+    let change = |client: usize| {
+        let mut r = q(client, BINDING).unauthenticated();
+        r.extra = vec![(
+            EXTRA_KINDS
+                .iter()
+                .position(|k| *k == attr::CHANGE_REQUEST)
+                .unwrap_or(0) as u16,
+            vec![0, 0, 0, 6],
+        )];
+        r
+    };
     let mut mutated = q(0, REFRESH);
     mutated.mutations = vec![(30, 0x40)];
     let mut reuse = q(0, CREATE_PERMISSION).peers(&[1]);
@@ -2574,6 +2620,10 @@ fn scripted_sessions() -> Vec<(&'static str, Vec<Op>)> {
                 req(mutated),
                 req(q(0, BINDING).unauthenticated().fingerprint()),
             ],
+        ),
+        (
+            "nat-discovery",
+            vec![req(change(0)), req(change(2)), req(change(3))],
         ),
         (
             "admin-drain",

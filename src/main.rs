@@ -174,8 +174,7 @@ fn credentials_command(
                 .map(|v| v.advertised),
         };
         credentials::default_uris(
-            &config.listen,
-            &config.tcp_listen,
+            &credentials::Listeners::configured(config),
             &credentials::public_host(config, advertised),
         )
     } else {
@@ -340,8 +339,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             cfg.load_rest_secrets()?;
             cfg.load_api_token()?;
+            let certificate = turnpike::control::load_certificate(&cfg)
+                .map_err(|e| anyhow::anyhow!("tls certificate: {e}"))?;
             // Warnings only: the file is valid, and the daemon starts with it.
             for w in cfg.permission_warnings(&config) {
+                eprintln!("turnpike: WARN: {w}");
+            }
+            for w in certificate
+                .iter()
+                .flat_map(|c| turnpike::control::certificate_warnings(&cfg, c))
+            {
                 eprintln!("turnpike: WARN: {w}");
             }
             println!("# {}: valid", config.display());

@@ -622,6 +622,111 @@ fn warnings(err: &str) -> Vec<&str> {
     err.lines().filter(|l| l.contains("WARN")).collect()
 }
 
+/// A config with a TLS listener serving `cert` (key and chain from `key_of`), public_host set.
+fn tls_config(
+    cert: &common::TestCert,
+    key_of: &common::TestCert,
+    host: &str,
+) -> (TempDir, std::path::PathBuf) {
+    let (cert_file, key_file, host) = (cert.cert.clone(), key_of.key.clone(), host.to_owned());
+    let opts = Options::default().edit(move |c| {
+        c.tls_listen = vec!["127.0.0.1:5349".parse().unwrap()];
+        c.tls.cert_file = Some(cert_file.clone());
+        c.tls.key_file = Some(key_file.clone());
+        c.public_host = host.clone();
+    });
+    let (dir, config) = cli_config(&opts);
+    for f in [&key_of.key, &config, &dir.path().join("secret.txt")] {
+        chmod(f, 0o600);
+    }
+    (dir, config)
+}
+
+#[test]
+fn check_config_validates_the_tls_certificate_and_key() {
+    let good = common::TestCert::new();
+    let (_d, config) = tls_config(&good, &good, "turn.test");
+    let o = run_cli(&["check-config", "--config", path(&config)], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        warnings(&err).is_empty(),
+        "a good certificate warns of nothing: {err}"
+    );
+
+    // A key from another pair: refused, and so is the start of the daemon.
+    let other = common::TestCert::new();
+    let (_d, config) = tls_config(&good, &other, "turn.test");
+    let err = fails(&["check-config", "--config", path(&config)], None);
+    assert!(err.contains("private key does not belong"), "{err}");
+
+    // An expired certificate is an error; one expiring within 14 days a warning.
+    let expired = common::TestCert::with_names(&["turn.test"], -1);
+    let (_d, config) = tls_config(&expired, &expired, "turn.test");
+    let err = fails(&["check-config", "--config", path(&config)], None);
+    assert!(err.contains("expired"), "{err}");
+    let soon = common::TestCert::with_names(&["turn.test"], 5);
+    let (_d, config) = tls_config(&soon, &soon, "turn.test");
+    let o = run_cli(&["check-config", "--config", path(&config)], None);
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        warnings(&err)
+            .iter()
+            .any(|w| w.contains("expires in 4 days") || w.contains("expires in 5 days")),
+        "{err}"
+    );
+
+    // public_host must be a name the certificate covers, or browsers refuse turns:.
+    let (_d, config) = tls_config(&good, &good, "turn.example.com");
+    let o = run_cli(&["check-config", "--config", path(&config)], None);
+    let (_, err) = out_text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        warnings(&err)
+            .iter()
+            .any(|w| w.contains("does not cover public_host")),
+        "{err}"
+    );
+
+    // Unreadable and empty files are named.
+    let missing = TempDir::new("nocert");
+    let gone = common::TestCert::new();
+    let (_d, config) = tls_config(&gone, &gone, "turn.test");
+    let cert_path = gone.cert.clone();
+    drop(gone);
+    let err = fails(&["check-config", "--config", path(&config)], None);
+    assert!(err.contains(cert_path.to_str().unwrap()), "{err}");
+    let empty = common::TestCert::new();
+    std::fs::write(&empty.cert, "").unwrap();
+    let (_d, config) = tls_config(&empty, &empty, "turn.test");
+    let err = fails(&["check-config", "--config", path(&config)], None);
+    assert!(err.contains("no PEM certificate"), "{err}");
+    drop(missing);
+
+    // A key others can read is a warning, like every other secret file.
+    let loose = common::TestCert::new();
+    let (_d, config) = tls_config(&loose, &loose, "turn.test");
+    chmod(&loose.key, 0o644);
+    let o = run_cli(&["check-config", "--config", path(&config)], None);
+    let (_, err) = out_text(&o);
+    assert!(
+        warnings(&err).iter().any(|w| w.contains("tls.key_file")),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_daemon_refuses_to_start_with_a_broken_certificate() {
+    let good = common::TestCert::new();
+    let other = common::TestCert::new();
+    let (_d, config) = tls_config(&good, &other, "turn.test");
+    let o = run_cli(&["serve", "--config", path(&config)], None);
+    let (out, err) = out_text(&o);
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(err.contains("private key does not belong"), "{err}");
+}
+
 #[test]
 fn check_config_warns_about_secrets_others_can_read() {
     let (dir, config) = cli_config(&Options::with_api());

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use common::{field, Daemon, Options, PASSWORD, SECRET, USER};
 
-const TOOLS: [&str; 3] = [
+const TOOLS: [&str; 4] = [
     "turnutils_uclient",
     "turnutils_peer",
     "turnutils_stunclient",
+    "turnutils_natdiscovery",
 ];
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Messages per client and clients per run: `-n MSGS -m CLIENTS`.
@@ -132,10 +133,18 @@ fn uclient_relays_everything(auth: &[&str], mode: &[&str], expect_user: impl Fn(
     uclient_relays_everything_on("127.0.0.1", auth, mode, expect_user);
 }
 
-/// Whether `mode` asks uclient for TURN over TCP (`-t`).
+/// Whether `mode` asks uclient for TURN over TCP (`-t`) or TLS (`-S`).
 fn over_tcp(mode: &[&str]) -> bool {
-    mode.contains(&"-t")
+    mode.contains(&"-t") || over_tls(mode)
 }
+
+/// `-S` alone would be DTLS over UDP; with `-t` it is TLS over TCP.
+fn over_tls(mode: &[&str]) -> bool {
+    mode.contains(&"-S") && mode.contains(&"-t")
+}
+
+/// Which listener a run uses: plain TCP to the TLS port when `mode` says `PLAIN_ON_TLS_PORT`.
+const PLAIN_ON_TLS_PORT: &str = "plain-tcp-on-the-tls-port";
 
 /// The same over `ip` ("127.0.0.1" or "::1"): client, server, relay and echo peer all on it.
 fn uclient_relays_everything_on(
@@ -148,16 +157,28 @@ fn uclient_relays_everything_on(
         return;
     }
     let tcp_listen: SocketAddr = SocketAddr::new(ip.parse().unwrap(), 0);
+    let cert = common::TestCert::new();
     let d = Daemon::with(
         Options {
             ipv6: ip == "::1",
             ..Options::default()
         }
-        .edit(move |c| c.tcp_listen = vec![tcp_listen]),
+        .edit(move |c| c.tcp_listen = vec![tcp_listen])
+        .edit(cert.listen_on(ip)),
     );
-    let port = match over_tcp(mode) {
-        true => d.tcp_addr.expect("a TCP listener").port(),
-        false => d.addr.port(),
+    let plain_on_tls_port = mode.contains(&PLAIN_ON_TLS_PORT);
+    let mode: Vec<&str> = mode
+        .iter()
+        .copied()
+        .map(|m| if m == PLAIN_ON_TLS_PORT { "-t" } else { m })
+        .collect();
+    let mode = &mode[..];
+    let port = if over_tls(mode) || plain_on_tls_port {
+        d.tls_addr.expect("a TLS listener").port()
+    } else if over_tcp(mode) {
+        d.tcp_addr.expect("a TCP listener").port()
+    } else {
+        d.addr.port()
     };
     let peer = EchoPeer::start(ip);
     let out = run_bounded(
@@ -196,11 +217,13 @@ fn uclient_relays_everything_on(
     );
 
     // The clients delete their allocations before exiting; the daemon's counters must agree.
+    // Over TCP and TLS uclient may also open (and allocate on) connections it drops before
+    // sending: only the allocations that carried traffic are the run's.
     let ended = d.wait_events(
         "allocation ended",
         CLIENTS as usize,
         Duration::from_secs(5),
-        |_| true,
+        |e| !over_tcp(mode) || e["to_peer_packets"].as_u64() != Some(0),
     );
     for e in &ended {
         // Over TCP a client may close its connection before or after its Refresh 0.
@@ -210,7 +233,8 @@ fn uclient_relays_everything_on(
             "{e}"
         );
         if over_tcp(mode) {
-            assert_eq!(field(e, "transport"), "tcp", "{e}");
+            let want = if over_tls(mode) { "tls" } else { "tcp" };
+            assert_eq!(field(e, "transport"), want, "{e}");
         }
         assert!(expect_user(field(e, "user")), "user in {e}");
         assert_eq!(e["dropped_packets"], 0, "{e}");
@@ -271,6 +295,43 @@ fn uclient_over_tcp_client_to_client() {
 #[test]
 fn uclient_over_tcp_on_ipv6() {
     uclient_relays_everything_on("::1", &["-u", USER, "-w", PASSWORD], &["-t"], |u| u == USER);
+}
+
+#[test]
+fn uclient_over_tls_channels() {
+    // turns: TLS to the server, UDP relays to the peers.
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t", "-S"], |u| u == USER);
+}
+
+// No client-to-client run over TLS: uclient -y -S cycles through TLS versions on connect and
+// starts sending before its partner's permission exists, losing ~10% against coturn too.
+#[test]
+fn uclient_over_tls_send_indications() {
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t", "-S", "-s"], |u| {
+        u == USER
+    });
+}
+
+#[test]
+fn uclient_over_tcp_send_client_to_client() {
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &["-t", "-s", "-y"], |u| {
+        u == USER
+    });
+}
+
+#[test]
+fn uclient_over_tls_on_ipv6() {
+    uclient_relays_everything_on("::1", &["-u", USER, "-w", PASSWORD], &["-t", "-S"], |u| {
+        u == USER
+    });
+}
+
+#[test]
+fn uclient_plain_tcp_on_the_tls_port() {
+    // One port for both: the TLS listener tells plain TURN from TLS by the first byte.
+    uclient_relays_everything(&["-u", USER, "-w", PASSWORD], &[PLAIN_ON_TLS_PORT], |u| {
+        u == USER
+    });
 }
 
 #[test]
@@ -355,5 +416,50 @@ fn stunclient_gets_reflexive_address() {
     assert_ne!(addr.port(), 0);
     assert_ne!(addr.port(), d.addr.port(), "that is the server's own port");
     // A Binding request allocates nothing.
+    assert!(d.events("allocation created").is_empty());
+}
+
+/// RFC 5780 on loopback (127.0.0.1 and 127.0.0.2 with two ports): coturn's discovery client
+/// finds the alternate address in OTHER-ADDRESS, gets the change-IP-and-port answer from it, and
+/// classifies loopback as it is: no NAT, so endpoint-independent mapping and filtering.
+#[test]
+fn natdiscovery_classifies_loopback_as_endpoint_independent() {
+    if !tools_available() {
+        return;
+    }
+    let disc = common::Discovery::pick();
+    let d = Daemon::with(disc.options());
+    assert_eq!(
+        d.ready["nat_discovery"],
+        serde_json::json!([{
+            "primary": disc.primary.to_string(),
+            "alternate": disc.alternate.to_string(),
+            "tcp": true,
+        }])
+    );
+    let out = run_bounded(
+        Command::new("turnutils_natdiscovery")
+            .args(["-m", "-f", "-L", "127.0.0.1"])
+            .args(["-p", &disc.primary.port().to_string()])
+            .arg("127.0.0.1"),
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "natdiscovery failed:\n{text}");
+    for line in [
+        "NAT with Endpoint Independent Mapping!".to_owned(),
+        "NAT with Endpoint Independent Filtering!".to_owned(),
+        "No ALG: Mapped == XOR-Mapped".to_owned(),
+        format!("Other addr: : {}", disc.alternate),
+        // The mapping test's second probe goes to IP2:P1 and is answered there.
+        format!("Response origin: : {}", disc.at(true, false)),
+        // The filtering test's change-IP-and-port answer comes from IP2:P2.
+        format!("Response origin: : {}", disc.alternate),
+    ] {
+        assert!(text.contains(&line), "{line:?} missing in:\n{text}");
+    }
+    for wrong in ["Dependent", "timeout", "error"] {
+        assert!(!text.contains(wrong), "{wrong:?} in:\n{text}");
+    }
     assert!(d.events("allocation created").is_empty());
 }

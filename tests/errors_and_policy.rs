@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use common::{
     field, rest_credential, unix_now, Daemon, Options, Reply, TurnClient, REST_MAX_TTL_SECS,
 };
-use turnpike::proto::codec::{attr, method, Class, MessageWriter, MAGIC_COOKIE};
+use turnpike::proto::codec::{attr, decode_address, method, Class, MessageWriter, MAGIC_COOKIE};
+use turnpike::proto::discovery::ChangeRequest;
 
 const CHANNEL: u16 = 0x4000;
 
@@ -491,6 +492,109 @@ fn garbage_burst_leaves_the_daemon_serving() {
     let mut fresh = static_user(&d);
     let fresh_relay = fresh.must_allocate();
     relay_round_trip(&mut fresh, fresh_relay);
+}
+
+/// A Binding request, with CHANGE-REQUEST when `change` is `Some((ip, port))`.
+fn binding_request(txid: [u8; 12], change: Option<(bool, bool)>) -> Vec<u8> {
+    let mut req = Vec::new();
+    let mut w = MessageWriter::new(&mut req, method::BINDING, Class::Request, txid);
+    if let Some((ip, port)) = change {
+        let flags = ChangeRequest { ip, port }.encode();
+        w.attr(attr::CHANGE_REQUEST, &flags);
+    }
+    req
+}
+
+fn address(r: &Reply, kind: u16) -> Option<SocketAddr> {
+    r.attr(kind).and_then(|v| decode_address(&v))
+}
+
+/// RFC 5780 discovery as the I/O layer does it: each CHANGE-REQUEST answer really leaves from
+/// the address RESPONSE-ORIGIN names (the kernel's source address, not only what the message
+/// says), each of the four listeners answers from itself, TCP gets OTHER-ADDRESS and a 400 for a
+/// change it cannot make, the discovery-only listeners refuse TURN, and no client may relay to
+/// any of them.
+#[test]
+fn nat_discovery_answers_from_the_asked_address_and_its_listeners_are_no_peers() {
+    let disc = common::Discovery::pick();
+    let d = Daemon::with(disc.options());
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let mut n = 0u8;
+    let mut ask = |to: SocketAddr, change: Option<(bool, bool)>| -> (SocketAddr, Reply) {
+        n += 1;
+        let txid = [n; 12];
+        let mut buf = [0u8; 1500];
+        sock.send_to(&binding_request(txid, change), to).unwrap();
+        let (len, from) = sock.recv_from(&mut buf).expect("a Binding answer");
+        assert_eq!(&buf[8..20], &txid, "answer to the request just sent");
+        (from, Reply(buf[..len].to_vec()))
+    };
+    for (ip, port) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (from, r) = ask(disc.primary, Some((ip, port)));
+        let case = format!("change ip={ip} port={port}");
+        assert_eq!(r.class_code(), (Class::Success, None), "{case}");
+        assert_eq!(from, disc.at(ip, port), "{case}: the datagram's source");
+        assert_eq!(address(&r, attr::RESPONSE_ORIGIN), Some(from), "{case}");
+        assert_eq!(
+            address(&r, attr::OTHER_ADDRESS),
+            Some(disc.alternate),
+            "{case}"
+        );
+        assert_eq!(address(&r, attr::MAPPED_ADDRESS), Some(me), "{case}");
+        assert_eq!(r.xor_addr(attr::XOR_MAPPED_ADDRESS), me, "{case}");
+    }
+    for (ip, port) in [(false, true), (true, false), (true, true)] {
+        let listener = disc.at(ip, port);
+        let (from, r) = ask(listener, None);
+        assert_eq!(from, listener);
+        assert_eq!(address(&r, attr::OTHER_ADDRESS), Some(disc.at(!ip, !port)));
+        // TURN is for the configured listeners only.
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [0xA0; 12])
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        sock.send_to(&req, listener).unwrap();
+        let mut buf = [0u8; 1500];
+        let (len, _) = sock.recv_from(&mut buf).unwrap();
+        let refused = Reply(buf[..len].to_vec());
+        assert_eq!(
+            refused.class_code(),
+            (Class::Error, Some(403)),
+            "{listener}"
+        );
+    }
+
+    // Over TCP: mapping discovery works on the alternate, a change is refused.
+    let mut tcp = std::net::TcpStream::connect(disc.alternate).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut over_tcp = |change: Option<(bool, bool)>| -> Reply {
+        use std::io::{Read, Write};
+        tcp.write_all(&binding_request([0xB0; 12], change)).unwrap();
+        let mut header = [0u8; 20];
+        tcp.read_exact(&mut header).unwrap();
+        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+        let mut body = vec![0u8; len];
+        tcp.read_exact(&mut body).unwrap();
+        Reply([&header[..], &body].concat())
+    };
+    let r = over_tcp(None);
+    assert_eq!(r.class_code(), (Class::Success, None));
+    assert_eq!(address(&r, attr::RESPONSE_ORIGIN), Some(disc.alternate));
+    assert_eq!(address(&r, attr::OTHER_ADDRESS), Some(disc.primary));
+    assert_eq!(
+        over_tcp(Some((true, false))).class_code(),
+        (Class::Error, Some(400))
+    );
+
+    // Loopback peers are open in this daemon, yet its discovery listeners are not.
+    let mut c = static_user(&d);
+    c.must_allocate();
+    for p in [disc.at(false, true), disc.at(true, false), disc.alternate] {
+        assert_eq!(c.permit(p).class_code(), (Class::Error, Some(403)), "{p}");
+    }
+    let elsewhere = SocketAddr::new(disc.alternate.ip(), 9);
+    assert_eq!(c.permit(elsewhere).class_code(), (Class::Success, None));
 }
 
 // ---------------------------------------------------------------------- TCP relays (RFC 6062)

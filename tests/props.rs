@@ -378,6 +378,10 @@ fn scripted_seed_sessions_reach_what_they_script() {
         total.add(&run("core_ops", fuzzing::run_ops, input));
     }
     assert!(total.reservations > 0 && total.replays > 0 && total.admin_ends > 0);
+    assert!(
+        total.moved_replies > 0,
+        "no RFC 5780 answer moved: {total:#?}"
+    );
     for code in [400, 401, 403, 420, 437, 438, 440, 442, 443, 486, 508] {
         assert!(
             total.error_codes.contains_key(&code),

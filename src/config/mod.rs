@@ -33,14 +33,14 @@ use toml::de::DeTable;
 pub use error::{ConfigError, Issue};
 pub use print::REDACTED;
 pub use schema::{
-    ApiConfig, AuthConfig, Config, LimitsConfig, LogFormat, PeersConfig, RelayConfig, RelayIp,
-    UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, LimitsConfig, LogFormat, NatDiscoveryConfig,
+    PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
 };
 pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_REST_SECRET_LEN};
 
 impl Config {
-    /// Read, parse and validate a config file. Relative `auth.secret_file`
-    /// and `api.token_file` paths are resolved against the file's directory,
+    /// Read, parse and validate a config file. Relative `auth.secret_file`,
+    /// `api.token_file` and `tls` paths are resolved against the file's directory,
     /// so the daemon finds them whatever its working directory (systemd
     /// starts it in `/`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -50,9 +50,14 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, &path.display().to_string())?;
         let dir = path.parent().unwrap_or(Path::new(""));
-        for file in [&mut config.auth.secret_file, &mut config.api.token_file]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut config.auth.secret_file,
+            &mut config.api.token_file,
+            &mut config.tls.cert_file,
+            &mut config.tls.key_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if file.is_relative() {
                 *file = dir.join(&*file);

@@ -21,6 +21,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// TCP listeners (RFC 8656 stream framing; the relays stay UDP). Empty: none.
     pub tcp_listen: Vec<SocketAddr>,
+    /// TLS listeners (`turns:`); each also serves plain TCP on its port. Empty: none.
+    pub tls_listen: Vec<SocketAddr>,
     pub log_format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive; only checked for being
     /// non-empty and printable here, the daemon parses it.
@@ -34,6 +36,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub peers: PeersConfig,
     pub api: ApiConfig,
+    pub tls: TlsConfig,
+    pub proxy_protocol: ProxyProtocolConfig,
+    pub nat_discovery: NatDiscoveryConfig,
 }
 
 impl Default for Config {
@@ -44,6 +49,7 @@ impl Default for Config {
             threads: 0,
             listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 3478))],
             tcp_listen: Vec::new(),
+            tls_listen: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             public_host: String::new(),
@@ -53,8 +59,42 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             peers: PeersConfig::default(),
             api: ApiConfig::default(),
+            tls: TlsConfig::default(),
+            proxy_protocol: ProxyProtocolConfig::default(),
+            nat_discovery: NatDiscoveryConfig::default(),
         }
     }
+}
+
+/// The certificate the TLS listeners serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM chain, leaf first. `Config::load` resolves a relative path against the file's
+    /// directory.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key, likewise.
+    pub key_file: Option<PathBuf>,
+    /// From accept until the PROXY header and the TLS handshake are done.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+/// Stream listeners behind a load balancer that speaks the PROXY protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyProtocolConfig {
+    /// Entries of `tcp_listen` or `tls_listen` whose connections start with a PROXY header.
+    pub listeners: Vec<SocketAddr>,
+    /// Sources allowed to send the header; empty = any.
+    pub trusted: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +233,12 @@ pub struct LimitsConfig {
     /// 0 = unlimited.
     pub unauth_replies_per_sec: u32,
     pub unauth_replies_burst: u32,
+    /// TCP and TLS client connections open at once, on the whole server.
+    pub connections_total: u32,
+    /// Connections open at once from one source address (IPv6 by /64); 0 = unlimited.
+    pub connections_per_source: u32,
+    /// A connection without an allocation that sends nothing for this long is closed.
+    pub connection_idle_secs: u64,
 }
 
 /// The defaults are the core's own (`crate::proto::server::Limits::default()`), so the file and
@@ -213,6 +259,10 @@ impl Default for LimitsConfig {
             allocation_bandwidth_bytes_per_sec: l.bandwidth_bytes_per_sec,
             unauth_replies_per_sec: l.unauth_replies_per_sec,
             unauth_replies_burst: l.unauth_replies_burst,
+            // Connections are the I/O layer's, not the core's: their defaults live here.
+            connections_total: 20_000,
+            connections_per_source: 256,
+            connection_idle_secs: 60,
         }
     }
 }
@@ -248,6 +298,29 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[nat_discovery]`: RFC 5780 NAT behaviour discovery, per family; off (both `None`) by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatDiscoveryConfig {
+    pub v4: Option<DiscoveryAddresses>,
+    pub v6: Option<DiscoveryAddresses>,
+}
+
+/// One family's RFC 5780 addresses: IP1:P1 and IP2:P2. The daemon also listens on IP1:P2 and
+/// IP2:P1 (`proto::discovery::NatDiscovery` does the arithmetic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryAddresses {
+    /// One of the `listen` entries: a concrete address with a fixed port.
+    pub primary: SocketAddr,
+    /// Another IP and another port of this host, in the same family.
+    pub alternate: SocketAddr,
+}
+
+impl NatDiscoveryConfig {
+    pub fn families(&self) -> impl Iterator<Item = DiscoveryAddresses> + '_ {
+        self.v4.iter().chain(self.v6.iter()).copied()
+    }
+}
+
 pub(super) mod raw {
     //! Mirrors of the file's tables: strings for addresses, paths and CIDRs,
     //! `i64` for every integer, so serde only ever reports syntax errors, wrong
@@ -269,6 +342,7 @@ pub(super) mod raw {
         pub threads: i64,
         pub listen: Vec<String>,
         pub tcp_listen: Vec<String>,
+        pub tls_listen: Vec<String>,
         pub log_format: String,
         pub log_level: String,
         pub public_host: String,
@@ -278,6 +352,24 @@ pub(super) mod raw {
         pub limits: Limits,
         pub peers: Peers,
         pub api: Api,
+        pub tls: Tls,
+        pub proxy_protocol: ProxyProtocol,
+        pub nat_discovery: NatDiscovery,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct Tls {
+        pub cert_file: String,
+        pub key_file: String,
+        pub handshake_timeout_secs: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct ProxyProtocol {
+        pub listeners: Vec<String>,
+        pub trusted: Vec<String>,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -328,6 +420,9 @@ pub(super) mod raw {
         pub allocation_bandwidth_bytes_per_sec: i64,
         pub unauth_replies_per_sec: i64,
         pub unauth_replies_burst: i64,
+        pub connections_total: i64,
+        pub connections_per_source: i64,
+        pub connection_idle_secs: i64,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -345,6 +440,15 @@ pub(super) mod raw {
         pub token_file: String,
         pub default_ttl_secs: i64,
         pub max_ttl_secs: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct NatDiscovery {
+        pub primary: String,
+        pub alternate: String,
+        pub primary_v6: String,
+        pub alternate_v6: String,
     }
 
     /// `None` is written as "", which the validator reads back as `None`.
@@ -373,6 +477,7 @@ pub(super) mod raw {
                 threads: int(c.threads),
                 listen: c.listen.iter().map(ToString::to_string).collect(),
                 tcp_listen: c.tcp_listen.iter().map(ToString::to_string).collect(),
+                tls_listen: c.tls_listen.iter().map(ToString::to_string).collect(),
                 log_format: c.log_format.to_string(),
                 log_level: c.log_level.clone(),
                 public_host: c.public_host.clone(),
@@ -382,6 +487,39 @@ pub(super) mod raw {
                 limits: Limits::from_typed(&c.limits),
                 peers: Peers::from_typed(&c.peers),
                 api: Api::from_typed(&c.api),
+                tls: Tls::from_typed(&c.tls),
+                proxy_protocol: ProxyProtocol::from_typed(&c.proxy_protocol),
+                nat_discovery: NatDiscovery::from_typed(&c.nat_discovery),
+            }
+        }
+    }
+
+    impl Tls {
+        fn from_typed(t: &typed::TlsConfig) -> Tls {
+            Tls {
+                cert_file: opt_path(&t.cert_file),
+                key_file: opt_path(&t.key_file),
+                handshake_timeout_secs: int(t.handshake_timeout_secs),
+            }
+        }
+    }
+
+    impl ProxyProtocol {
+        fn from_typed(p: &typed::ProxyProtocolConfig) -> ProxyProtocol {
+            ProxyProtocol {
+                listeners: p.listeners.iter().map(ToString::to_string).collect(),
+                trusted: p.trusted.iter().map(ToString::to_string).collect(),
+            }
+        }
+    }
+
+    impl NatDiscovery {
+        fn from_typed(n: &typed::NatDiscoveryConfig) -> NatDiscovery {
+            NatDiscovery {
+                primary: opt(&n.v4.map(|a| a.primary)),
+                alternate: opt(&n.v4.map(|a| a.alternate)),
+                primary_v6: opt(&n.v6.map(|a| a.primary)),
+                alternate_v6: opt(&n.v6.map(|a| a.alternate)),
             }
         }
     }
@@ -441,6 +579,9 @@ pub(super) mod raw {
                 allocation_bandwidth_bytes_per_sec: int(l.allocation_bandwidth_bytes_per_sec),
                 unauth_replies_per_sec: l.unauth_replies_per_sec.into(),
                 unauth_replies_burst: l.unauth_replies_burst.into(),
+                connections_total: l.connections_total.into(),
+                connections_per_source: l.connections_per_source.into(),
+                connection_idle_secs: int(l.connection_idle_secs),
             }
         }
     }
@@ -481,6 +622,13 @@ pub(super) mod raw {
     default_from_typed!(Limits, LimitsConfig, Limits::from_typed);
     default_from_typed!(Peers, PeersConfig, Peers::from_typed);
     default_from_typed!(Api, ApiConfig, Api::from_typed);
+    default_from_typed!(Tls, TlsConfig, Tls::from_typed);
+    default_from_typed!(
+        ProxyProtocol,
+        ProxyProtocolConfig,
+        ProxyProtocol::from_typed
+    );
+    default_from_typed!(NatDiscovery, NatDiscoveryConfig, NatDiscovery::from_typed);
 }
 
 #[cfg(test)]

@@ -120,7 +120,8 @@ impl Config {
     }
 
     /// Files holding secrets that users other than the owner may access, or that belong to
-    /// neither root nor the user running turnpike: `auth.secret_file`, `api.token_file`, and the
+    /// neither root nor the user running turnpike: `auth.secret_file`, `api.token_file`,
+    /// `tls.key_file`, and the
     /// config file itself when it holds clear-text static user passwords. Files that cannot be
     /// inspected are skipped (loading them reports the error), and so are files systemd hands
     /// over with `LoadCredential=` (under `$CREDENTIALS_DIRECTORY` or `/run/credentials`):
@@ -150,6 +151,14 @@ impl Config {
                 "api.token_file",
                 path,
                 "the HTTP API bearer token (whoever reads it can mint credentials and end sessions)",
+                "",
+            );
+        }
+        if let Some(path) = &self.tls.key_file {
+            check(
+                "tls.key_file",
+                path,
+                "the TLS private key (whoever reads it can impersonate this server)",
                 "",
             );
         }

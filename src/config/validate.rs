@@ -13,9 +13,11 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, Issue, LimitsConfig, LogFormat, PeersConfig, RelayConfig,
-    RelayIp, UserEntry, UserSecret,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, Issue, LimitsConfig, LogFormat,
+    NatDiscoveryConfig, PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig,
+    UserEntry, UserSecret,
 };
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
 
 /// STUN USERNAME must be fewer than 509 bytes (RFC 8489 section 14.3).
@@ -163,6 +165,22 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
     }
     let listen = build_listen("listen", &raw.listen, &relay, cx);
     let tcp_listen = build_listen("tcp_listen", &raw.tcp_listen, &relay, cx);
+    let tls_listen = build_listen("tls_listen", &raw.tls_listen, &relay, cx);
+    // Both are TCP: one port cannot be both (a TLS listener already serves plain TCP too).
+    for (i, addr) in tls_listen.iter().enumerate() {
+        if let Some(j) = tcp_listen.iter().position(|t| same_socket(*t, *addr)) {
+            cx.invalid(
+                &format!("tls_listen[{i}]"),
+                Q(&addr.to_string()),
+                format!(
+                    "overlaps tcp_listen[{j}]: a TLS listener also serves plain TCP on its \
+                     port, so drop the tcp_listen entry"
+                ),
+            );
+        }
+    }
+    let tls = build_tls(raw.tls, !tls_listen.is_empty(), cx);
+    let proxy_protocol = build_proxy_protocol(raw.proxy_protocol, &tcp_listen, &tls_listen, cx);
     let auth = build_auth(raw.auth, cx);
     let limits = build_limits(raw.limits, cx);
     let peers = build_peers(raw.peers, cx);
@@ -178,17 +196,20 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         );
     }
     let api = build_api(raw.api, cx);
+    let listen = if listen.is_empty() {
+        defaults.listen
+    } else {
+        listen
+    };
+    let nat_discovery = build_nat_discovery(raw.nat_discovery, &listen, &tcp_listen, &relay, cx);
 
     Config {
         realm: raw.realm,
         software: raw.software,
         threads,
-        listen: if listen.is_empty() {
-            defaults.listen
-        } else {
-            listen
-        },
+        listen,
         tcp_listen,
+        tls_listen,
         log_format,
         log_level: raw.log_level,
         public_host: raw.public_host,
@@ -198,7 +219,97 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         limits,
         peers,
         api,
+        tls,
+        proxy_protocol,
+        nat_discovery,
     }
+}
+
+/// Whether two listeners would fight over one socket: the same port and family, and the same
+/// address or a wildcard on either side.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn build_tls(raw: raw::Tls, needed: bool, cx: &mut Cx<'_>) -> TlsConfig {
+    let d = TlsConfig::default();
+    let cert_file = cx.opt_path("tls.cert_file", &raw.cert_file);
+    let key_file = cx.opt_path("tls.key_file", &raw.key_file);
+    if needed {
+        for (key, value) in [("tls.cert_file", &cert_file), ("tls.key_file", &key_file)] {
+            if value.is_none() && cx.issues.iter().all(|i| i.key != key) {
+                cx.push(
+                    key,
+                    format!("{key} must be set: tls_listen needs a certificate and its key"),
+                );
+            }
+        }
+    }
+    let handshake_timeout_secs = cx.int(
+        "tls.handshake_timeout_secs",
+        raw.handshake_timeout_secs,
+        1,
+        120,
+        d.handshake_timeout_secs,
+    );
+    TlsConfig {
+        cert_file,
+        key_file,
+        handshake_timeout_secs,
+    }
+}
+
+fn build_proxy_protocol(
+    raw: raw::ProxyProtocol,
+    tcp_listen: &[SocketAddr],
+    tls_listen: &[SocketAddr],
+    cx: &mut Cx<'_>,
+) -> ProxyProtocolConfig {
+    let mut listeners = Vec::new();
+    for (i, text) in raw.listeners.iter().enumerate() {
+        let key = format!("proxy_protocol.listeners[{i}]");
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if tcp_listen.contains(&addr) || tls_listen.contains(&addr) => {
+                if listeners.contains(&addr) {
+                    cx.invalid(&key, Q(text), "listed twice");
+                } else {
+                    listeners.push(addr);
+                }
+            }
+            Ok(_) => cx.invalid(
+                &key,
+                Q(text),
+                "is not an entry of tcp_listen or tls_listen (write it exactly as there)",
+            ),
+            Err(_) => cx.invalid(&key, Q(text), "expected IP:port, as in tcp_listen"),
+        }
+    }
+    let trusted = raw
+        .trusted
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let key = format!("proxy_protocol.trusted[{i}]");
+            let net = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    cx.invalid(
+                        &key,
+                        Q(text),
+                        r#"expected a CIDR such as "10.0.0.0/8", or a single address"#,
+                    );
+                    None
+                }
+            }
+        })
+        .collect();
+    ProxyProtocolConfig { listeners, trusted }
 }
 
 /// REALM and SOFTWARE: sent on the wire, so RFC length limits and no control
@@ -285,6 +396,159 @@ fn build_listen(
         listen.push((i, addr));
     }
     listen.into_iter().map(|(_, a)| a).collect()
+}
+
+fn build_nat_discovery(
+    raw: raw::NatDiscovery,
+    listen: &[SocketAddr],
+    tcp_listen: &[SocketAddr],
+    relay: &RelayConfig,
+    cx: &mut Cx<'_>,
+) -> NatDiscoveryConfig {
+    let lists = Lists {
+        listen,
+        tcp_listen,
+        relay,
+    };
+    NatDiscoveryConfig {
+        v4: discovery_family(cx, &lists, "", &raw.primary, &raw.alternate),
+        v6: discovery_family(cx, &lists, "_v6", &raw.primary_v6, &raw.alternate_v6),
+    }
+}
+
+/// What the discovery addresses are checked against.
+struct Lists<'a> {
+    listen: &'a [SocketAddr],
+    tcp_listen: &'a [SocketAddr],
+    relay: &'a RelayConfig,
+}
+
+/// One family's `nat_discovery.primary*` and `nat_discovery.alternate*`: both or neither.
+fn discovery_family(
+    cx: &mut Cx<'_>,
+    lists: &Lists<'_>,
+    suffix: &str,
+    primary_text: &str,
+    alternate_text: &str,
+) -> Option<DiscoveryAddresses> {
+    let v6 = suffix == "_v6";
+    let primary_key = format!("nat_discovery.primary{suffix}");
+    let alternate_key = format!("nat_discovery.alternate{suffix}");
+    match (primary_text.is_empty(), alternate_text.is_empty()) {
+        (true, true) => return None,
+        (true, false) => {
+            cx.invalid(
+                &alternate_key,
+                Q(alternate_text),
+                format!("needs {primary_key}: the UDP listener it is the alternate of"),
+            );
+            return None;
+        }
+        (false, true) => {
+            cx.invalid(
+                &primary_key,
+                Q(primary_text),
+                format!("needs {alternate_key}: RFC 5780 needs a second IP and port"),
+            );
+            return None;
+        }
+        (false, false) => {}
+    }
+    let primary = discovery_address(cx, &primary_key, primary_text, v6)?;
+    if !lists.listen.contains(&primary) {
+        cx.invalid(
+            &primary_key,
+            Q(primary_text),
+            "is not one of the `listen` entries; the primary discovery address must be a UDP \
+             listener with a concrete address and port",
+        );
+        return None;
+    }
+    let alternate = discovery_address(cx, &alternate_key, alternate_text, v6)?;
+    let reason = if alternate.ip() == primary.ip() {
+        Some(format!(
+            "has the IP address of {primary_key}; RFC 5780 needs a second address of this host"
+        ))
+    } else if alternate.port() == primary.port() {
+        Some(format!(
+            "has the port of {primary_key}; RFC 5780 needs a second port"
+        ))
+    } else if (lists.relay.port_min..=lists.relay.port_max).contains(&alternate.port()) {
+        Some(format!(
+            "port {} lies inside the relay port range {}-{} (relay.port_min, relay.port_max)",
+            alternate.port(),
+            lists.relay.port_min,
+            lists.relay.port_max
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        cx.invalid(&alternate_key, Q(alternate_text), reason);
+        return None;
+    }
+    let addresses = NatDiscovery {
+        primary,
+        alternate,
+        tcp: false,
+    };
+    // TCP listeners join in only where tcp_listen holds the primary (see the daemon).
+    let mut taken: Vec<(&str, &SocketAddr)> = lists.listen.iter().map(|l| ("listen", l)).collect();
+    if lists.tcp_listen.contains(&primary) {
+        taken.extend(lists.tcp_listen.iter().map(|l| ("tcp_listen", l)));
+    }
+    for extra in addresses.extra_listeners() {
+        let clash = taken.iter().find(|(_, l)| {
+            l.port() == extra.port()
+                && l.is_ipv4() == extra.is_ipv4()
+                && (l.ip() == extra.ip() || l.ip().is_unspecified())
+        });
+        if let Some((list, l)) = clash {
+            cx.invalid(
+                &alternate_key,
+                Q(alternate_text),
+                format!(
+                    "discovery listens on {extra} itself, which the {list} entry {:?} already \
+                     covers",
+                    l.to_string()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(DiscoveryAddresses { primary, alternate })
+}
+
+/// A discovery address: IP:port of the key's family, concrete, with a fixed port.
+fn discovery_address(cx: &mut Cx<'_>, key: &str, text: &str, v6: bool) -> Option<SocketAddr> {
+    let (want, example) = if v6 {
+        ("IPv6", "\"[2001:db8::1]:3478\"")
+    } else {
+        ("IPv4", "\"192.0.2.1:3478\"")
+    };
+    let reason = match text.parse::<SocketAddr>() {
+        Err(_) => format!("expected {want} IP:port such as {example}"),
+        Ok(a) if a.is_ipv6() != v6 => {
+            let key = if v6 {
+                key.trim_end_matches("_v6").to_owned()
+            } else {
+                format!("{key}_v6")
+            };
+            format!("is not {want}; put it in {key}")
+        }
+        Ok(a) if a.ip().is_unspecified() || a.ip().is_multicast() => {
+            "must be one concrete address of this host (answers name it to clients)".to_owned()
+        }
+        Ok(SocketAddr::V6(a)) if a.ip().to_ipv4_mapped().is_some() => {
+            "an IPv4-mapped address is IPv4; use the IPv4 key".to_owned()
+        }
+        Ok(a) if a.port() == 0 => {
+            "needs a fixed port: clients are told it in OTHER-ADDRESS".to_owned()
+        }
+        Ok(a) => return Some(a),
+    };
+    cx.invalid(key, Q(text), reason);
+    None
 }
 
 fn build_relay(raw: raw::Relay, cx: &mut Cx<'_>) -> RelayConfig {
@@ -665,7 +929,31 @@ fn build_limits(raw: raw::Limits, cx: &mut Cx<'_>) -> LimitsConfig {
             ),
         );
     }
+    let connections_total = cx.int32(
+        "limits.connections_total",
+        raw.connections_total,
+        1,
+        max,
+        d.connections_total,
+    );
+    let connections_per_source = cx.int32(
+        "limits.connections_per_source",
+        raw.connections_per_source,
+        0,
+        max,
+        d.connections_per_source,
+    );
+    let connection_idle_secs = cx.int(
+        "limits.connection_idle_secs",
+        raw.connection_idle_secs,
+        5,
+        3600,
+        d.connection_idle_secs,
+    );
     LimitsConfig {
+        connections_total,
+        connections_per_source,
+        connection_idle_secs,
         allocations_per_user,
         total_allocations,
         permissions_per_allocation,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use crate::config::test_support::{err, fails, parse, FULL};
-use crate::config::{LogFormat, RelayConfig, RelayIp, UserEntry, UserSecret};
+use crate::config::{
+    DiscoveryAddresses, LogFormat, NatDiscoveryConfig, RelayConfig, RelayIp, UserEntry, UserSecret,
+};
 
 #[test]
 fn full_file() {
@@ -159,6 +161,152 @@ fn tcp_listen_rules() {
     let c = parse("listen = [\"0.0.0.0:3478\"]\ntcp_listen = [\"0.0.0.0:3478\", \"[::]:3478\"]\n")
         .unwrap();
     assert_eq!(c.tcp_listen.len(), 2);
+}
+
+/// A config with `listen` and `[nat_discovery]` lines; line 3 holds the first discovery key.
+fn discovery(listen: &str, keys: &str) -> String {
+    format!("listen = [{listen}]\n[nat_discovery]\n{keys}")
+}
+
+#[test]
+fn nat_discovery_is_off_by_default_and_takes_both_families() {
+    assert_eq!(
+        parse("").unwrap().nat_discovery,
+        NatDiscoveryConfig::default()
+    );
+    let c = parse(&discovery(
+        r#""192.0.2.1:3478", "[2001:db8::1]:3478""#,
+        "primary = \"192.0.2.1:3478\"\nalternate = \"192.0.2.2:3479\"\n\
+         primary_v6 = \"[2001:db8::1]:3478\"\nalternate_v6 = \"[2001:db8::2]:3479\"\n",
+    ))
+    .unwrap();
+    let addrs = |p: &str, a: &str| DiscoveryAddresses {
+        primary: p.parse().unwrap(),
+        alternate: a.parse().unwrap(),
+    };
+    assert_eq!(
+        c.nat_discovery,
+        NatDiscoveryConfig {
+            v4: Some(addrs("192.0.2.1:3478", "192.0.2.2:3479")),
+            v6: Some(addrs("[2001:db8::1]:3478", "[2001:db8::2]:3479")),
+        }
+    );
+    // The printout reads back as the same configuration.
+    assert_eq!(parse(&c.to_toml()).unwrap(), c);
+}
+
+#[test]
+fn nat_discovery_rules() {
+    let v4 = r#""192.0.2.1:3478""#;
+    let keys = |p: &str, a: &str| format!("primary = \"{p}\"\nalternate = \"{a}\"\n");
+    // Both keys of a family or neither.
+    fails(
+        &discovery(v4, "alternate = \"192.0.2.2:3479\"\n"),
+        3,
+        "nat_discovery.alternate = \"192.0.2.2:3479\" is invalid: needs nat_discovery.primary",
+    );
+    fails(
+        &discovery(v4, "primary_v6 = \"[2001:db8::1]:3478\"\n"),
+        3,
+        "nat_discovery.primary_v6 = \"[2001:db8::1]:3478\" is invalid: needs nat_discovery.alternate_v6",
+    );
+    // The primary is a concrete UDP listener with a fixed port, in its own key's family.
+    fails(
+        &discovery(v4, &keys("192.0.2.9:3478", "192.0.2.2:3479")),
+        3,
+        "nat_discovery.primary = \"192.0.2.9:3478\" is invalid: is not one of the `listen` entries",
+    );
+    fails(
+        &discovery(r#""0.0.0.0:3478""#, &keys("0.0.0.0:3478", "192.0.2.2:3479")),
+        3,
+        "nat_discovery.primary = \"0.0.0.0:3478\" is invalid: must be one concrete address",
+    );
+    fails(
+        &discovery(r#""192.0.2.1:0""#, &keys("192.0.2.1:0", "192.0.2.2:3479")),
+        3,
+        "nat_discovery.primary = \"192.0.2.1:0\" is invalid: needs a fixed port",
+    );
+    fails(
+        &discovery(v4, &keys("[2001:db8::1]:3478", "192.0.2.2:3479")),
+        3,
+        "is invalid: is not IPv4; put it in nat_discovery.primary_v6",
+    );
+    fails(
+        &discovery(
+            v4,
+            "primary_v6 = \"192.0.2.1:3478\"\nalternate_v6 = \"192.0.2.2:3479\"\n",
+        ),
+        3,
+        "nat_discovery.primary_v6 = \"192.0.2.1:3478\" is invalid: is not IPv6; put it in nat_discovery.primary",
+    );
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "nowhere:3479")),
+        4,
+        "nat_discovery.alternate = \"nowhere:3479\" is invalid: expected IPv4 IP:port",
+    );
+    // The alternate differs in IP and in port, and its port is no relay port.
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "192.0.2.1:3479")),
+        4,
+        "nat_discovery.alternate = \"192.0.2.1:3479\" is invalid: has the IP address of nat_discovery.primary",
+    );
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "192.0.2.2:3478")),
+        4,
+        "nat_discovery.alternate = \"192.0.2.2:3478\" is invalid: has the port of nat_discovery.primary",
+    );
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "192.0.2.2:50000")),
+        4,
+        "nat_discovery.alternate = \"192.0.2.2:50000\" is invalid: port 50000 lies inside the relay port range",
+    );
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "192.0.2.2:0")),
+        4,
+        "nat_discovery.alternate = \"192.0.2.2:0\" is invalid: needs a fixed port",
+    );
+    fails(
+        &discovery(v4, &keys("192.0.2.1:3478", "[::ffff:192.0.2.2]:3479")),
+        4,
+        "nat_discovery.alternate = \"[::ffff:192.0.2.2]:3479\" is invalid: is not IPv4",
+    );
+    // The three extra listeners must not collide with configured ones.
+    fails(
+        &discovery(
+            r#""192.0.2.1:3478", "0.0.0.0:3479""#,
+            &keys("192.0.2.1:3478", "192.0.2.2:3479"),
+        ),
+        4,
+        "is invalid: discovery listens on 192.0.2.1:3479 itself, which the listen entry \"0.0.0.0:3479\" already covers",
+    );
+    fails(
+        &discovery(
+            r#""192.0.2.1:3478", "192.0.2.2:3478""#,
+            &keys("192.0.2.1:3478", "192.0.2.2:3479"),
+        ),
+        4,
+        "discovery listens on 192.0.2.2:3478 itself, which the listen entry \"192.0.2.2:3478\"",
+    );
+    // TCP counts where TCP discovery listeners are bound: tcp_listen holds the primary.
+    let tcp = |tcp: &str| {
+        format!(
+            "tcp_listen = [{tcp}]\n{}",
+            discovery(v4, &keys("192.0.2.1:3478", "192.0.2.2:3479"))
+        )
+    };
+    fails(
+        &tcp(r#""192.0.2.1:3478", "192.0.2.2:3479""#),
+        5,
+        "which the tcp_listen entry \"192.0.2.2:3479\" already covers",
+    );
+    parse(&tcp(r#""192.0.2.2:3479""#)).unwrap();
+    parse(&tcp(r#""192.0.2.1:3478""#)).unwrap();
+    // Another family's listener on the same port is no collision.
+    parse(&discovery(
+        r#""192.0.2.1:3478", "[::]:3479""#,
+        &keys("192.0.2.1:3478", "192.0.2.2:3479"),
+    ))
+    .unwrap();
 }
 
 #[test]

@@ -77,6 +77,7 @@ async fn metrics_route(State(state): State<AppState>) -> Response {
         draining: state.draining.load(Ordering::Relaxed),
         shards_unresponsive: unresponsive,
         uptime_secs: state.started.elapsed().as_secs(),
+        tls_not_after: state.streams.tls.as_ref().map(|t| t.not_after()),
     };
     (
         [(
@@ -136,7 +137,7 @@ fn mint(
         .unwrap_or(credentials::default_ttl(config))
         .min(credentials::max_ttl(config));
     let host = credentials::public_host(config, state.advertised);
-    let uris = credentials::default_uris(&state.listeners, &state.tcp_listeners, &host);
+    let uris = credentials::default_uris(&state.listeners, &host);
     let minted = credentials::mint_for(config, &live.rest_secrets, user, ttl, unix_now(), uris)
         .map_err(|e| match e {
             MintError::NoSecret => error(StatusCode::SERVICE_UNAVAILABLE, e),

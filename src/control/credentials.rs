@@ -79,15 +79,41 @@ pub fn public_host(config: &Config, advertised: Option<IpAddr>) -> String {
     }
 }
 
-/// STUN and TURN URIs for every listener port on the public host. `listeners` are the bound
-/// addresses when the daemon knows them (a configured port 0 is only known once bound).
-pub fn default_uris(udp: &[SocketAddr], tcp: &[SocketAddr], host: &str) -> Vec<String> {
+/// The daemon's TURN listeners by transport: as configured, or as bound once the daemon runs
+/// (a configured port 0 is only known then).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listeners {
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    /// TLS listeners; each serves plain TCP on its port as well.
+    pub tls: Vec<SocketAddr>,
+}
+
+impl Listeners {
+    pub fn configured(config: &Config) -> Listeners {
+        Listeners {
+            udp: config.listen.clone(),
+            tcp: config.tcp_listen.clone(),
+            tls: config.tls_listen.clone(),
+        }
+    }
+}
+
+/// STUN and TURN URIs for every listener port on the public host: `stun:` and
+/// `turn:?transport=udp` per UDP port, `turn:?transport=tcp` per TCP port, `turns:` per TLS
+/// port. The host must be the certificate's name for `turns:` to verify.
+pub fn default_uris(listeners: &Listeners, host: &str) -> Vec<String> {
     let ports = |listeners: &[SocketAddr]| {
         let mut ports: Vec<u16> = listeners.iter().map(|l| l.port()).collect();
+        ports.sort_unstable();
         ports.dedup();
         ports
     };
-    let (udp, tcp) = (ports(udp), ports(tcp));
+    let (udp, tcp, tls) = (
+        ports(&listeners.udp),
+        ports(&listeners.tcp),
+        ports(&listeners.tls),
+    );
     let mut uris = Vec::new();
     for port in &udp {
         uris.push(format!("stun:{host}:{port}"));
@@ -97,6 +123,9 @@ pub fn default_uris(udp: &[SocketAddr], tcp: &[SocketAddr], host: &str) -> Vec<S
     }
     for port in &tcp {
         uris.push(format!("turn:{host}:{port}?transport=tcp"));
+    }
+    for port in &tls {
+        uris.push(format!("turns:{host}:{port}?transport=tcp"));
     }
     uris
 }
@@ -364,7 +393,7 @@ key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
     #[test]
     fn minted_credential_verifies_and_shapes_parse() {
         let c = config();
-        let uris = default_uris(&c.listen, &c.tcp_listen, &public_host(&c, None));
+        let uris = default_uris(&Listeners::configured(&c), &public_host(&c, None));
         assert_eq!(
             uris,
             [

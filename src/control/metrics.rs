@@ -6,6 +6,7 @@
 
 use std::fmt::Write;
 
+use crate::io::connection::StreamCounters;
 use crate::io::shard::ShardReport;
 use crate::proto::stats::{Kind, Series};
 
@@ -17,6 +18,8 @@ pub struct Extra {
     pub draining: bool,
     pub shards_unresponsive: usize,
     pub uptime_secs: u64,
+    /// When the served TLS certificate expires (unix seconds); None without TLS listeners.
+    pub tls_not_after: Option<i64>,
 }
 
 /// The shards' counters added up.
@@ -27,11 +30,13 @@ pub fn sum(reports: &[ShardReport]) -> ShardReport {
         let ShardReport {
             core,
             allocations,
+            connections,
             relay_sockets,
             send_errors,
         } = *r;
         t.core += core;
         t.allocations += allocations;
+        t.connections += connections;
         t.relay_sockets += relay_sockets;
         t.send_errors += send_errors;
     }
@@ -49,7 +54,92 @@ const fn series(
         kind,
         help,
         label,
+        transport: None,
     }
+}
+
+fn by_transport(transport: &'static str, s: Series) -> Series {
+    Series {
+        transport: Some(transport),
+        ..s
+    }
+}
+
+/// The series of one stream transport's connection counters.
+fn connection_series(transport: &'static str, c: &StreamCounters, out: &mut Vec<(Series, u64)>) {
+    use Kind::{Counter, Gauge};
+    // No `..`, as in `sum`: a counter that is not exposed does not compile.
+    let StreamCounters {
+        accepted,
+        open,
+        refused_total,
+        refused_per_source,
+        closed_idle,
+        setup_timeouts,
+        tls_errors,
+        tls_closed_in_handshake,
+        proxy_errors,
+        bytes_in,
+        bytes_out,
+        frames_dropped,
+    } = *c;
+    const REFUSED: &str =
+        "Connections turned away by a limit, by transport (the listener's) and limit.";
+    const SETUP: &str = "Connections closed before their setup (PROXY header, TLS handshake) \
+                         was done, by transport (the listener's for PROXY failures) and reason.";
+    const BYTES: &str = "Bytes read from and written to client connections (TLS records \
+                         included), by transport and direction.";
+    let rows = [
+        (
+            series("connections_open", Gauge, "Client connections open, by transport.", None),
+            open,
+        ),
+        (
+            series(
+                "connections_accepted_total",
+                Counter,
+                "Client connections set up (past any PROXY header and TLS handshake), by transport.",
+                None,
+            ),
+            accepted,
+        ),
+        (series("connections_refused_total", Counter, REFUSED, Some(("reason", "total_limit"))), refused_total),
+        (
+            series("connections_refused_total", Counter, REFUSED, Some(("reason", "per_source_limit"))),
+            refused_per_source,
+        ),
+        (series("connection_setup_failures_total", Counter, SETUP, Some(("reason", "timeout"))), setup_timeouts),
+        (series("connection_setup_failures_total", Counter, SETUP, Some(("reason", "tls_error"))), tls_errors),
+        (
+            series("connection_setup_failures_total", Counter, SETUP, Some(("reason", "tls_hung_up"))),
+            tls_closed_in_handshake,
+        ),
+        (series("connection_setup_failures_total", Counter, SETUP, Some(("reason", "proxy_header"))), proxy_errors),
+        (
+            series(
+                "connections_closed_idle_total",
+                Counter,
+                "Connections closed for sending nothing without an allocation, by transport.",
+                None,
+            ),
+            closed_idle,
+        ),
+        (series("connection_bytes_total", Counter, BYTES, Some(("direction", "in"))), bytes_in),
+        (series("connection_bytes_total", Counter, BYTES, Some(("direction", "out"))), bytes_out),
+        (
+            series(
+                "stream_frames_dropped_total",
+                Counter,
+                "Frames dropped for clients too far behind on reading their connection, by transport.",
+                None,
+            ),
+            frames_dropped,
+        ),
+    ];
+    out.extend(
+        rows.into_iter()
+            .map(|(s, v)| (by_transport(transport, s), v)),
+    );
 }
 
 /// Every series with its value: the core's counters in their declaration order, then the
@@ -60,6 +150,7 @@ fn all_series(reports: &[ShardReport], extra: &Extra) -> Vec<(Series, u64)> {
     let ShardReport {
         mut core,
         allocations,
+        connections,
         relay_sockets,
         send_errors,
     } = sum(reports);
@@ -70,20 +161,32 @@ fn all_series(reports: &[ShardReport], extra: &Extra) -> Vec<(Series, u64)> {
         draining,
         shards_unresponsive,
         uptime_secs,
+        tls_not_after,
     } = *extra;
     let mut out = Vec::with_capacity(48);
     core.for_each_series(|s, v| out.push((s, *v)));
     let relay_sockets = relay_sockets as u64;
+    const ALLOCATIONS: &str = "Allocations in force, by the transport their client uses.";
+    for (transport, n) in [
+        ("udp", allocations.udp),
+        ("tcp", allocations.tcp),
+        ("tls", allocations.tls),
+    ] {
+        let s = by_transport(transport, series("allocations", Gauge, ALLOCATIONS, None));
+        out.push((s, n as u64));
+    }
+    connection_series("tcp", &connections.tcp, &mut out);
+    connection_series("tls", &connections.tls, &mut out);
+    if let Some(not_after) = tls_not_after {
+        let s = series(
+            "tls_certificate_expiry_seconds",
+            Gauge,
+            "When the served TLS certificate expires, in unix seconds.",
+            None,
+        );
+        out.push((s, u64::try_from(not_after).unwrap_or(0)));
+    }
     out.extend([
-        (
-            series(
-                "allocations",
-                Gauge,
-                "Allocations in force.",
-                Some(("transport", "udp")),
-            ),
-            allocations as u64,
-        ),
         (
             series(
                 "send_errors_total",
@@ -172,13 +275,26 @@ pub fn render(reports: &[ShardReport], extra: &Extra) -> String {
             family.help
         );
         for (s, v) in all.iter().filter(|(s, _)| s.name == name) {
-            let _ = match s.label {
-                None => writeln!(o, "turnpike_{name} {v}"),
-                Some((key, value)) => writeln!(o, "turnpike_{name}{{{key}=\"{value}\"}} {v}"),
-            };
+            let _ = writeln!(o, "turnpike_{name}{} {v}", labels(s));
         }
     }
     o
+}
+
+/// `{transport="tcp",reason="x"}`, or nothing for a series without labels.
+fn labels(s: &Series) -> String {
+    let pairs: Vec<String> = s
+        .transport
+        .map(|t| ("transport", t))
+        .into_iter()
+        .chain(s.label)
+        .map(|(key, value)| format!("{key}=\"{value}\""))
+        .collect();
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", pairs.join(","))
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +310,7 @@ mod tests {
             draining: false,
             shards_unresponsive: 0,
             uptime_secs: 5,
+            tls_not_after: Some(1_900_000_000),
         }
     }
 
@@ -202,13 +319,16 @@ mod tests {
         let mut a = ShardReport::default();
         a.core.to_peer_packets = 3;
         a.core.auth_failures[AuthReject::Expired as usize] = 2;
-        a.allocations = 1;
+        a.allocations.udp = 1;
+        a.connections.tls.bytes_in = 5;
         let mut b = a;
         b.core.to_peer_packets = 4;
         let text = render(&[a, b], &extra());
         assert!(text.contains("turnpike_relayed_packets_total{direction=\"to_peer\"} 7\n"));
         assert!(text.contains("turnpike_auth_failures_total{reason=\"expired\"} 4\n"));
         assert!(text.contains("turnpike_allocations{transport=\"udp\"} 2\n"));
+        assert!(text
+            .contains("turnpike_connection_bytes_total{transport=\"tls\",direction=\"in\"} 10\n"));
         let mut types = Vec::new();
         let mut family = "";
         for line in text.lines() {
@@ -230,11 +350,17 @@ mod tests {
     #[test]
     fn every_series_appears_summed_with_its_own_value() {
         let mut a = ShardReport {
-            allocations: 7001,
+            allocations: crate::proto::server::ByTransport {
+                udp: 7001,
+                tcp: 7011,
+                tls: 7021,
+            },
             relay_sockets: 7002,
             send_errors: 7003,
             ..ShardReport::default()
         };
+        a.connections.tcp.accepted = 7031;
+        a.connections.tls.frames_dropped = 7041;
         let mut n = 1;
         a.core.for_each_series(|_, v| {
             *v = n;
@@ -243,19 +369,13 @@ mod tests {
         let text = render(&[a, a], &extra());
         let mut checked = 0;
         for (s, v) in all_series(&[a, a], &extra()) {
-            let label = s
-                .label
-                .map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
-            let line = format!("turnpike_{}{label} {v}\n", s.name);
+            let line = format!("turnpike_{}{} {v}\n", s.name, labels(&s));
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
             checked += 1;
         }
         // And the core's counters are really the sum of both shards, each its own value.
         a.core.for_each_series(|s, v| {
-            let label = s
-                .label
-                .map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
-            let line = format!("turnpike_{}{label} {}\n", s.name, 2 * *v);
+            let line = format!("turnpike_{}{} {}\n", s.name, labels(&s), 2 * *v);
             assert!(text.contains(&line), "missing {line:?}");
         });
         assert_eq!(
@@ -263,6 +383,10 @@ mod tests {
             checked
         );
         assert!(text.contains("turnpike_allocations{transport=\"udp\"} 14002\n"));
+        assert!(text.contains("turnpike_allocations{transport=\"tls\"} 14042\n"));
+        assert!(text.contains("turnpike_connections_accepted_total{transport=\"tcp\"} 14062\n"));
+        assert!(text.contains("turnpike_stream_frames_dropped_total{transport=\"tls\"} 14082\n"));
+        assert!(text.contains("turnpike_tls_certificate_expiry_seconds 1900000000\n"));
         assert!(text.contains("turnpike_relay_sockets_open 14004\n"));
         assert!(text.contains("turnpike_send_errors_total 14006\n"));
     }
@@ -290,6 +414,9 @@ mod tests {
         got_sorted.sort_unstable();
         let mut want = vec![
             "turnpike_allocations{transport=\"udp\"}",
+            "turnpike_allocations{transport=\"tcp\"}",
+            "turnpike_allocations{transport=\"tls\"}",
+            "turnpike_tls_certificate_expiry_seconds",
             "turnpike_allocations_created_total",
             "turnpike_allocations_ended_total",
             "turnpike_binding_requests_total",
@@ -325,6 +452,30 @@ mod tests {
             "turnpike_shards_unresponsive",
             "turnpike_uptime_seconds",
         ];
+        let mut connection_series = Vec::new();
+        for t in ["tcp", "tls"] {
+            for name in [
+                "connections_open".to_owned(),
+                "connections_accepted_total".to_owned(),
+                "connections_closed_idle_total".to_owned(),
+                "stream_frames_dropped_total".to_owned(),
+            ] {
+                connection_series.push(format!("turnpike_{name}{{transport=\"{t}\"}}"));
+            }
+            for (name, label) in [
+                ("connections_refused_total", "reason=\"total_limit\""),
+                ("connections_refused_total", "reason=\"per_source_limit\""),
+                ("connection_setup_failures_total", "reason=\"timeout\""),
+                ("connection_setup_failures_total", "reason=\"tls_error\""),
+                ("connection_setup_failures_total", "reason=\"tls_hung_up\""),
+                ("connection_setup_failures_total", "reason=\"proxy_header\""),
+                ("connection_bytes_total", "direction=\"in\""),
+                ("connection_bytes_total", "direction=\"out\""),
+            ] {
+                connection_series.push(format!("turnpike_{name}{{transport=\"{t}\",{label}}}"));
+            }
+        }
+        want.extend(connection_series.iter().map(String::as_str));
         want.sort_unstable();
         assert_eq!(got_sorted, want);
         for (name, kind) in [

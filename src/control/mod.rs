@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ConfigError};
+use crate::io::connection::{StreamPolicy, StreamSettings};
 use crate::io::shard::{ShardCommand, ShardReport};
+use crate::io::tls::{ServedCertificate, TlsError, EXPIRY_WARNING_SECS};
 use crate::proto::auth::Unrevoked;
 use crate::proto::server::{CoreConfig, SessionInfo, Shared};
 
@@ -165,6 +167,60 @@ pub enum ReloadError {
     /// The core could not be built from the new file.
     #[error("{0}")]
     Core(Box<dyn std::error::Error + Send + Sync>),
+    /// The TLS certificate or key named by the file cannot be served.
+    #[error("tls certificate: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// The rules for new TCP and TLS connections, as the file sets them.
+pub fn stream_policy(config: &Config) -> StreamPolicy {
+    StreamPolicy {
+        idle: Duration::from_secs(config.limits.connection_idle_secs),
+        setup_timeout: Duration::from_secs(config.tls.handshake_timeout_secs),
+        trusted_proxies: config.proxy_protocol.trusted.clone(),
+    }
+}
+
+/// The certificate `[tls]` names, loaded and checked; None when the file names none.
+pub fn load_certificate(config: &Config) -> Result<Option<ServedCertificate>, TlsError> {
+    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+        return Ok(None);
+    };
+    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+    ServedCertificate::load(cert, key, now).map(Some)
+}
+
+/// What an operator should hear about a certificate that loads: an expiry within 14 days, and
+/// a `public_host` (the name minted `turns:` URIs carry) that the certificate does not cover,
+/// which browsers refuse.
+pub fn certificate_warnings(config: &Config, cert: &ServedCertificate) -> Vec<String> {
+    let mut out = Vec::new();
+    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+    let left = cert.remaining_secs(now);
+    if left < EXPIRY_WARNING_SECS {
+        out.push(format!(
+            "the TLS certificate expires in {} days; renew it and reload (systemctl reload turnpike)",
+            left / 86400
+        ));
+    }
+    let names = cert.names.join(", ");
+    if config.public_host.is_empty() {
+        out.push(format!(
+            "public_host is empty, so minted turns: URIs name the relay address; set it to the \
+             certificate's name ({names})"
+        ));
+    } else if !cert
+        .names
+        .iter()
+        .any(|n| crate::io::tls::name_covers(n, &config.public_host))
+    {
+        out.push(format!(
+            "the TLS certificate does not cover public_host {:?} (it names: {names}); clients \
+             checking the name will refuse turns: URIs",
+            config.public_host
+        ));
+    }
+    out
 }
 
 pub struct ControlState {
@@ -178,10 +234,11 @@ pub struct ControlState {
     pub reloads_failed: AtomicU64,
     pub relay_port_span: u64,
     pub advertised: Option<std::net::IpAddr>,
-    /// The bound UDP listeners (a configured port 0 resolved), for minted URIs.
-    pub listeners: Vec<std::net::SocketAddr>,
-    /// The bound TCP listeners, likewise.
-    pub tcp_listeners: Vec<std::net::SocketAddr>,
+    /// The bound listeners (a configured port 0 resolved), for minted URIs.
+    pub listeners: credentials::Listeners,
+    /// What the TCP and TLS listeners share: the certificate, connection limits and rules,
+    /// which a reload replaces.
+    pub streams: Arc<StreamSettings>,
     pub started: Instant,
 }
 
@@ -216,9 +273,16 @@ impl ControlState {
         let old = &live.config;
         let restart_only = [
             ("listen", old.listen != config.listen),
+            ("tcp_listen", old.tcp_listen != config.tcp_listen),
+            ("tls_listen", old.tls_listen != config.tls_listen),
+            (
+                "proxy_protocol.listeners",
+                old.proxy_protocol.listeners != config.proxy_protocol.listeners,
+            ),
             ("threads", old.threads != config.threads),
             ("relay", old.relay != config.relay),
             ("api.listen", old.api.listen != config.api.listen),
+            ("nat_discovery", old.nat_discovery != config.nat_discovery),
             (
                 "auth.nonce_lifetime_secs",
                 old.auth.nonce_lifetime_secs != config.auth.nonce_lifetime_secs,
@@ -238,10 +302,29 @@ impl ControlState {
             }
         }
         let mut core = (self.build_core)(&config, secrets.clone())?;
+        // The listeners serving TLS are the running ones: a file without them waits for a restart.
+        let certificate = match &self.streams.tls {
+            Some(_) => load_certificate(&config)?,
+            None => None,
+        };
+        for warning in certificate
+            .iter()
+            .flat_map(|c| certificate_warnings(&config, c))
+        {
+            tracing::warn!("{warning}");
+        }
         // Revocations outlive reloads: a revoked user must stay refused.
         core.auth.carry_revocations_from(&live.core.auth);
         let core = Arc::new(core);
         self.shards.set_config(&core);
+        if let (Some(tls), Some(certificate)) = (&self.streams.tls, certificate) {
+            tls.replace(certificate);
+        }
+        let limits = &config.limits;
+        self.streams
+            .gate
+            .set_limits(limits.connections_total, limits.connections_per_source);
+        self.streams.set_policy(stream_policy(&config));
         live.config = config;
         live.core = core;
         live.rest_secrets = secrets;
@@ -437,10 +520,11 @@ mod tests {
             v6: None,
         };
         let build = move |c: &Config, s: Vec<Vec<u8>>| {
-            core_config(c, &relays, s, &[]).map_err(|e| ReloadError::Core(Box::new(e)))
+            core_config(c, &relays, s, &[], &[]).map_err(|e| ReloadError::Core(Box::new(e)))
         };
         let secrets = config.load_rest_secrets().unwrap();
         let core = Arc::new(build(&config, secrets.clone()).unwrap());
+        let policy = stream_policy(&config);
         let state = ControlState {
             shards: Shards::new(Vec::new()),
             shared: Arc::new(Shared::new([1; 32], 600, Instant::now(), NOW)),
@@ -458,8 +542,8 @@ mod tests {
             reloads_failed: AtomicU64::new(0),
             relay_port_span: 1,
             advertised: None,
-            listeners: Vec::new(),
-            tcp_listeners: Vec::new(),
+            listeners: credentials::Listeners::default(),
+            streams: StreamSettings::new(None, crate::io::gate::ConnectionGate::new(1, 0), policy),
             started: Instant::now(),
         };
         (Dir(dir), state)

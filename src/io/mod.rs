@@ -1,8 +1,12 @@
 //! Sockets and threads. Knows nothing of STUN beyond "hand bytes to the core".
 
+pub mod connection;
+pub mod gate;
 pub mod interfaces;
+pub mod proxy;
 pub mod relay;
 pub mod shard;
 pub mod tcp;
 pub mod tcp_relay;
+pub mod tls;
 pub mod udp;

@@ -12,15 +12,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::connection::{self, ConnectionStats, ListenerKind, StreamSettings};
 use super::relay::{Reservations, ShardRelays};
-use super::tcp::{self, StreamConn};
-use super::tcp_relay::{self, Handover, TcpRelays};
+use super::tcp::StreamConn;
+use super::tcp_relay::{self, TcpRelays};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::{self, HEADROOM};
 use crate::proto::error::EndReason;
 use crate::proto::server::{
-    ClientAction, Command, Core, CoreConfig, PeerAction, RelayTransport, SessionInfo, Shared, Stats,
+    ByTransport, ClientAction, Command, Core, CoreConfig, PeerAction, RelayTransport, SessionInfo,
+    Shared, Stats,
 };
 use crate::proto::{FiveTuple, Transport};
 
@@ -31,7 +33,9 @@ const BUDGET_PER_WAKE: usize = 256;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ShardReport {
     pub core: Stats,
-    pub allocations: usize,
+    /// Allocations in force, by the transport their client uses.
+    pub allocations: ByTransport,
+    pub connections: ConnectionStats,
     pub relay_sockets: usize,
     pub send_errors: u64,
 }
@@ -54,19 +58,16 @@ pub enum ShardCommand {
         reply: oneshot::Sender<usize>,
     },
     /// A client connection another shard accepted, whose ConnectionBind names a TCP relay
-    /// connection of this shard (RFC 6062); `buffered` starts with that request.
-    Adopt {
-        stream: std::net::TcpStream,
-        client: SocketAddr,
-        buffered: Vec<u8>,
-    },
+    /// connection of this shard (RFC 6062).
+    Adopt(connection::MovedConnection),
 }
 
 pub struct ShardSetup {
     pub index: usize,
     pub listen: Vec<SocketAddr>,
-    /// Clones of the daemon's listening TCP sockets: every shard accepts from each.
-    pub tcp_listeners: Vec<std::net::TcpListener>,
+    /// Clones of the daemon's listening TCP and TLS sockets: every shard accepts from each.
+    pub tcp_listeners: Vec<(std::net::TcpListener, ListenerKind)>,
+    pub streams: Arc<StreamSettings>,
     pub config: Arc<CoreConfig>,
     pub shared: Arc<Shared>,
     pub relay_ports: (u16, u16),
@@ -79,18 +80,19 @@ pub struct ShardSetup {
     pub seed: u64,
 }
 
-struct ShardState {
-    core: Core,
+pub(super) struct ShardState {
+    pub(super) core: Core,
     relays: ShardRelays,
     /// Reserved ports belong to no shard; shard 0 counts them once for the whole server.
     counts_reservations: bool,
     listeners: Vec<Rc<Listener>>,
-    /// The TCP clients this shard accepted, by 5-tuple.
-    streams: HashMap<FiveTuple, Rc<StreamConn>>,
+    /// The TCP and TLS clients this shard serves, by 5-tuple.
+    pub(super) streams: HashMap<FiveTuple, Rc<StreamConn>>,
+    pub(super) connections: ConnectionStats,
     reply: Vec<u8>,
     peers: PeerBatch,
     send_errors: u64,
-    tcp_relays: TcpRelays,
+    pub(super) tcp_relays: TcpRelays,
     siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
 }
 
@@ -104,20 +106,13 @@ impl tcp_relay::Host for ShardState {
     fn run_commands(&mut self, now: Instant) {
         ShardState::run_commands(self, now)
     }
-    fn adopt_elsewhere(
-        &self,
-        shard: u8,
-        stream: std::net::TcpStream,
-        client: SocketAddr,
-        buffered: Vec<u8>,
-    ) -> bool {
-        let adopt = ShardCommand::Adopt {
-            stream,
-            client,
-            buffered,
-        };
+}
+
+impl ShardState {
+    /// Moves a client connection to shard `shard`; false when there is no such shard.
+    pub(super) fn adopt_elsewhere(&self, shard: u8, moved: connection::MovedConnection) -> bool {
         let sibling = self.siblings.get(shard as usize);
-        sibling.is_some_and(|s| s.send(adopt).is_ok())
+        sibling.is_some_and(|s| s.send(ShardCommand::Adopt(moved)).is_ok())
     }
 }
 
@@ -134,7 +129,7 @@ impl ShardState {
             };
             let frame = &self.peers.slot(slot)[start..end];
             if !self.streams.get(to).is_some_and(|c| c.queue(frame)) {
-                self.send_errors += 1;
+                self.connections.of(to.transport).frames_dropped += 1;
             }
             return;
         }
@@ -165,7 +160,7 @@ impl ShardState {
     /// Queues a frame on a stream client's connection; a connection too far behind loses it.
     fn queue_on_stream(&mut self, to: &FiveTuple, frame: &[u8]) {
         if !self.streams.get(to).is_some_and(|c| c.queue(frame)) {
-            self.send_errors += 1;
+            self.connections.of(to.transport).frames_dropped += 1;
         }
     }
 
@@ -184,7 +179,7 @@ impl ShardState {
     }
 
     /// One datagram or stream frame from a client, through the core and out again.
-    fn client_frame(&mut self, now: Instant, ft: &FiveTuple, data: &[u8]) {
+    pub(super) fn client_frame(&mut self, now: Instant, ft: &FiveTuple, data: &[u8]) {
         let mut reply = std::mem::take(&mut self.reply);
         match self.core.handle_client(now, ft, data, &mut reply) {
             ClientAction::Drop => {}
@@ -203,7 +198,7 @@ impl ShardState {
 
     /// Carries out what the core asked for during the last calls: relay sockets opened (and the
     /// Allocate answers that waited for them sent), closed, reservations dropped.
-    fn run_commands(&mut self, now: Instant) {
+    pub(super) fn run_commands(&mut self, now: Instant) {
         while let Some(command) = self.core.poll_command() {
             match command {
                 Command::OpenRelay(req) => {
@@ -236,7 +231,8 @@ impl ShardState {
     fn report(&mut self) -> ShardReport {
         ShardReport {
             core: *self.core.stats(),
-            allocations: self.core.allocation_count(),
+            allocations: self.core.allocations_by_transport(),
+            connections: self.connections,
             // A reserved port's socket is open and its port taken, claimed or not.
             relay_sockets: self.relays.open_count()
                 + self.tcp_relays.listener_count()
@@ -250,7 +246,7 @@ impl ShardState {
     }
 }
 
-type Shard = Rc<RefCell<ShardState>>;
+pub(super) type Shard = Rc<RefCell<ShardState>>;
 
 /// Binds the listeners and runs the shard until shutdown; returns its final counters. Reports
 /// binding errors before serving through `bound`, so the daemon can refuse to start instead of
@@ -301,6 +297,7 @@ async fn serve(
         counts_reservations: setup.index == 0,
         listeners: listeners.clone(),
         streams: HashMap::new(),
+        connections: ConnectionStats::default(),
         reply: Vec::with_capacity(1500),
         peers: PeerBatch::new(),
         send_errors: 0,
@@ -310,10 +307,11 @@ async fn serve(
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
     }
-    for listener in setup.tcp_listeners {
+    for (listener, kind) in setup.tcp_listeners {
         match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => {
-                tokio::task::spawn_local(accept(Rc::clone(&state), l));
+                let settings = Arc::clone(&setup.streams);
+                tokio::task::spawn_local(connection::accept(Rc::clone(&state), l, kind, settings));
             }
             Err(e) => tracing::error!(error = %e, "tcp listener not served by this shard"),
         }
@@ -354,17 +352,7 @@ async fn commands(state: Shard, mut rx: mpsc::UnboundedReceiver<ShardCommand>) {
             ShardCommand::EndUser { user, reply } => {
                 let _ = reply.send(st.core.end_user(&user, now, EndReason::Revoked));
             }
-            ShardCommand::Adopt {
-                stream,
-                client,
-                buffered,
-            } => match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => {
-                    let task = connection(Rc::clone(&state), stream, client, buffered);
-                    tokio::task::spawn_local(task);
-                }
-                Err(e) => tracing::debug!(error = %e, "moved client connection lost"),
-            },
+            ShardCommand::Adopt(moved) => connection::adopt(&state, moved),
         }
         st.run_commands(now);
     }
@@ -418,145 +406,8 @@ async fn listen(state: Shard, listener: Rc<Listener>) {
     }
 }
 
-async fn accept(state: Shard, listener: tokio::net::TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                tokio::task::spawn_local(connection(Rc::clone(&state), stream, client, Vec::new()));
-            }
-            // Out of file descriptors, say: the listener stays, the next accept may succeed.
-            Err(e) => {
-                tracing::debug!(error = %e, "tcp accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// One TCP client, from accept to close; its allocation ends with the connection. `buffered`:
-/// bytes already read from it (by the shard that moved it here).
-async fn connection(
-    state: Shard,
-    stream: tokio::net::TcpStream,
-    client: SocketAddr,
-    buffered: Vec<u8>,
-) {
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
-    let _ = stream.set_nodelay(true);
-    let ft = FiveTuple {
-        transport: Transport::Tcp,
-        client,
-        local,
-    };
-    let conn = Rc::new(StreamConn::default());
-    state.borrow_mut().streams.insert(ft, Rc::clone(&conn));
-    match serve_stream(&state, &stream, &ft, &conn, buffered).await {
-        Err(e) => tracing::debug!(client = %client, error = %e, "tcp connection closed"),
-        Ok(None) => {}
-        Ok(Some((handover, rest))) => {
-            // RFC 6062: after its ConnectionBind the connection carries no more TURN.
-            let _ = flush_all(&stream, &conn).await;
-            let moved = tcp_relay::hand_over(&state, stream, &ft, handover, rest).await;
-            if moved {
-                state.borrow_mut().streams.remove(&ft);
-                return;
-            }
-        }
-    }
-    let mut st = state.borrow_mut();
-    st.streams.remove(&ft);
-    let now = Instant::now();
-    st.core.connection_closed(&ft, now);
-    st.run_commands(now);
-}
-
-/// Writes everything queued for the client.
-async fn flush_all(stream: &tokio::net::TcpStream, conn: &StreamConn) -> io::Result<()> {
-    while conn.has_output() {
-        stream.writable().await?;
-        conn.flush(stream)?;
-    }
-    Ok(())
-}
-
-/// Serves TURN frames until the connection ends, or until a ConnectionBind hands it over: then
-/// the handover, and the bytes after that request (or from it on, for a move to another shard).
-async fn serve_stream(
-    state: &Shard,
-    stream: &tokio::net::TcpStream,
-    ft: &FiveTuple,
-    conn: &StreamConn,
-    mut buf: Vec<u8>,
-) -> io::Result<Option<(Handover, Vec<u8>)>> {
-    if let Some(handover) = client_frames(state, ft, &mut buf)? {
-        return Ok(Some(handover));
-    }
-    let mut idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
-    loop {
-        let writing = conn.has_output();
-        tokio::select! {
-            () = tokio::time::sleep_until(idle_until) => {
-                if !state.borrow().core.has_allocation(ft) {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle without an allocation"));
-                }
-                idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
-            }
-            ready = stream.readable() => {
-                ready?;
-                idle_until = tokio::time::Instant::now() + tcp::IDLE_WITHOUT_ALLOCATION;
-                match tcp::read_some(stream, &mut buf) {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(None),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-                if let Some(handover) = client_frames(state, ft, &mut buf)? {
-                    return Ok(Some(handover));
-                }
-            }
-            ready = stream.writable(), if writing => ready?,
-            () = conn.queued(), if !writing => {}
-        }
-        conn.flush(stream)?;
-    }
-}
-
-/// The complete frames in `buf`, through the core; stops at a ConnectionBind that hands the
-/// connection over (RFC 6062), with the bytes that are no longer TURN.
-fn client_frames(
-    state: &Shard,
-    ft: &FiveTuple,
-    buf: &mut Vec<u8>,
-) -> io::Result<Option<(Handover, Vec<u8>)>> {
-    let mut guard = state.borrow_mut();
-    let st = &mut *guard;
-    let now = Instant::now();
-    let (mut at, mut handed_at) = (0, None);
-    let used = tcp::complete_frames(buf, |frame| {
-        st.client_frame(now, ft, frame);
-        let start = at;
-        at += frame.len();
-        let stop = st.tcp_relays.has_handover(ft);
-        handed_at = handed_at.or(stop.then_some(start));
-        !stop
-    })?;
-    spawn_relay_tasks(state, st);
-    if let Some(h) = handed_at.and_then(|_| st.tcp_relays.take_handover(ft)) {
-        // A moved connection's new shard reads the ConnectionBind again.
-        let from = match h {
-            Handover::Move { .. } => handed_at.unwrap_or(used),
-            _ => used,
-        };
-        return Ok(Some((h, buf.split_off(from))));
-    }
-    buf.drain(..used);
-    Ok(None)
-}
-
 /// Starts the receive task of every relay socket the core opened during the last calls.
-fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
+pub(super) fn spawn_relay_tasks(state: &Shard, st: &mut ShardState) {
     for (id, socket) in st.relays.take_pending() {
         let task = tokio::task::spawn_local(relay(Rc::clone(state), id, socket));
         st.relays.set_task(id, task);

@@ -18,12 +18,9 @@ use crate::proto::codec::{self, HEADER_LEN};
 /// frames are dropped (as a full UDP path would drop them) rather than held without bound.
 pub const MAX_QUEUED: usize = 256 * 1024;
 /// The largest frame a stream can carry: a STUN message or padded ChannelData of 64 KiB.
-const MAX_FRAME: usize = HEADER_LEN + u16::MAX as usize + 3;
+pub const MAX_FRAME: usize = HEADER_LEN + u16::MAX as usize + 3;
 /// How much one read asks the kernel for.
 const READ_CHUNK: usize = 16 * 1024;
-/// A connection without an allocation that sends nothing for this long is closed: an idle
-/// socket costs a file descriptor, and nobody is waiting on it.
-pub const IDLE_WITHOUT_ALLOCATION: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A listening TCP socket, bound once by the daemon; every shard accepts from a clone of it.
 pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -73,8 +70,13 @@ impl StreamConn {
         !self.out.borrow().is_empty()
     }
 
-    /// Writes what the socket takes now; the rest stays queued.
-    pub fn flush(&self, stream: &TcpStream) -> io::Result<()> {
+    /// The queued bytes, for a layer (TLS) that takes them in its own pieces.
+    pub fn with_queue<T>(&self, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        f(&mut self.out.borrow_mut())
+    }
+
+    /// Writes what the socket takes now, and says how much that was; the rest stays queued.
+    pub fn flush(&self, stream: &TcpStream) -> io::Result<usize> {
         let mut out = self.out.borrow_mut();
         let mut written = 0;
         while written < out.len() {
@@ -86,15 +88,15 @@ impl StreamConn {
             }
         }
         out.drain(..written);
-        Ok(())
+        Ok(written)
     }
 }
 
-/// Reads what the socket has into `buf`; `Ok(false)` at the end of the stream.
-pub fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+/// Appends what the socket has to `buf`; how many bytes, 0 at the end of the stream.
+pub fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     // Reads into spare capacity: no zero-filling of the chunk before every read.
     buf.reserve(READ_CHUNK);
-    stream.try_read_buf(buf).map(|n| n > 0)
+    stream.try_read_buf(buf)
 }
 
 /// The complete frames at the start of `buf`, by their lengths, and how many bytes they take;

@@ -3,12 +3,13 @@
 //! decides (who may connect, which id is bound to what, when a connection is given up); this
 //! module only carries it out and reports back.
 //!
-//! The pipe is written against `AsyncRead + AsyncWrite` for the client side, so a TLS data
-//! connection pipes the same way as a plain one. Each direction holds at most [`PIPE_BUFFER`]
-//! bytes: it reads again only once the last read is written, so a slow reader on one side
-//! stops the reading on the other (TCP backpressure end to end, never unbounded buffering).
+//! The pipe sees the client side through [`ClientWire`] (read bytes, write bytes, through TLS
+//! or not), so a TLS data connection pipes the same way as a plain one. Each direction holds at
+//! most [`PIPE_BUFFER`] bytes (plus one read): while it is full nothing is read from the side
+//! that fills it, so a slow reader on one side stops the reading on the other (TCP
+//! backpressure end to end, never unbounded buffering).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -27,6 +27,8 @@ use crate::proto::server::{
     ConnectionId, Core, OpenRelay, OpenedRelay, PeerConnectError, RelayOpenError, RelaySource,
 };
 use crate::proto::FiveTuple;
+
+use super::tcp::{self, StreamConn};
 
 /// Bytes one pipe direction holds at most.
 pub const PIPE_BUFFER: usize = 64 * 1024;
@@ -39,15 +41,6 @@ pub trait Host: 'static {
     fn core(&mut self) -> &mut Core;
     fn tcp_relays(&mut self) -> &mut TcpRelays;
     fn run_commands(&mut self, now: Instant);
-    /// Moves a client connection to shard `shard`, `buffered` its unread bytes; false when there
-    /// is no such shard.
-    fn adopt_elsewhere(
-        &self,
-        shard: u8,
-        stream: std::net::TcpStream,
-        client: SocketAddr,
-        buffered: Vec<u8>,
-    ) -> bool;
 }
 
 /// Starts the accept task of every listener and the task of every Connect the core asked for
@@ -63,35 +56,6 @@ pub fn spawn_tasks<H: Host>(host: &Rc<RefCell<H>>, relays: &mut TcpRelays) {
     }
 }
 
-/// Carries out a client connection's [`Handover`] once its last TURN output is written: runs
-/// its pipe to the end, or moves it to the shard that owns its peer connection. True when the
-/// connection now belongs to another shard (nothing is left to close here).
-pub async fn hand_over<H: Host>(
-    host: &Rc<RefCell<H>>,
-    stream: TcpStream,
-    client: &FiveTuple,
-    handover: Handover,
-    rest: Vec<u8>,
-) -> bool {
-    match handover {
-        Handover::Close => false,
-        Handover::Move { shard } => {
-            tracing::debug!(client = %client.client, shard, "data connection moved to the shard of its peer connection");
-            let moved = stream
-                .into_std()
-                .map(|s| host.borrow().adopt_elsewhere(shard, s, client.client, rest));
-            moved.unwrap_or(false)
-        }
-        Handover::Pipe { id, peer, stop } => {
-            let piped = pipe(stream, peer, &rest, &stop).await;
-            let mut st = host.borrow_mut();
-            st.tcp_relays().pipe_ended(id);
-            st.core().record_piped(piped.to_peer, piped.to_client);
-            false
-        }
-    }
-}
-
 enum Peer {
     Connecting(JoinHandle<()>),
     /// Connected or accepted; nothing is read from it until it is piped, so what the peer sends
@@ -102,6 +66,7 @@ enum Peer {
 }
 
 /// What becomes of a client connection after a ConnectionBind.
+#[derive(Debug)]
 pub enum Handover {
     /// Pipe it to this peer connection.
     Pipe {
@@ -358,6 +323,18 @@ pub async fn connect_peer<H: Host>(
     st.run_commands(now);
 }
 
+/// The client side of a pipe, as the connection task holds it: plain TCP, or TLS on it.
+pub trait ClientWire {
+    /// Where a socket read goes: `plain` itself, or a scratch buffer for ciphertext.
+    fn read_target<'a>(&self, plain: &'a mut Vec<u8>, raw: &'a mut Vec<u8>) -> &'a mut Vec<u8>;
+    /// Moves what was read into `raw` to `plain` (decrypted); true at the end of the session.
+    fn absorb(&mut self, raw: &mut Vec<u8>, plain: &mut Vec<u8>) -> io::Result<bool>;
+    /// Writes what the socket takes now of what is queued on `conn` (encrypted).
+    fn flush(&mut self, conn: &StreamConn, stream: &TcpStream) -> io::Result<usize>;
+    /// Whether anything waits for the socket: bytes queued on `conn`, or the layer's own.
+    fn has_output(&self, conn: &StreamConn) -> bool;
+}
+
 /// Bytes one pipe passed, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Piped {
@@ -366,59 +343,129 @@ pub struct Piped {
 }
 
 /// Passes bytes both ways between a client data connection and a peer connection until either
-/// side ends (end of stream or error) or `stop` is notified; then both close (RFC 6062 §5.5:
-/// closing one side closes the other). `first` are client bytes already read past the
-/// ConnectionBind; they go to the peer before anything else.
-pub async fn pipe<C, P>(client: C, peer: P, first: &[u8], stop: &Notify) -> Piped
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    P: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut client_rx, mut client_tx) = tokio::io::split(client);
-    let (mut peer_rx, mut peer_tx) = tokio::io::split(peer);
-    let (to_peer, to_client) = (Cell::new(0u64), Cell::new(0u64));
-    let up = async {
-        peer_tx.write_all(first).await?;
-        to_peer.set(first.len() as u64);
-        copy_bounded(&mut client_rx, &mut peer_tx, &to_peer).await
+/// side ends (end of stream or error) or `stop` is notified; then both close (closing one side
+/// closes the other). What one side sent before it ended is still delivered to the other.
+/// `first`: client bytes read past the ConnectionBind, for the peer before anything else.
+/// `conn` is the client's output queue, here the peer-to-client buffer.
+pub async fn pipe<W: ClientWire>(
+    client: &TcpStream,
+    wire: &mut W,
+    conn: &StreamConn,
+    peer: &TcpStream,
+    first: Vec<u8>,
+    stop: &Notify,
+) -> Piped {
+    let mut up = first;
+    let mut raw = Vec::new();
+    let mut piped = Piped::default();
+    // One side ended: nothing more is read, what is buffered goes out, then both close.
+    let mut ending = false;
+    let queued = || conn.with_queue(|q| q.len());
+    let end: io::Result<()> = loop {
+        match write_some(peer, &mut up) {
+            Ok(n) => piped.to_peer += n as u64,
+            Err(e) => break Err(e),
+        }
+        let before = queued();
+        if let Err(e) = wire.flush(conn, client) {
+            break Err(e);
+        }
+        piped.to_client += (before - queued()) as u64;
+        if ending && up.is_empty() && !wire.has_output(conn) {
+            break Ok(());
+        }
+        let read_client = !ending && up.len() < PIPE_BUFFER;
+        let read_peer = !ending && queued() < PIPE_BUFFER;
+        let (to_peer, to_client) = (!up.is_empty(), wire.has_output(conn));
+        tokio::select! {
+            () = stop.notified() => break Ok(()),
+            ready = client.readable(), if read_client => {
+                if let Err(e) = ready {
+                    break Err(e);
+                }
+                match tcp::read_some(client, wire.read_target(&mut up, &mut raw)) {
+                    Ok(0) => ending = true,
+                    Ok(_) => match wire.absorb(&mut raw, &mut up) {
+                        Ok(ended) => ending |= ended,
+                        Err(e) => break Err(e),
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            ready = peer.readable(), if read_peer => {
+                if let Err(e) = ready {
+                    break Err(e);
+                }
+                match conn.with_queue(|q| tcp::read_some(peer, q)) {
+                    Ok(0) => ending = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            ready = client.writable(), if to_client => {
+                if let Err(e) = ready {
+                    break Err(e);
+                }
+            }
+            ready = peer.writable(), if to_peer => {
+                if let Err(e) = ready {
+                    break Err(e);
+                }
+            }
+        }
     };
-    let down = copy_bounded(&mut peer_rx, &mut client_tx, &to_client);
-    let why = tokio::select! {
-        r = up => r.err(),
-        r = down => r.err(),
-        () = stop.notified() => None,
-    };
-    if let Some(e) = why {
+    if let Err(e) = end {
         tracing::debug!(error = %e, "tcp relay pipe ended");
     }
-    Piped {
-        to_peer: to_peer.get(),
-        to_client: to_client.get(),
-    }
+    piped
 }
 
-/// Copies until the end of `r`, holding at most [`PIPE_BUFFER`] bytes: the next read waits for
-/// the last write.
-async fn copy_bounded<R, W>(r: &mut R, w: &mut W, count: &Cell<u64>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; PIPE_BUFFER];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
+/// Writes what `peer` takes now of `out`; the rest stays.
+fn write_some(peer: &TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
+    let mut written = 0;
+    while written < out.len() {
+        match peer.try_write(&out[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
-        count.set(count.get() + n as u64);
     }
+    out.drain(..written);
+    Ok(written)
+}
+
+/// A pipe ended (on its own, or stopped): its peer entry goes, the core counts its bytes.
+pub fn pipe_ended<H: Host>(host: &RefCell<H>, id: ConnectionId, piped: Piped) {
+    let mut st = host.borrow_mut();
+    st.tcp_relays().pipe_ended(id);
+    st.core().record_piped(piped.to_peer, piped.to_client);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// Plain TCP, as the connection task's wire is without TLS.
+    struct Plain;
+
+    impl ClientWire for Plain {
+        fn read_target<'a>(&self, plain: &'a mut Vec<u8>, _: &'a mut Vec<u8>) -> &'a mut Vec<u8> {
+            plain
+        }
+        fn absorb(&mut self, _: &mut Vec<u8>, _: &mut Vec<u8>) -> io::Result<bool> {
+            Ok(false)
+        }
+        fn flush(&mut self, conn: &StreamConn, stream: &TcpStream) -> io::Result<usize> {
+            conn.flush(stream)
+        }
+        fn has_output(&self, conn: &StreamConn) -> bool {
+            conn.has_output()
+        }
+    }
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -427,29 +474,46 @@ mod tests {
             .unwrap()
     }
 
+    /// A connected pair: the tokio end the pipe holds, and a blocking far end for the test,
+    /// with small kernel buffers so that backpressure shows at once.
+    async fn link() -> (TcpStream, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        for sock in [socket2::SockRef::from(&near), socket2::SockRef::from(&far)] {
+            let _ = sock.set_recv_buffer_size(4096);
+            let _ = sock.set_send_buffer_size(4096);
+        }
+        far.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (near, far)
+    }
+
     #[test]
     fn a_pipe_passes_both_ways_and_ends_when_one_side_closes() {
         runtime().block_on(async {
-            let (client, mut client_far) = tokio::io::duplex(1024);
-            let (peer, mut peer_far) = tokio::io::duplex(1024);
-            let stop = Notify::new();
-            let far = async {
-                client_far.write_all(b" and more").await.unwrap();
+            let (client, mut client_far) = link().await;
+            let (peer, mut peer_far) = link().await;
+            let far = std::thread::spawn(move || {
+                client_far.write_all(b" and more").unwrap();
                 let mut got = [0u8; 14];
-                peer_far.read_exact(&mut got).await.unwrap();
+                peer_far.read_exact(&mut got).unwrap();
                 // The bytes read past the ConnectionBind come first.
                 assert_eq!(&got, b"early and more");
-                peer_far.write_all(b"back").await.unwrap();
+                peer_far.write_all(b"back").unwrap();
                 let mut back = [0u8; 4];
-                client_far.read_exact(&mut back).await.unwrap();
+                client_far.read_exact(&mut back).unwrap();
                 assert_eq!(&back, b"back");
                 // The client hangs up: the pipe ends and the peer sees the end of its stream.
                 drop(client_far);
                 let mut rest = Vec::new();
-                peer_far.read_to_end(&mut rest).await.unwrap();
+                peer_far.read_to_end(&mut rest).unwrap();
                 assert!(rest.is_empty());
-            };
-            let (piped, ()) = tokio::join!(pipe(client, peer, b"early", &stop), far);
+            });
+            let (conn, stop) = (StreamConn::default(), Notify::new());
+            let piped = pipe(&client, &mut Plain, &conn, &peer, b"early".to_vec(), &stop).await;
+            // Its owner closes both once the pipe returns.
+            drop((client, peer));
+            far.join().unwrap();
             assert_eq!(
                 piped,
                 Piped {
@@ -463,31 +527,42 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_read_stops_the_reading_from_the_client() {
         runtime().block_on(async {
-            const CAP: usize = 4096;
-            let (client, mut client_far) = tokio::io::duplex(CAP);
-            let (peer, peer_far) = tokio::io::duplex(CAP);
-            let stop = Notify::new();
-            let written = Cell::new(0usize);
-            let flood = async {
-                let chunk = [7u8; 1024];
-                for _ in 0..1024 {
-                    if client_far.write_all(&chunk).await.is_err() {
+            let (client, client_far) = link().await;
+            let (peer, peer_far) = link().await;
+            let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let count = std::sync::Arc::clone(&written);
+            // The client floods; the peer reads nothing.
+            std::thread::spawn(move || {
+                let mut client_far = client_far;
+                client_far
+                    .set_write_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                let chunk = [7u8; 4096];
+                for _ in 0..4096 {
+                    if client_far.write_all(&chunk).is_err() {
                         break;
                     }
-                    written.set(written.get() + chunk.len());
+                    count.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
                 }
-            };
-            let at_stop = Cell::new(0usize);
+            });
+            let (conn, stop) = (StreamConn::default(), Notify::new());
             let stopper = async {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                at_stop.set(written.get());
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 stop.notify_one();
             };
-            let (piped, (), ()) = tokio::join!(pipe(client, peer, b"", &stop), flood, stopper);
-            // What the client could write while nobody read the peer side: both in-memory
-            // links' buffers and one pipe buffer, not the megabyte it tried.
-            assert!(at_stop.get() <= 2 * CAP + PIPE_BUFFER, "{}", at_stop.get());
-            assert!(piped.to_peer <= CAP as u64, "{piped:?}");
+            let mut wire = Plain;
+            let (piped, ()) = tokio::join!(
+                pipe(&client, &mut wire, &conn, &peer, Vec::new(), &stop),
+                stopper
+            );
+            let written = written.load(std::sync::atomic::Ordering::Relaxed);
+            // The client got out what the (small) kernel buffers of both links hold and one
+            // pipe buffer, not the 16 MiB it tried.
+            assert!(
+                written < 1 << 20,
+                "{written} bytes went into a pipe nobody reads"
+            );
+            assert!(piped.to_peer < 1 << 20, "{piped:?}");
             drop(peer_far);
         });
     }
@@ -495,15 +570,17 @@ mod tests {
     #[test]
     fn a_stop_ends_the_pipe() {
         runtime().block_on(async {
-            let (client, _client_far) = tokio::io::duplex(64);
-            let (peer, _peer_far) = tokio::io::duplex(64);
-            let stop = Notify::new();
+            let (client, _client_far) = link().await;
+            let (peer, _peer_far) = link().await;
+            let (conn, stop) = (StreamConn::default(), Notify::new());
             // A permit stored before the pipe starts: the allocation ended in between.
             stop.notify_one();
-            let piped =
-                tokio::time::timeout(Duration::from_secs(5), pipe(client, peer, b"", &stop))
-                    .await
-                    .expect("the pipe stops");
+            let piped = tokio::time::timeout(
+                Duration::from_secs(5),
+                pipe(&client, &mut Plain, &conn, &peer, Vec::new(), &stop),
+            )
+            .await
+            .expect("the pipe stops");
             assert_eq!(piped, Piped::default());
         });
     }

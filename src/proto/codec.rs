@@ -58,10 +58,11 @@ pub mod attr {
     pub const RESERVATION_TOKEN: u16 = 0x0022;
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
+    /// RFC 5780; neither is honoured (see `proto::discovery`), so both get 420.
+    pub const PADDING: u16 = 0x0026;
+    pub const RESPONSE_PORT: u16 = 0x0027;
     /// RFC 6062 §6.2: names one peer connection of a TCP allocation.
     pub const CONNECTION_ID: u16 = 0x002A;
-    /// RFC 5780: only inflates a Binding request.
-    pub const PADDING: u16 = 0x0026;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;

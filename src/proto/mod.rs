@@ -8,6 +8,7 @@ pub mod allocation;
 pub mod auth;
 pub mod bucket;
 pub mod codec;
+pub mod discovery;
 pub mod error;
 pub mod policy;
 pub mod quota;

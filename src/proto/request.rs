@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 
 use super::codec::{attr, decode_xor_address, Message, CHANNEL_MAX, CHANNEL_MIN};
+use super::discovery::ChangeRequest;
 use super::error::{TurnError, UnknownAttributes};
 use super::Transport;
 
@@ -363,12 +364,17 @@ impl Send {
     }
 }
 
-/// A Binding request (RFC 8489 §3): nothing to decode but what it must not carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Binding;
+/// A Binding request (RFC 8489 §3, RFC 5780 §6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// CHANGE-REQUEST's flags; none when the attribute is absent.
+    pub change: ChangeRequest,
+}
 
 impl Binding {
-    /// Binding requests may carry ICE and RFC 5780 attributes that change nothing in the answer.
+    /// Binding requests may carry ICE attributes that change nothing in the answer. PADDING and
+    /// RESPONSE-PORT are not here: RFC 5780 obliges a server that understands them to pad the
+    /// answer or send it elsewhere, which we refuse to do (see `discovery`), so they get 420.
     pub const KNOWN: &'static [u16] = &[
         attr::USERNAME,
         attr::MESSAGE_INTEGRITY,
@@ -377,15 +383,25 @@ impl Binding {
         attr::NONCE,
         attr::PRIORITY,
         attr::USE_CANDIDATE,
-        attr::PADDING,
     ];
 
-    pub fn parse(msg: &Message) -> Result<Self, TurnError> {
-        let unknown = unknown_attributes(msg, |k| Self::KNOWN.contains(&k));
-        match unknown.is_empty() {
-            true => Ok(Binding),
-            false => Err(TurnError::UnknownAttributes(unknown)),
+    /// `change_supported`: the request arrived where alternate addresses exist. Elsewhere a
+    /// CHANGE-REQUEST asking for a change is unknown, 420 (RFC 5780 §6.1).
+    pub fn parse(msg: &Message, change_supported: bool) -> Result<Self, TurnError> {
+        let unknown = unknown_attributes(msg, |k| {
+            Self::KNOWN.contains(&k) || (change_supported && k == attr::CHANGE_REQUEST)
+        });
+        if !unknown.is_empty() {
+            return Err(TurnError::UnknownAttributes(unknown));
         }
+        let change = match msg.get(attr::CHANGE_REQUEST) {
+            Some(a) if change_supported => {
+                ChangeRequest::decode(a.value).ok_or(TurnError::BadRequest)?
+            }
+            // Absent, or an all-zero one that asks for nothing where nothing could change.
+            _ => ChangeRequest::default(),
+        };
+        Ok(Binding { change })
     }
 }
 

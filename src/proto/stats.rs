@@ -34,6 +34,8 @@ pub struct Series {
     pub kind: Kind,
     pub help: &'static str,
     pub label: Option<(&'static str, &'static str)>,
+    /// The `transport` label (`udp`, `tcp`, `tls`), for series split by it as well.
+    pub transport: Option<&'static str>,
 }
 
 /// Declares [`Stats`], its `AddAssign` and [`Stats::for_each_series`] from one list of
@@ -52,15 +54,15 @@ macro_rules! counters {
     (@visit $f:ident, $v:expr, $name:literal, $help:literal, $key:ident in $all:expr) => {
         for r in $all {
             let label = Some((stringify!($key), r.as_str()));
-            $f(Series { name: $name, kind: Kind::Counter, help: $help, label }, &mut $v[r as usize]);
+            $f(Series { name: $name, kind: Kind::Counter, help: $help, label, transport: None }, &mut $v[r as usize]);
         }
     };
     (@visit $f:ident, $v:expr, $name:literal, $help:literal, $key:ident = $value:literal) => {
         let label = Some((stringify!($key), $value));
-        $f(Series { name: $name, kind: Kind::Counter, help: $help, label }, &mut $v)
+        $f(Series { name: $name, kind: Kind::Counter, help: $help, label, transport: None }, &mut $v)
     };
     (@visit $f:ident, $v:expr, $name:literal, $help:literal,) => {
-        $f(Series { name: $name, kind: Kind::Counter, help: $help, label: None }, &mut $v)
+        $f(Series { name: $name, kind: Kind::Counter, help: $help, label: None, transport: None }, &mut $v)
     };
     ($(
         $(#[$doc:meta])*

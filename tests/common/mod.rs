@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use turnpike::config::{Config, LogFormat, RelayIp, UserEntry, UserSecret};
+use turnpike::config::{Config, DiscoveryAddresses, LogFormat, RelayIp, UserEntry, UserSecret};
 use turnpike::proto::auth::{long_term_key, PasswordAlgorithm};
 use turnpike::proto::codec::{attr, decode_xor_address, method, Class, Message, MessageWriter};
 
@@ -205,6 +205,76 @@ impl Options {
     }
 }
 
+/// RFC 5780 discovery on loopback: the primary 127.0.0.1:P1 (UDP and TCP) and the alternate
+/// 127.0.0.2:P2, two ports the kernel handed out free on both addresses for both transports
+/// (released again before the daemon binds them: a tiny race).
+pub struct Discovery {
+    pub primary: SocketAddr,
+    pub alternate: SocketAddr,
+}
+
+impl Discovery {
+    pub fn pick() -> Discovery {
+        let free_on_both = || -> u16 {
+            for _ in 0..50 {
+                let Ok(s) = UdpSocket::bind("127.0.0.1:0") else {
+                    continue;
+                };
+                let port = s.local_addr().unwrap().port();
+                let free = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
+                    (*ip == "127.0.0.1" || UdpSocket::bind((*ip, port)).is_ok())
+                        && std::net::TcpListener::bind((*ip, port)).is_ok()
+                });
+                if free {
+                    return port;
+                }
+            }
+            panic!("no port free on 127.0.0.1 and 127.0.0.2");
+        };
+        let p1 = free_on_both();
+        let p2 = loop {
+            let p = free_on_both();
+            if p != p1 {
+                break p;
+            }
+        };
+        Discovery {
+            primary: (Ipv4Addr::LOCALHOST, p1).into(),
+            alternate: (Ipv4Addr::new(127, 0, 0, 2), p2).into(),
+        }
+    }
+
+    /// The address on the primary or alternate IP and port.
+    pub fn at(&self, alternate_ip: bool, alternate_port: bool) -> SocketAddr {
+        let ip = if alternate_ip {
+            self.alternate
+        } else {
+            self.primary
+        }
+        .ip();
+        let port = if alternate_port {
+            self.alternate
+        } else {
+            self.primary
+        }
+        .port();
+        SocketAddr::new(ip, port)
+    }
+
+    /// Options listening on the primary (UDP and TCP) with `[nat_discovery]` set.
+    pub fn options(&self) -> Options {
+        let (primary, alternate) = (self.primary, self.alternate);
+        Options {
+            listen: Some(primary),
+            ..Options::default()
+        }
+        .edit(move |c| {
+            c.tcp_listen = vec![primary];
+            c.nat_discovery.v4 = Some(DiscoveryAddresses { primary, alternate });
+        })
+    }
+}
+
 /// `config` as a TOML file (`Config::to_toml`, secrets included), checked to read back as the
 /// same config.
 pub fn config_toml(config: &Config) -> String {
@@ -246,6 +316,74 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test CA and a server certificate it signed, as PEM files in a temp dir: nothing private is
+/// committed, every run makes its own.
+pub struct TestCert {
+    pub dir: TempDir,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// DER of the server certificate, to tell which one a handshake got.
+    pub cert_der: Vec<u8>,
+}
+
+impl TestCert {
+    /// A certificate for loopback (127.0.0.1, ::1, localhost) and `turn.test`.
+    pub fn new() -> TestCert {
+        TestCert::with_names(&["127.0.0.1", "::1", "localhost", "turn.test"], 30)
+    }
+
+    /// A certificate for `names` (IP literals become IP SANs) valid for `days` from now (negative:
+    /// expired that long ago).
+    pub fn with_names(names: &[&str], days: i64) -> TestCert {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = TempDir::new("cert");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "turnpike test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, names[0]);
+        // Negative `days`: a certificate that has expired.
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let at = |unix: i64| epoch + Duration::from_secs(unix.max(0) as u64);
+        let now = unix_now() as i64;
+        let not_after = now + days * 86400;
+        leaf.not_before = at(now.min(not_after) - 3600);
+        leaf.not_after = at(not_after);
+        let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+        let t = TestCert {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            cert_der: leaf.der().to_vec(),
+            dir,
+        };
+        std::fs::write(&t.ca, ca.pem()).unwrap();
+        std::fs::write(&t.cert, leaf.pem() + &ca.pem()).unwrap();
+        std::fs::write(&t.key, key.serialize_pem()).unwrap();
+        t
+    }
+
+    /// Options edit: a TLS listener on `ip` port 0 serving this certificate.
+    pub fn listen_on(&self, ip: &str) -> impl Fn(&mut Config) + Send + Sync + 'static {
+        let (cert, key) = (self.cert.clone(), self.key.clone());
+        let addr = SocketAddr::new(ip.parse().unwrap(), 0);
+        move |c: &mut Config| {
+            c.tls_listen = vec![addr];
+            c.tls.cert_file = Some(cert.clone());
+            c.tls.key_file = Some(key.clone());
+        }
     }
 }
 
@@ -310,6 +448,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// The TCP listener as bound, when `tcp_listen` configures one.
     pub tcp_addr: Option<SocketAddr>,
+    /// The TLS listener (TLS and plain TCP on one port) as bound, when `tls_listen` configures one.
+    pub tls_addr: Option<SocketAddr>,
     /// The HTTP API listener as bound, when the API is on.
     pub api_addr: Option<SocketAddr>,
     /// The relay port range: [`Options::relay_ports`], or the block the harness picked.
@@ -416,6 +556,7 @@ impl Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
             tcp_addr: None,
+            tls_addr: None,
             api_addr: None,
             relay_ports,
             ready: serde_json::Value::Null,
@@ -470,12 +611,14 @@ impl Daemon {
                 .map(|l| addr(&l["addr"]))
                 .collect()
         };
-        let (udp, tcp) = (of("udp"), of("tcp"));
+        let (udp, tcp, tls) = (of("udp"), of("tcp"), of("tls"));
         assert_eq!(udp.len(), 1, "one UDP listener: {text}");
         assert!(tcp.len() <= 1, "at most one TCP listener: {text}");
-        assert_eq!(udp.len() + tcp.len(), listen.len(), "{text}");
+        assert!(tls.len() <= 1, "at most one TLS listener: {text}");
+        assert_eq!(udp.len() + tcp.len() + tls.len(), listen.len(), "{text}");
         self.addr = udp[0];
         self.tcp_addr = tcp.first().copied();
+        self.tls_addr = tls.first().copied();
         self.api_addr = (!v["api"].is_null()).then(|| addr(&v["api"]));
         assert_eq!(
             self.api_addr.is_some(),

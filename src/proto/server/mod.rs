@@ -41,7 +41,8 @@ pub use self::shared::{LiveRelayPorts, Shared};
 pub use self::tcp_relay::{BIND_TIMEOUT, CONNECT_TIMEOUT, MAX_CONNECTIONS_PER_ALLOCATION};
 use super::allocation::{Allocation, Counters, Relay};
 use super::auth::{Authenticator, LongTermKey};
-use super::codec::{method, Class, Message, MessageWriter};
+use super::codec::{attr, method, Class, Message, MessageWriter};
+use super::discovery::NatDiscovery;
 use super::error::{EndReason, TurnError};
 use super::policy::PeerPolicy;
 use super::request::{self, Binding};
@@ -105,6 +106,9 @@ pub struct CoreConfig {
     pub limits: Limits,
     pub relay_v4: Option<RelayAddress>,
     pub relay_v6: Option<RelayAddress>,
+    /// RFC 5780 discovery addresses, at most one set per family; empty (the default) = Binding
+    /// answers carry XOR-MAPPED-ADDRESS alone and CHANGE-REQUEST gets 420.
+    pub nat_discovery: Vec<NatDiscovery>,
 }
 
 /// What the I/O layer does with a client datagram.
@@ -169,6 +173,36 @@ pub struct Core {
     shard: u8,
 }
 
+/// A count for each transport clients reach us on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByTransport {
+    pub udp: usize,
+    pub tcp: usize,
+    pub tls: usize,
+}
+
+impl ByTransport {
+    pub fn of(&mut self, transport: Transport) -> &mut usize {
+        match transport {
+            Transport::Udp => &mut self.udp,
+            Transport::Tcp => &mut self.tcp,
+            Transport::Tls => &mut self.tls,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.udp + self.tcp + self.tls
+    }
+}
+
+impl std::ops::AddAssign for ByTransport {
+    fn add_assign(&mut self, o: Self) {
+        self.udp += o.udp;
+        self.tcp += o.tcp;
+        self.tls += o.tls;
+    }
+}
+
 /// One allocation as the admin API shows it.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -225,6 +259,15 @@ impl Core {
 
     pub fn allocation_count(&self) -> usize {
         self.by_client.len()
+    }
+
+    /// Allocations by their client's transport; a walk over them, for metrics scrapes.
+    pub fn allocations_by_transport(&self) -> ByTransport {
+        let mut n = ByTransport::default();
+        for ft in self.by_client.keys() {
+            *n.of(ft.transport) += 1;
+        }
+        n
     }
 
     /// Whether this 5-tuple holds an allocation (or is about to).
@@ -476,13 +519,57 @@ impl Core {
     ) -> ClientAction {
         self.stats.binding_requests += 1;
         let answer = Answer::to(msg);
-        if let Err(e) = Binding::parse(msg) {
-            return self.refuse(now, ft, &answer, e, None, reply);
+        let discovery = self.discovery_at(ft);
+        let req = match Binding::parse(msg, discovery.is_some()) {
+            Ok(req) => req,
+            Err(e) => return self.refuse(now, ft, &answer, e, None, reply),
+        };
+        let origin = match discovery {
+            // A connection's answers cannot leave from another address.
+            Some(_) if req.change.changes_anything() && ft.transport != Transport::Udp => {
+                return self.refuse(now, ft, &answer, TurnError::BadRequest, None, reply);
+            }
+            Some(d) => d.answer(ft.local, req.change),
+            None => None,
+        };
+        // These answers are two to four times the size of the request and may come from an
+        // address the client never sent to: rate limited per source like every other
+        // unauthenticated reply.
+        if origin.is_some() && !self.shared.limiter.allow(ft.client.ip(), now) {
+            self.stats.rate_limited += 1;
+            return ClientAction::Drop;
         }
         let mut w = MessageWriter::new(reply, method::BINDING, Class::Success, answer.txid);
-        w.xor_address(crate::proto::codec::attr::XOR_MAPPED_ADDRESS, ft.client);
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        let mut to = *ft;
+        if let Some(o) = origin {
+            // RFC 5780 §6.1 wants MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS: a client that sees
+            // them differ has found a NAT rewriting addresses in payloads.
+            w.address(attr::MAPPED_ADDRESS, ft.client)
+                .address(attr::RESPONSE_ORIGIN, o.source)
+                .address(attr::OTHER_ADDRESS, o.other);
+            to.local = o.source;
+        }
         self.finish(&mut w, &answer, None);
-        ClientAction::Reply { to: *ft }
+        ClientAction::Reply { to }
+    }
+
+    /// The discovery addresses `ft` arrived on, if it arrived on one of them over a transport
+    /// that listens on all four.
+    fn discovery_at(&self, ft: &FiveTuple) -> Option<NatDiscovery> {
+        self.config
+            .nat_discovery
+            .iter()
+            .find(|d| (ft.transport == Transport::Udp || d.tcp) && d.position(ft.local).is_some())
+            .copied()
+    }
+
+    /// Whether `local` is one of the listeners only discovery binds: they answer Binding alone.
+    fn is_discovery_only(&self, local: SocketAddr) -> bool {
+        self.config
+            .nat_discovery
+            .iter()
+            .any(|d| d.position(local).is_some_and(|p| p != (false, false)))
     }
 
     /// Allocate, Refresh, CreatePermission, ChannelBind: authenticated, answered, retransmission-safe.
@@ -494,6 +581,11 @@ impl Core {
         reply: &mut Vec<u8>,
     ) -> ClientAction {
         let answer = Answer::to(msg);
+        if self.is_discovery_only(ft.local) {
+            // Minted URIs never name these listeners; TURN on them would only widen what an
+            // attacker can reach.
+            return self.refuse(now, ft, &answer, TurnError::Forbidden, None, reply);
+        }
         let existing = self.by_client.get(ft).copied();
         if let Some(slot) = existing {
             let a = self.alloc_mut(slot);

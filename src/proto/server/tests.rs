@@ -12,6 +12,7 @@ use crate::proto::auth::{
     long_term_key, mint_rest_credential, AuthReject, PasswordAlgorithm, RestConfig, StaticUser,
 };
 use crate::proto::codec::{self, attr, method, Class, Message, MessageWriter, HEADROOM, TAILROOM};
+use crate::proto::discovery::NatDiscovery;
 use crate::proto::error::EndReason;
 use crate::proto::policy::{PeerPolicy, PolicyConfig};
 use crate::proto::quota::QuotaKey;
@@ -89,6 +90,7 @@ fn config(limits: Limits, allow_loopback: bool, with_v6: bool) -> CoreConfig {
             local: relay_v6,
             advertised: relay_v6,
         }),
+        nat_discovery: Vec::new(),
     }
 }
 
@@ -355,6 +357,260 @@ fn binding_with_unknown_comprehension_required_attribute_gets_420() {
         .attr(0xC001, b"x")
         .attr(attr::CHANGE_REQUEST, &[0, 0, 0, 0]);
     assert_eq!(h.call(&client(1), &req), (Class::Success, None));
+}
+
+// ------------------------------------------------------------------ RFC 5780 discovery
+
+const IP1: &str = "192.0.2.10";
+const IP2: &str = "192.0.2.11";
+
+fn at(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+fn discovery_config(limits: Limits) -> CoreConfig {
+    let mut cfg = config(limits, false, true);
+    cfg.nat_discovery = vec![
+        NatDiscovery {
+            primary: at(IP1, 3478),
+            alternate: at(IP2, 3479),
+            tcp: true,
+        },
+        NatDiscovery {
+            primary: "[2001:db8::10]:3478".parse().unwrap(),
+            alternate: "[2001:db8::11]:3479".parse().unwrap(),
+            tcp: false,
+        },
+    ];
+    cfg
+}
+
+fn binding(txid: [u8; 12], change: Option<crate::proto::discovery::ChangeRequest>) -> Vec<u8> {
+    let mut req = Vec::new();
+    let mut w = MessageWriter::new(&mut req, method::BINDING, Class::Request, txid);
+    if let Some(c) = change {
+        w.attr(attr::CHANGE_REQUEST, &c.encode());
+    }
+    req
+}
+
+fn change(ip: bool, port: bool) -> Option<crate::proto::discovery::ChangeRequest> {
+    Some(crate::proto::discovery::ChangeRequest { ip, port })
+}
+
+fn on(local: SocketAddr, transport: Transport) -> FiveTuple {
+    let client = if local.is_ipv4() {
+        "203.0.113.7:40000".parse().unwrap()
+    } else {
+        "[2001:db8:1::7]:40000".parse().unwrap()
+    };
+    FiveTuple {
+        transport,
+        client,
+        local,
+    }
+}
+
+impl Harness {
+    /// Sends a Binding request and returns where the answer leaves from.
+    fn binding_from(&mut self, ft: &FiveTuple, req: &[u8]) -> FiveTuple {
+        match self.send(ft, req) {
+            ClientAction::Reply { to } => to,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn reply_address(&self, kind: u16) -> Option<SocketAddr> {
+        self.reply_attr(kind)
+            .and_then(|v| codec::decode_address(&v))
+    }
+}
+
+#[test]
+fn binding_names_response_origin_and_other_address_only_when_configured() {
+    let ft = on(at(IP1, 3478), Transport::Udp);
+    let mut plain = Harness::new();
+    assert_eq!(
+        plain.call(&ft, &binding([1; 12], None)),
+        (Class::Success, None)
+    );
+    for kind in [
+        attr::MAPPED_ADDRESS,
+        attr::RESPONSE_ORIGIN,
+        attr::OTHER_ADDRESS,
+    ] {
+        assert!(
+            plain.reply_attr(kind).is_none(),
+            "{kind:#06x} without config"
+        );
+    }
+
+    let mut h = Harness::with(discovery_config(limits()));
+    assert_eq!(h.call(&ft, &binding([1; 12], None)), (Class::Success, None));
+    let xor = h.reply_attr(attr::XOR_MAPPED_ADDRESS).unwrap();
+    assert_eq!(codec::decode_xor_address(&xor, &[1; 12]), Some(ft.client));
+    assert_eq!(h.reply_address(attr::MAPPED_ADDRESS), Some(ft.client));
+    assert_eq!(h.reply_address(attr::RESPONSE_ORIGIN), Some(at(IP1, 3478)));
+    assert_eq!(h.reply_address(attr::OTHER_ADDRESS), Some(at(IP2, 3479)));
+    // 20 header + 4 attributes of 12: no more than the four addresses need.
+    assert_eq!(h.reply.len(), 68);
+
+    // A listener that is not one of the four answers as if discovery were off.
+    let other = on(at("192.0.2.10", 5000), Transport::Udp);
+    assert_eq!(
+        h.call(&other, &binding([2; 12], None)),
+        (Class::Success, None)
+    );
+    assert!(h.reply_attr(attr::OTHER_ADDRESS).is_none());
+    assert!(h.reply_attr(attr::RESPONSE_ORIGIN).is_none());
+}
+
+#[test]
+fn change_request_flags_pick_the_source_of_the_answer() {
+    let mut h = Harness::with(discovery_config(limits()));
+    let cases = [
+        // (arrived on, change ip, change port, answer from, OTHER-ADDRESS)
+        (at(IP1, 3478), false, false, at(IP1, 3478), at(IP2, 3479)),
+        (at(IP1, 3478), true, false, at(IP2, 3478), at(IP2, 3479)),
+        (at(IP1, 3478), false, true, at(IP1, 3479), at(IP2, 3479)),
+        (at(IP1, 3478), true, true, at(IP2, 3479), at(IP2, 3479)),
+        (at(IP2, 3478), false, false, at(IP2, 3478), at(IP1, 3479)),
+        (at(IP2, 3479), true, true, at(IP1, 3478), at(IP1, 3478)),
+        (
+            "[2001:db8::10]:3478".parse().unwrap(),
+            true,
+            true,
+            "[2001:db8::11]:3479".parse().unwrap(),
+            "[2001:db8::11]:3479".parse().unwrap(),
+        ),
+    ];
+    for (local, ip, port, source, other) in cases {
+        let ft = on(local, Transport::Udp);
+        let to = h.binding_from(&ft, &binding([3; 12], change(ip, port)));
+        let case = format!("{local} ip={ip} port={port}");
+        assert_eq!(
+            to,
+            FiveTuple {
+                local: source,
+                ..ft
+            },
+            "{case}"
+        );
+        assert_eq!(
+            Message::parse(&h.reply).unwrap().class,
+            Class::Success,
+            "{case}"
+        );
+        assert_eq!(
+            h.reply_address(attr::RESPONSE_ORIGIN),
+            Some(source),
+            "{case}"
+        );
+        assert_eq!(h.reply_address(attr::OTHER_ADDRESS), Some(other), "{case}");
+        let xor = h.reply_attr(attr::XOR_MAPPED_ADDRESS).unwrap();
+        assert_eq!(codec::decode_xor_address(&xor, &[3; 12]), Some(ft.client));
+    }
+}
+
+#[test]
+fn change_requests_that_cannot_be_honoured_are_refused() {
+    let mut h = Harness::with(discovery_config(limits()));
+    // A listener without alternate addresses: 420 naming CHANGE-REQUEST (RFC 5780 §6.1).
+    let stranger = on(at(IP1, 5000), Transport::Udp);
+    for (ip, port) in [(true, false), (false, true), (true, true)] {
+        assert_eq!(
+            h.call(&stranger, &binding([4; 12], change(ip, port))),
+            (Class::Error, Some(420))
+        );
+        assert_eq!(h.reply_attr(attr::UNKNOWN_ATTRIBUTES).unwrap(), vec![0, 3]);
+    }
+    // Asking for nothing is no reason to refuse.
+    assert_eq!(
+        h.call(&stranger, &binding([4; 12], change(false, false))),
+        (Class::Success, None)
+    );
+    // Over TCP the answer cannot leave from elsewhere: 400, on the connection it came in on.
+    let tcp = on(at(IP1, 3478), Transport::Tcp);
+    assert_eq!(
+        h.call(&tcp, &binding([5; 12], change(true, false))),
+        (Class::Error, Some(400))
+    );
+    // Without flags a TCP client still learns OTHER-ADDRESS (mapping discovery over TCP).
+    assert_eq!(
+        h.call(&tcp, &binding([5; 12], None)),
+        (Class::Success, None)
+    );
+    assert_eq!(h.reply_address(attr::OTHER_ADDRESS), Some(at(IP2, 3479)));
+    // The IPv6 set has no TCP listeners: its TCP answers are plain, its CHANGE-REQUEST a 420.
+    let tcp6 = on("[2001:db8::10]:3478".parse().unwrap(), Transport::Tcp);
+    assert_eq!(
+        h.call(&tcp6, &binding([6; 12], None)),
+        (Class::Success, None)
+    );
+    assert!(h.reply_attr(attr::OTHER_ADDRESS).is_none());
+    assert_eq!(
+        h.call(&tcp6, &binding([6; 12], change(false, true))),
+        (Class::Error, Some(420))
+    );
+    // A malformed CHANGE-REQUEST is a bad request.
+    let ft = on(at(IP1, 3478), Transport::Udp);
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, [7; 12])
+        .attr(attr::CHANGE_REQUEST, &[0, 4]);
+    assert_eq!(h.call(&ft, &req), (Class::Error, Some(400)));
+    // PADDING and RESPONSE-PORT are not supported: 420 naming them, with or without discovery.
+    for kind in [attr::PADDING, attr::RESPONSE_PORT] {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::BINDING, Class::Request, [8; 12]).attr(kind, &[0; 4]);
+        for ft in [ft, stranger] {
+            assert_eq!(h.call(&ft, &req), (Class::Error, Some(420)));
+            assert_eq!(
+                h.reply_attr(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+                kind.to_be_bytes().to_vec()
+            );
+        }
+    }
+}
+
+#[test]
+fn discovery_answers_are_rate_limited_per_source_and_plain_ones_are_not() {
+    let mut l = limits();
+    l.unauth_replies_per_sec = 1;
+    l.unauth_replies_burst = 2;
+    let mut h = Harness::with(discovery_config(l));
+    let ft = on(at(IP1, 3478), Transport::Udp);
+    let req = binding([9; 12], change(true, true));
+    for _ in 0..2 {
+        assert!(matches!(h.send(&ft, &req), ClientAction::Reply { .. }));
+    }
+    assert_eq!(h.send(&ft, &req), ClientAction::Drop);
+    assert_eq!(h.core.stats().rate_limited, 1);
+    // Plain Binding answers on other listeners (ICE, keepalives) stay unlimited.
+    let plain = on(at(IP1, 5000), Transport::Udp);
+    for _ in 0..5 {
+        assert_eq!(
+            h.send(&plain, &binding([9; 12], None)),
+            ClientAction::Reply { to: plain }
+        );
+    }
+    h.advance(1);
+    assert!(matches!(h.send(&ft, &req), ClientAction::Reply { .. }));
+}
+
+#[test]
+fn turn_requests_on_discovery_only_listeners_are_forbidden() {
+    let mut h = Harness::with(discovery_config(limits()));
+    for local in [at(IP1, 3479), at(IP2, 3478), at(IP2, 3479)] {
+        let ft = on(local, Transport::Udp);
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, [1; 12])
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        assert_eq!(h.call(&ft, &req), (Class::Error, Some(403)), "{local}");
+    }
+    // The primary listener is an ordinary TURN listener.
+    let ft = on(at(IP1, 3478), Transport::Udp);
+    h.allocate(&ft);
+    assert_eq!(h.core.allocation_count(), 1);
 }
 
 #[test]
