@@ -599,10 +599,11 @@ fn nat_discovery_answers_from_the_asked_address_and_its_listeners_are_no_peers()
 
 // ---------------------------------------------------------------------- TCP relays (RFC 6062)
 
-/// A synchronous TURN client on one TCP connection to the server (long-term credentials, MD5):
-/// a control connection, or a data connection until its ConnectionBind succeeds.
-struct TcpTurn {
-    s: std::net::TcpStream,
+/// A synchronous TURN client on one TCP (or TLS) connection to the server (long-term
+/// credentials, MD5): a control connection, or a data connection until its ConnectionBind
+/// succeeds.
+struct TcpTurn<S = std::net::TcpStream> {
+    s: S,
     key: Vec<u8>,
     nonce: Vec<u8>,
     n: u32,
@@ -614,6 +615,38 @@ impl TcpTurn {
     fn open(server: SocketAddr) -> TcpTurn {
         let s = std::net::TcpStream::connect(server).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        TcpTurn::over(s)
+    }
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+impl TcpTurn<TlsStream> {
+    /// Over TLS, trusting the test CA in `ca`.
+    fn open_tls(server: SocketAddr, ca: &std::path::Path) -> TcpTurn<TlsStream> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(ca).unwrap();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let sock = std::net::TcpStream::connect(server).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        TcpTurn::over(rustls::StreamOwned::new(conn, sock))
+    }
+}
+
+impl<S: std::io::Read + std::io::Write> TcpTurn<S> {
+    fn over(s: S) -> TcpTurn<S> {
         let key = turnpike::proto::auth::long_term_key(
             turnpike::proto::auth::PasswordAlgorithm::Md5,
             common::USER,
@@ -638,7 +671,6 @@ impl TcpTurn {
 
     /// One STUN message from the stream (this client never receives ChannelData).
     fn read_message(&mut self) -> Reply {
-        use std::io::Read;
         let mut head = [0u8; 20];
         self.s.read_exact(&mut head).expect("a STUN header");
         let len = u16::from_be_bytes([head[2], head[3]]) as usize;
@@ -649,7 +681,6 @@ impl TcpTurn {
     }
 
     fn transact(&mut self, req: &[u8]) -> Reply {
-        use std::io::Write;
         self.s.write_all(req).unwrap();
         loop {
             let r = self.read_message();
@@ -915,4 +946,75 @@ fn a_tcp_relay_is_refused_to_a_udp_client() {
         w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
     });
     assert_eq!(r.class_code(), (Class::Error, Some(400)));
+}
+
+#[test]
+fn tcp_relay_over_tls_control_and_data_connections() {
+    use std::io::{Read, Write};
+    let cert = common::TestCert::new();
+    let d = Daemon::with(Options::default().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.expect("a TLS listener");
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = echo.accept().unwrap();
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut ctl = TcpTurn::open_tls(server, &cert.ca);
+    let relayed = ctl.allocate_tcp(false);
+    let r = ctl.request(method::CONNECT, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, echo_addr);
+    });
+    assert_eq!(r.class_code(), (Class::Success, None));
+    let id = r.attr(attr::CONNECTION_ID).expect("CONNECTION-ID");
+    let mut data = TcpTurn::open_tls(server, &cert.ca);
+    assert_eq!(
+        data.connection_bind(&id).class_code(),
+        (Class::Success, None)
+    );
+    // TLS records both ways from here on, through the pipe in plaintext to the peer.
+    for round in 0..4u8 {
+        let chunk: Vec<u8> = (0..16 * 1024).map(|i| (i as u8) ^ round).collect();
+        data.s.write_all(&chunk).unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        data.s.read_exact(&mut back).expect("the echo comes back");
+        assert!(back == chunk, "round {round}");
+    }
+
+    // Incoming peers, each bound from a TLS data connection: some land on the other shard
+    // and are moved there with their TLS session.
+    let r = ctl.request(method::CREATE_PERMISSION, |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, "127.0.0.1:9".parse().unwrap());
+    });
+    assert_eq!(r.class_code(), (Class::Success, None));
+    let mut pairs = Vec::new();
+    for i in 0..6u8 {
+        let mut peer = std::net::TcpStream::connect(relayed).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let attempt = ctl.read_message();
+        assert_eq!(attempt.msg().method, method::CONNECTION_ATTEMPT);
+        let id = attempt.attr(attr::CONNECTION_ID).expect("CONNECTION-ID");
+        let mut data = TcpTurn::open_tls(server, &cert.ca);
+        assert_eq!(
+            data.connection_bind(&id).class_code(),
+            (Class::Success, None)
+        );
+        peer.write_all(&[i; 100]).unwrap();
+        data.s.write_all(&[i + 100; 100]).unwrap();
+        pairs.push((peer, data, i));
+    }
+    for (mut peer, mut data, i) in pairs {
+        let mut got = [0u8; 100];
+        data.s.read_exact(&mut got).unwrap();
+        assert_eq!(got, [i; 100]);
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, [i + 100; 100]);
+    }
 }
