@@ -215,7 +215,11 @@ fn permission_warning(
     let me = unsafe { libc::geteuid() };
     let mut problems = Vec::new();
     let mut fixes = Vec::new();
-    if mode & 0o077 != 0 {
+    // Read access for a supplementary group of this process (systemd's SupplementaryGroups=,
+    // how a DynamicUser service reads a certificate key a deploy hook installs) is how the file
+    // is meant to be shared, not a leak. The primary group and root's group are not exempt.
+    let shared_with_our_group = mode & 0o077 == 0o040 && in_supplementary_groups(meta.gid());
+    if mode & 0o077 != 0 && !shared_with_our_group {
         let mut who = Vec::new();
         if mode & 0o070 != 0 {
             who.push("its group");
@@ -256,6 +260,20 @@ fn permission_warning(
             fixes.join(" && "),
         ),
     })
+}
+
+/// Whether `gid` is one of this process's supplementary groups, other than its effective group
+/// and root's.
+fn in_supplementary_groups(gid: u32) -> bool {
+    // SAFETY: getegid cannot fail; getgroups writes at most `len` entries into the buffer.
+    unsafe {
+        if gid == 0 || libc::getegid() == gid {
+            return false;
+        }
+        let mut groups = [0 as libc::gid_t; 256];
+        let n = libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
 }
 
 #[cfg(test)]
