@@ -2,7 +2,8 @@
 //! and the two 30-second timers. The core only keeps the book: which peer connection belongs to
 //! which allocation, in which state, until when. The I/O layer owns the sockets and the pipes;
 //! it is told what to do through [`Command`]s and reports back through `peer_connected`,
-//! `peer_accepted` and `connection_closed`.
+//! `peer_accepted`, `record_piped` and `connection_closed` (a data connection's close is its
+//! pipe's end, whichever side ended it).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -342,12 +343,6 @@ impl Core {
             }
             None => false,
         }
-    }
-
-    /// The I/O layer lost peer connection `id` on its own (the peer hung up before its
-    /// ConnectionBind, say); nothing is left to close.
-    pub fn peer_closed(&mut self, id: ConnectionId) {
-        self.tcp.remove(id);
     }
 
     /// Bytes a pipe passed, reported by the I/O layer when the pipe ends.
