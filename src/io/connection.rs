@@ -421,14 +421,16 @@ async fn hand_over(
     match handover {
         Handover::Close => Closed::PeerGone,
         Handover::Pipe { id, peer, stop } => {
-            let piped = tcp_relay::pipe(&stream, &mut wire, conn, &peer, rest, &stop).await;
-            {
-                let mut st = state.borrow_mut();
+            let mut report = |p: tcp_relay::Piped| {
+                let mut guard = state.borrow_mut();
+                let st = &mut *guard;
+                st.core.record_piped(p.to_peer, p.to_client);
                 let c = st.connections.of(ft.transport);
-                c.bytes_in += piped.to_peer;
-                c.bytes_out += piped.to_client;
-            }
-            tcp_relay::pipe_ended(state, id, piped);
+                c.bytes_in += p.to_peer;
+                c.bytes_out += p.to_client;
+            };
+            tcp_relay::pipe(&stream, &mut wire, conn, &peer, rest, &stop, &mut report).await;
+            tcp_relay::pipe_ended(state, id);
             Closed::Piped
         }
         Handover::Move { shard } => {

@@ -32,6 +32,8 @@ use super::tcp::{self, StreamConn};
 
 /// Bytes one pipe direction holds at most.
 pub const PIPE_BUFFER: usize = 64 * 1024;
+/// A long-lived pipe reports its bytes this often, so the metrics move while it runs.
+const REPORT_EVERY: u64 = 256 * 1024;
 /// Random probes for a free relay port before a scan of the range.
 const RANDOM_PROBES: usize = 32;
 
@@ -342,11 +344,20 @@ pub struct Piped {
     pub to_client: u64,
 }
 
+impl Piped {
+    fn add(&mut self, o: Piped) {
+        self.to_peer += o.to_peer;
+        self.to_client += o.to_client;
+    }
+}
+
 /// Passes bytes both ways between a client data connection and a peer connection until either
 /// side ends (end of stream or error) or `stop` is notified; then both close (closing one side
 /// closes the other). What one side sent before it ended is still delivered to the other.
 /// `first`: client bytes read past the ConnectionBind, for the peer before anything else.
-/// `conn` is the client's output queue, here the peer-to-client buffer.
+/// `conn` is the client's output queue, here the peer-to-client buffer. `report` gets the bytes
+/// passed since its last call, every [`REPORT_EVERY`] bytes and at the end; the return value is
+/// the whole.
 pub async fn pipe<W: ClientWire>(
     client: &TcpStream,
     wire: &mut W,
@@ -354,10 +365,11 @@ pub async fn pipe<W: ClientWire>(
     peer: &TcpStream,
     first: Vec<u8>,
     stop: &Notify,
+    report: &mut impl FnMut(Piped),
 ) -> Piped {
     let mut up = first;
     let mut raw = Vec::new();
-    let mut piped = Piped::default();
+    let (mut total, mut piped) = (Piped::default(), Piped::default());
     // One side ended: nothing more is read, what is buffered goes out, then both close.
     let mut ending = false;
     let queued = || conn.with_queue(|q| q.len());
@@ -371,6 +383,10 @@ pub async fn pipe<W: ClientWire>(
             break Err(e);
         }
         piped.to_client += (before - queued()) as u64;
+        if piped.to_peer + piped.to_client >= REPORT_EVERY {
+            total.add(piped);
+            report(std::mem::take(&mut piped));
+        }
         if ending && up.is_empty() && !wire.has_output(conn) {
             break Ok(());
         }
@@ -419,7 +435,9 @@ pub async fn pipe<W: ClientWire>(
     if let Err(e) = end {
         tracing::debug!(error = %e, "tcp relay pipe ended");
     }
-    piped
+    total.add(piped);
+    report(piped);
+    total
 }
 
 /// Writes what `peer` takes now of `out`; the rest stays.
@@ -437,11 +455,9 @@ fn write_some(peer: &TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
     Ok(written)
 }
 
-/// A pipe ended (on its own, or stopped): its peer entry goes, the core counts its bytes.
-pub fn pipe_ended<H: Host>(host: &RefCell<H>, id: ConnectionId, piped: Piped) {
-    let mut st = host.borrow_mut();
-    st.tcp_relays().pipe_ended(id);
-    st.core().record_piped(piped.to_peer, piped.to_client);
+/// A pipe ended (on its own, or stopped): its peer entry goes.
+pub fn pipe_ended<H: Host>(host: &RefCell<H>, id: ConnectionId) {
+    host.borrow_mut().tcp_relays().pipe_ended(id);
 }
 
 #[cfg(test)]
@@ -510,7 +526,18 @@ mod tests {
                 assert!(rest.is_empty());
             });
             let (conn, stop) = (StreamConn::default(), Notify::new());
-            let piped = pipe(&client, &mut Plain, &conn, &peer, b"early".to_vec(), &stop).await;
+            let mut reported = Piped::default();
+            let piped = pipe(
+                &client,
+                &mut Plain,
+                &conn,
+                &peer,
+                b"early".to_vec(),
+                &stop,
+                &mut |p| reported.add(p),
+            )
+            .await;
+            assert_eq!(reported, piped, "every byte reported once");
             // Its owner closes both once the pipe returns.
             drop((client, peer));
             far.join().unwrap();
@@ -550,9 +577,17 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 stop.notify_one();
             };
-            let mut wire = Plain;
+            let (mut wire, mut ignore) = (Plain, |_| {});
             let (piped, ()) = tokio::join!(
-                pipe(&client, &mut wire, &conn, &peer, Vec::new(), &stop),
+                pipe(
+                    &client,
+                    &mut wire,
+                    &conn,
+                    &peer,
+                    Vec::new(),
+                    &stop,
+                    &mut ignore
+                ),
                 stopper
             );
             let written = written.load(std::sync::atomic::Ordering::Relaxed);
@@ -577,7 +612,15 @@ mod tests {
             stop.notify_one();
             let piped = tokio::time::timeout(
                 Duration::from_secs(5),
-                pipe(&client, &mut Plain, &conn, &peer, Vec::new(), &stop),
+                pipe(
+                    &client,
+                    &mut Plain,
+                    &conn,
+                    &peer,
+                    Vec::new(),
+                    &stop,
+                    &mut |_| {},
+                ),
             )
             .await
             .expect("the pipe stops");

@@ -124,11 +124,11 @@ counters! {
         "Connect requests of TCP allocations (RFC 6062), by result.";
     tcp_connects_failed: u64 => "tcp_peer_connects_total" { result = "failed" }
         "Connect requests of TCP allocations (RFC 6062), by result.";
-    /// Counted when each pipe ends.
+    /// Counted as a pipe runs, every 256 KiB, and when it ends.
     tcp_piped_to_peer_bytes: u64 => "tcp_piped_bytes_total" { direction = "to_peer" }
-        "Bytes passed through TCP relay connections (RFC 6062), by direction; counted when each connection ends.";
+        "Bytes passed through TCP relay connections (RFC 6062), by direction.";
     tcp_piped_to_client_bytes: u64 => "tcp_piped_bytes_total" { direction = "to_client" }
-        "Bytes passed through TCP relay connections (RFC 6062), by direction; counted when each connection ends.";
+        "Bytes passed through TCP relay connections (RFC 6062), by direction.";
 }
 
 #[cfg(test)]

@@ -345,7 +345,8 @@ impl Core {
         }
     }
 
-    /// Bytes a pipe passed, reported by the I/O layer when the pipe ends.
+    /// Bytes a pipe passed since its last report (the I/O layer reports as it runs and at its
+    /// end).
     pub fn record_piped(&mut self, to_peer: u64, to_client: u64) {
         self.stats.tcp_piped_to_peer_bytes += to_peer;
         self.stats.tcp_piped_to_client_bytes += to_client;
