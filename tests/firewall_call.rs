@@ -39,8 +39,9 @@ mod common;
 #[path = "nat/netns.rs"]
 #[macro_use]
 mod netns;
+#[path = "nat/firewall_server.rs"]
+mod firewall_server;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -53,15 +54,8 @@ use serde_json::Value;
 use stun::agent::TransactionId;
 use stun::message::{Getter, Message, BINDING_REQUEST};
 use stun::xoraddr::XorMappedAddress;
-use turnpike::config::{Config, LogFormat, RelayIp};
 
-const SECRET: &str = "firewall-call-test-rest-secret-0123456789";
-const TLS_PORT: u16 = 443;
-/// UDP and TCP listeners the firewall must keep the clients from.
-const BLOCKED_PORT: u16 = 3478;
-/// The control plane, on the loopback of `pub`.
-const API_ADDR: &str = "127.0.0.1:9641";
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+use firewall_server::{in_ns, metrics, str_field, Server, BLOCKED_PORT, TLS_PORT};
 /// A UDP request that gets nothing within this is taken as dropped.
 const UDP_SILENCE: Duration = Duration::from_millis(1500);
 const TCP_CONNECT: Duration = Duration::from_millis(1500);
@@ -150,29 +144,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
         topo.nat_rules("nata").trim_end()
     );
 
-    let cert = common::TestCert::with_names(&[&SERVER_IP.to_string()], 30);
-    let dir = common::TempDir::new(&format!("firewall-call-{tag}"));
-    let config = write_config(dir.path(), &cert);
-    let ready_file = dir.path().join("turnpike.ready");
-    let mut turnpike = NsProcess::spawn(
-        &topo.ns("pub"),
-        "turnpike",
-        Path::new(env!("CARGO_BIN_EXE_turnpike")),
-        &[
-            "serve",
-            "--config",
-            config.to_str().expect("utf-8 temp path"),
-            "--ready-file",
-            ready_file.to_str().expect("utf-8 temp path"),
-        ],
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    turnpike
-        .wait_for("its ready file", READY_TIMEOUT, || {
-            std::fs::read_to_string(&ready_file).ok()
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let server = Server::start(&topo, tag);
     say!("{t}: turnpike up after {:?}", t_start.elapsed());
 
     // ------------------------------------------------------------ 1. the firewall holds
@@ -187,7 +159,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
 
     // ------------------------------------------------------------ 2. the call
     let t2 = Instant::now();
-    let (caller, callee, max_allocs) = call(&topo, &python, &cert.ca, scheme, &turnpike, t);
+    let (caller, callee, max_allocs) = call(&topo, &python, scheme, &server, t);
     for r in [&caller, &callee] {
         say!("{t}: 2. {} report: {r}", r["role"]);
     }
@@ -197,7 +169,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
         (&callee, CLB_IP, NATB_PUBLIC),
     ] {
         let role = r["role"].as_str().unwrap_or("?");
-        let ctx = || format!("{role}: {r:#}\nturnpike log:\n{}", turnpike.log());
+        let ctx = || format!("{role}: {r:#}\nturnpike log:\n{}", server.log());
         assert!(r.get("error").is_none(), "2. {}", ctx());
         assert_eq!(r["final_state"], "connected", "2. {}", ctx());
         let locals: Vec<&str> = r["local_candidates"]
@@ -276,7 +248,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
     );
 
     // ------------------------------------------------------------ 3. turnpike's side
-    let created = events(&turnpike, "allocation created");
+    let created = server.events("allocation created");
     for e in &created {
         say!(
             "{t}: 3. turnpike: allocation created user={} client={} transport={} relay={}",
@@ -298,7 +270,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
             }),
             "3. no {transport} allocation for client {mapped} (at {public_ip}) with relay \
              {relay} in turnpike's log:\n{}",
-            turnpike.log()
+            server.log()
         );
     }
     assert!(
@@ -306,7 +278,7 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
             .iter()
             .all(|e| str_field(e, "transport") == transport),
         "3. an allocation over another transport than {transport}:\n{}",
-        turnpike.log()
+        server.log()
     );
     assert!(
         max_allocs >= 2.0,
@@ -329,9 +301,9 @@ fn firewall_call(test: &str, tag: &str, scheme: Scheme) {
     );
 
     if std::env::var_os("TURNPIKE_TEST_LOG").is_some() {
-        say!("---- turnpike log ----\n{}\n----", turnpike.log());
+        say!("---- turnpike log ----\n{}\n----", server.log());
     }
-    drop(turnpike);
+    drop(server);
     drop(topo);
     say!("{t}: total {:?}", t_start.elapsed());
 }
@@ -457,15 +429,6 @@ fn firewall_holds(
     );
 }
 
-/// Runs `f` on a thread inside namespace `ns` and waits for it (bounded).
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    what: &str,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    netns::spawn_in(ns, what, f)?.join(Duration::from_secs(20))?
-}
-
 fn binding_request() -> Result<Message, String> {
     let mut req = Message::new();
     req.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)])
@@ -540,21 +503,15 @@ fn stun_binding_tcp(s: &mut TcpStream) -> Result<SocketAddr, String> {
 fn call(
     topo: &Topology,
     python: &Path,
-    ca: &Path,
     scheme: Scheme,
-    turnpike: &NsProcess,
+    server: &Server,
     t: &str,
 ) -> (Value, Value, f64) {
+    let ca = &server.cert.ca;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nat/firewall_peer.py");
     let url = scheme.url();
-    let expiry = common::unix_now() + 3600;
     let peer = |ns: &str, role: &str| {
-        let (user, password) = turnpike::proto::auth::mint_rest_credential(
-            SECRET.as_bytes(),
-            &format!("{t}-{role}"),
-            expiry,
-            ':',
-        );
+        let (user, password) = server.credential(&format!("{t}-{role}"));
         let timeout = PEER_TIMEOUT_SECS.to_string();
         NsProcess::spawn_interactive(
             &topo.ns(ns),
@@ -588,7 +545,7 @@ fn call(
             "2. {what}\n---- caller ----\n{}\n---- callee ----\n{}\n---- turnpike ----\n{}",
             caller.log(),
             callee.log(),
-            turnpike.log()
+            server.log()
         )
     };
 
@@ -658,82 +615,6 @@ fn report_of(p: &NsProcess) -> Option<Value> {
         .iter()
         .filter_map(|l| parse_msg(l))
         .find(|v| v["type"] == "report")
-}
-
-// ------------------------------------------------------------------ servers
-
-fn write_config(dir: &Path, cert: &common::TestCert) -> PathBuf {
-    let secret = dir.join("rest-secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).expect("write secret");
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod the secret");
-    let mut c = Config {
-        realm: "turnpike.firewall".into(),
-        threads: 2,
-        listen: vec![(SERVER_IP, BLOCKED_PORT).into()],
-        tcp_listen: vec![(SERVER_IP, BLOCKED_PORT).into()],
-        tls_listen: vec![(SERVER_IP, TLS_PORT).into()],
-        log_format: LogFormat::Json,
-        log_level: std::env::var("TURNPIKE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        drain_secs: 0,
-        ..Config::default()
-    };
-    c.tls.cert_file = Some(cert.cert.clone());
-    c.tls.key_file = Some(cert.key.clone());
-    c.relay.address = RelayIp::Ip(SERVER_IP);
-    c.auth.secret_file = Some("rest-secret".into());
-    c.api.listen = Some(API_ADDR.parse().unwrap());
-    // The test hosts use documentation ranges; re-open them so they count as public.
-    c.peers.allow = ["203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24"]
-        .iter()
-        .map(|n| n.parse().unwrap())
-        .collect();
-    let config = dir.join("turnpike.toml");
-    std::fs::write(&config, common::config_toml(&c)).expect("write config");
-    config
-}
-
-/// turnpike's `/metrics`, fetched from inside `pub`.
-fn metrics(topo: &Topology) -> Result<BTreeMap<String, f64>, String> {
-    let addr: SocketAddr = API_ADDR.parse().unwrap();
-    let text = in_ns(&topo.ns("pub"), "metrics", move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: turnpike\r\nConnection: close\r\n\r\n")
-            .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .map_err(|e| format!("reading /metrics: {e}"))?;
-        Ok(out)
-    })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or("no HTTP body from /metrics")?;
-    common::parse_prometheus(body)
-}
-
-/// JSON log lines of turnpike whose message is `message`.
-fn events(p: &NsProcess, message: &str) -> Vec<Value> {
-    p.lines()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| {
-            v.get("message")
-                .or_else(|| v.pointer("/fields/message"))
-                .and_then(Value::as_str)
-                == Some(message)
-        })
-        .collect()
-}
-
-fn str_field<'a>(e: &'a Value, name: &str) -> &'a str {
-    e.get(name)
-        .or_else(|| e.get("fields").and_then(|f| f.get(name)))
-        .and_then(Value::as_str)
-        .unwrap_or("")
 }
 
 // ------------------------------------------------------------------ the Python peers

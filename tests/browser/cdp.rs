@@ -54,6 +54,25 @@ impl Cdp {
             .await
             .map_err(|_| format!("connecting to {ws_url} timed out"))?
             .map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        Ok(Cdp::over(ws))
+    }
+
+    /// Like [`Cdp::connect`], over a TCP connection to the endpoint that the caller opened,
+    /// e.g. from inside the network namespace the browser runs in (a socket stays in the
+    /// namespace it was made in, whichever thread uses it). Call within a tokio runtime.
+    pub async fn connect_over(ws_url: &str, tcp: std::net::TcpStream) -> Result<Arc<Cdp>, String> {
+        tcp.set_nonblocking(true)
+            .map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        let tcp = TcpStream::from_std(tcp).map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        let handshake = tokio_tungstenite::client_async(ws_url, MaybeTlsStream::Plain(tcp));
+        let (ws, _) = tokio::time::timeout(CALL_TIMEOUT, handshake)
+            .await
+            .map_err(|_| format!("WebSocket handshake with {ws_url} timed out"))?
+            .map_err(|e| format!("WebSocket handshake with {ws_url}: {e}"))?;
+        Ok(Cdp::over(ws))
+    }
+
+    fn over(ws: Ws) -> Arc<Cdp> {
         let (sink, mut stream) = ws.split();
         let pending: Pending = Arc::default();
         let events: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -91,13 +110,13 @@ impl Cdp {
             // Dropping the senders fails every command still waiting.
             p.lock().unwrap().clear();
         });
-        Ok(Arc::new(Cdp {
+        Arc::new(Cdp {
             sink: tokio::sync::Mutex::new(sink),
             pending,
             next_id: AtomicU64::new(1),
             events,
             reader,
-        }))
+        })
     }
 
     /// Sends `method` (to a page when `session` is given) and waits for its
