@@ -17,6 +17,13 @@
 //! sees says `relay ↔ relay`; no signaling errors and no uncaught exceptions.
 //! A screenshot of one page goes to `target/browser-call.png`.
 //!
+//! The second test is the firewall case: two Chromiums, each in a network
+//! namespace behind a NAT that drops all UDP and lets out only TCP to the
+//! server's port 443, call over `turns:` (then `turn:?transport=tcp`) to
+//! that port only; Chromium trusts the test CA through an NSS database (see
+//! `browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp`). It
+//! needs root, `ip`, `nft` and `certutil` too.
+//!
 //! Needs Chromium (Debian: `apt-get install chromium`; or set
 //! `TURNPIKE_CHROMIUM=/path/to/chrome`). Without it the test fails when `CI`
 //! is set and is skipped, loudly, otherwise. Like `signaling_example`, it
@@ -758,9 +765,11 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// `NatKind::UdpBlocked` (every UDP datagram dropped at both NATs, both ways;
 /// out only TCP to 203.0.113.10:443), call each other with
 /// `iceServers: [{urls: "turns:203.0.113.10:443?transport=tcp"}]` only and
-/// `iceTransportPolicy: "relay"`. No `stun:` URL (behind such a firewall it
-/// only delays gathering) and no signaling server: the test carries offer and
-/// answer between the pages over DevTools.
+/// `iceTransportPolicy: "relay"`; then, in new pages of the same browsers,
+/// with only `turn:203.0.113.10:443?transport=tcp` (plain TCP on the TLS
+/// port). No `stun:` URL (behind such a firewall it only delays gathering)
+/// and no signaling server: the test carries offer and answer between the
+/// pages over DevTools.
 ///
 /// Chromium trusts the run's test CA (rcgen, `tests/common`) through an NSS
 /// database in a `HOME` of its own (`certutil -N` then `certutil -A -t C,,`,
@@ -769,18 +778,21 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// A third Chromium with an empty NSS database is the control: its `turns:`
 /// gathering fails (icecandidateerror 701, no relay candidate).
 ///
-/// Asserted: both connect; each selected pair is relay/relay with the local
-/// candidate's `relayProtocol` "tls" and url the `turns:` one, the relays
-/// crossing; video frames are decoded on both sides and bytes grow; 20
-/// DataChannel messages come back; turnpike logged a `tls` allocation for
-/// each relay address from each NAT's public address, and `/metrics` showed
-/// two TLS allocations. Before the call, UDP datagrams from each client to
+/// Asserted, for each call: both connect; each selected pair is relay/relay
+/// with the local candidate's `relayProtocol` "tls" (resp. "tcp") and url
+/// the one given, the relays crossing; video frames are decoded on both
+/// sides and bytes grow; 20 DataChannel messages come back; turnpike logged
+/// a `tls` (resp. `tcp`) allocation for each relay in use from that
+/// browser's NAT, and `/metrics` showed two such allocations at once. For
+/// the control, turnpike counted the failed TLS handshake (so Chromium did
+/// reach the server and refused the certificate). Before the call, UDP datagrams from each client to
 /// the server are seen dropped at its NAT (the full firewall proof is in
 /// tests/firewall_call.rs, on the same kind of network); the UDP dropped
 /// during the call is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browsers_behind_udp_blocking_firewalls_call_over_turns_443() {
-    const TEST: &str = "browser_call::browsers_behind_udp_blocking_firewalls_call_over_turns_443";
+async fn browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp() {
+    const TEST: &str =
+        "browser_call::browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp";
     let ci = std::env::var_os("CI").is_some();
     let skip = |why: &str| {
         if ci {
@@ -821,6 +833,7 @@ async fn browsers_behind_udp_blocking_firewalls_call_over_turns_443() {
         binary: &binary,
         homes: homes.path(),
         pages: Vec::new(),
+        cdps: Vec::new(),
         browsers: Vec::new(),
     };
     let outcome = match tokio::time::timeout(FW_TEST_TIMEOUT, fw.run()).await {
@@ -836,7 +849,7 @@ async fn browsers_behind_udp_blocking_firewalls_call_over_turns_443() {
             server.log()
         );
     }
-    eprintln!(
+    say!(
         "browser_call firewall: passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
@@ -850,14 +863,22 @@ struct FirewallCall<'a> {
     server: &'a Server,
     binary: &'a Path,
     homes: &'a Path,
-    /// caller (in cla), callee (in clb), then the control's page.
+    /// The pages of the call under way: caller (in cla), callee (in clb);
+    /// or the control's page.
     pages: Vec<Page>,
+    /// DevTools connections, one per browser, same order.
+    cdps: Vec<Arc<Cdp>>,
     browsers: Vec<Chromium>,
 }
 
 impl FirewallCall<'_> {
-    fn url() -> String {
-        format!("turns:{SERVER_IP}:{TLS_PORT}?transport=tcp")
+    /// The only ICE server URL of a call whose TURN connections are over
+    /// `transport` ("tls" or "tcp", as turnpike and `relayProtocol` say).
+    fn url(transport: &str) -> String {
+        match transport {
+            "tls" => format!("turns:{SERVER_IP}:{TLS_PORT}?transport=tcp"),
+            _ => format!("turn:{SERVER_IP}:{TLS_PORT}?transport=tcp"),
+        }
     }
 
     /// A `HOME` with an NSS database, holding the test CA when `trust`.
@@ -892,10 +913,10 @@ impl FirewallCall<'_> {
         Ok(home)
     }
 
-    /// Chromium in client namespace `client`, trusting the CA or not, and a
-    /// page in it, set up as `role` with only the `turns:` URL.
-    async fn open(&mut self, client: &str, role: &str, trust: bool) -> Result<(), String> {
-        let home = self.home(&format!("{client}-{role}"), trust)?;
+    /// Chromium in client namespace `client`, trusting the CA or not;
+    /// returns its index in `cdps`.
+    async fn launch(&mut self, client: &str, name: &str, trust: bool) -> Result<usize, String> {
+        let home = self.home(&format!("{client}-{name}"), trust)?;
         let ns = self.topo.ns(client);
         let browser = Chromium::launch_with(
             self.binary,
@@ -921,11 +942,23 @@ impl FirewallCall<'_> {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .map_err(|e| format!("connect to DevTools at {addr} in {who}: {e}"))
         })?;
-        let cdp = Cdp::connect_over(&ws_url, tcp).await?;
-        let page = cdp.new_page(&format!("{role} in {client}")).await?;
+        self.cdps.push(Cdp::connect_over(&ws_url, tcp).await?);
+        Ok(self.cdps.len() - 1)
+    }
+
+    /// A new page in browser `browser`, set up as `role` with `url` as its
+    /// only ICE server.
+    async fn page(
+        &mut self,
+        browser: usize,
+        label: &str,
+        role: &str,
+        url: &str,
+    ) -> Result<(), String> {
+        let page = self.cdps[browser].new_page(label).await?;
         let (user, credential) = self.server.credential(&format!("browser-{role}"));
         let config = serde_json::json!({
-            "iceServers": [{ "urls": [FirewallCall::url()], "username": user, "credential": credential }],
+            "iceServers": [{ "urls": [url], "username": user, "credential": credential }],
             "iceTransportPolicy": "relay",
         });
         page.eval(&format!("{FW_SETUP}({config}, {})", Value::from(role)))
@@ -965,11 +998,28 @@ impl FirewallCall<'_> {
                 ));
             }
         }
-        let udp_before = self.udp_dropped()?;
-        self.open("cla", "caller", true).await?;
-        self.open("clb", "callee", true).await?;
-        let browsers_up = t.elapsed();
+        self.launch("cla", "caller", true).await?;
+        self.launch("clb", "callee", true).await?;
+        say!(
+            "browser_call firewall: two Chromiums up (cla, clb) after {:?}",
+            t.elapsed()
+        );
+        for transport in ["tls", "tcp"] {
+            self.close_pages().await;
+            let url = FirewallCall::url(transport);
+            self.page(0, &format!("caller in cla ({transport})"), "caller", &url)
+                .await?;
+            self.page(1, &format!("callee in clb ({transport})"), "callee", &url)
+                .await?;
+            self.call(transport).await?;
+        }
+        self.control().await
+    }
 
+    /// The call between the two pages open, whose TURN connections must be
+    /// over `transport`.
+    async fn call(&mut self, transport: &str) -> Result<(), String> {
+        let udp_before = self.udp_dropped()?;
         // Offer and answer, carried by the test.
         let t_call = Instant::now();
         let offer = self.pages[0]
@@ -1005,12 +1055,12 @@ impl FirewallCall<'_> {
         }
 
         // Until both are connected with video decoded and the DataChannel open.
-        let series = "turnpike_allocations{transport=\"tls\"}";
-        let mut max_tls = 0f64;
+        let series = format!("turnpike_allocations{{transport=\"{transport}\"}}");
+        let mut max_allocs = 0f64;
         let deadline = Instant::now() + FW_CONNECT_TIMEOUT;
         let (first, connected_after) = loop {
             if let Ok(m) = firewall_server::metrics(self.topo) {
-                max_tls = max_tls.max(m.get(series).copied().unwrap_or(0.0));
+                max_allocs = max_allocs.max(m.get(&series).copied().unwrap_or(0.0));
             }
             let probes = [self.probe(0).await?, self.probe(1).await?];
             let mut missing = Vec::new();
@@ -1063,10 +1113,10 @@ impl FirewallCall<'_> {
         tokio::time::sleep(SAMPLE_GAP).await;
         let second = [self.probe(0).await?, self.probe(1).await?];
         if let Ok(m) = firewall_server::metrics(self.topo) {
-            max_tls = max_tls.max(m.get(series).copied().unwrap_or(0.0));
+            max_allocs = max_allocs.max(m.get(&series).copied().unwrap_or(0.0));
         }
 
-        let url = FirewallCall::url();
+        let url = FirewallCall::url(transport);
         for i in 0..2 {
             let (a, b) = (&first[i], &second[i]);
             let label = &self.pages[i].label;
@@ -1076,9 +1126,10 @@ impl FirewallCall<'_> {
                     return Err(format!("{label}: selected pair {pair}: {end} is not relay"));
                 }
             }
-            if pair["local"]["relayProtocol"] != "tls" || pair["local"]["url"] != url.as_str() {
+            if pair["local"]["relayProtocol"] != transport || pair["local"]["url"] != url.as_str() {
                 return Err(format!(
-                    "{label}: the local relay candidate came over {} from {}, not tls from {url}",
+                    "{label}: the local relay candidate came over {} from {}, not {transport} \
+                     from {url}",
                     pair["local"]["relayProtocol"], pair["local"]["url"]
                 ));
             }
@@ -1101,12 +1152,13 @@ impl FirewallCall<'_> {
             return Err(format!("the selected pairs do not cross: {a} / {b}"));
         }
 
-        // turnpike's side: one TLS allocation per browser, from its NAT.
+        // turnpike's side: an allocation over `transport` for each relay in
+        // use, from the browser's NAT.
         let created = self.server.events("allocation created");
         for (i, public_ip) in [(0, NATA_PUBLIC), (1, NATB_PUBLIC)] {
             let relay = addr(&second[i]["pair"]["local"]);
             let found = created.iter().any(|e| {
-                firewall_server::str_field(e, "transport") == "tls"
+                firewall_server::str_field(e, "transport") == transport
                     && firewall_server::str_field(e, "client").starts_with(&format!("{public_ip}:"))
                     && firewall_server::str_field(e, "relay")
                         .split(',')
@@ -1114,16 +1166,19 @@ impl FirewallCall<'_> {
             });
             if !found {
                 return Err(format!(
-                    "no tls allocation from {public_ip} with relay {relay} in turnpike's log: \
+                    "no {transport} allocation from {public_ip} with relay {relay} in turnpike's log: \
                      {created:?}"
                 ));
             }
         }
-        if max_tls < 2.0 {
-            return Err(format!("{series} never reached 2 (max {max_tls})"));
+        if max_allocs < 2.0 {
+            return Err(format!("{series} never reached 2 (max {max_allocs})"));
         }
-        for e in &created {
-            eprintln!(
+        for e in created
+            .iter()
+            .filter(|e| firewall_server::str_field(e, "transport") == transport)
+        {
+            say!(
                 "browser_call firewall: turnpike: allocation created user={} client={} \
                  transport={} relay={}",
                 firewall_server::str_field(e, "user"),
@@ -1137,7 +1192,7 @@ impl FirewallCall<'_> {
         for (p, page) in second.iter().zip(&self.pages) {
             let since =
                 |k: &str| p[k].as_i64().unwrap_or(-1) - p["negotiationMs"].as_i64().unwrap_or(0);
-            eprintln!(
+            say!(
                 "browser_call firewall: {}: from its setLocal/RemoteDescription: gathered in \
                  {} ms (complete: {}), connected in {} ms; pair {} {} ({}) <-> {} {}; video \
                  {}px, {} frames decoded; candidates {}",
@@ -1155,19 +1210,38 @@ impl FirewallCall<'_> {
                 p["candidates"]
             );
         }
-        eprintln!(
-            "browser_call firewall: both browsers up in {browsers_up:?}; offer to both \
-             connected with video in {connected_after:?}; 20 DataChannel echoes in {} ms; \
-             turnpike held {max_tls} TLS allocations; UDP dropped at nata/natb during the \
-             call: {}/{}",
+        say!(
+            "browser_call firewall: {url} only: from the offer to both connected with video \
+             {connected_after:?}; 20 DataChannel echoes in {} ms; turnpike held \
+             {max_allocs} {transport} allocations at once; UDP dropped at nata/natb during \
+             the call: {}/{}",
             echo["ms"],
             udp_after.0 - udp_before.0,
             udp_after.1 - udp_before.1,
         );
+        Ok(())
+    }
 
-        // The control: a browser whose NSS database lacks the CA gets no relay.
-        self.close_call().await;
-        self.open("cla", "untrusting", false).await?;
+    /// The control: a browser whose NSS database lacks the CA gets no relay
+    /// over `turns:`.
+    async fn control(&mut self) -> Result<(), String> {
+        self.close_pages().await;
+        self.cdps.clear();
+        self.browsers.clear();
+        let tls_setup_failed = |m: &std::collections::BTreeMap<String, f64>| -> f64 {
+            m.iter()
+                .filter(|(k, _)| {
+                    k.starts_with("turnpike_connection_setup_failures_total{")
+                        && k.contains("transport=\"tls\"")
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let failed_before = tls_setup_failed(&firewall_server::metrics(self.topo)?);
+        let browser = self.launch("cla", "untrusting", false).await?;
+        let url = FirewallCall::url("tls");
+        self.page(browser, "untrusting in cla", "caller", &url)
+            .await?;
         let page = self.pages.last().unwrap();
         page.eval_within(FW_OFFER, Duration::from_secs(20)).await?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1196,16 +1270,31 @@ impl FirewallCall<'_> {
                  candidates (errors {errors:?}): the certificate is not being checked"
             ));
         }
-        eprintln!(
+        // ... because it refused the certificate, not because it never got there.
+        let mut failed_after = failed_before;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while failed_after <= failed_before && Instant::now() < deadline {
+            failed_after = tls_setup_failed(&firewall_server::metrics(self.topo)?);
+            tokio::time::sleep(POLL).await;
+        }
+        if failed_after <= failed_before {
+            return Err(format!(
+                "control: Chromium without the CA failed (701) but turnpike saw no failed TLS \
+                 handshake (turnpike_connection_setup_failures_total{{transport=\"tls\"}} \
+                 stayed {failed_before}): it did not even reach the server"
+            ));
+        }
+        say!(
             "browser_call firewall: control without the CA: no relay candidate, \
-             icecandidateerror {}",
-            Value::from(errors)
+             icecandidateerror {}; turnpike counted {} failed TLS handshake(s)",
+            Value::from(errors),
+            failed_after - failed_before
         );
         Ok(())
     }
 
-    /// Closes the two calling browsers (pages first).
-    async fn close_call(&mut self) {
+    /// Ends the call under way: closes its connections and pages.
+    async fn close_pages(&mut self) {
         for page in &self.pages {
             let _ = page
                 .eval_within(
@@ -1213,9 +1302,9 @@ impl FirewallCall<'_> {
                     Duration::from_secs(3),
                 )
                 .await;
+            let _ = page.close().await;
         }
         self.pages.clear();
-        self.browsers.clear();
     }
 
     /// Packets counted by the `udp_dropped` rule of nata and natb.

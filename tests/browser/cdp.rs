@@ -193,7 +193,7 @@ impl Cdp {
         let attached = self
             .call(
                 "Target.attachToTarget",
-                json!({ "targetId": target, "flatten": true }),
+                json!({ "targetId": &target, "flatten": true }),
             )
             .await?;
         let session = attached["sessionId"]
@@ -203,6 +203,7 @@ impl Cdp {
         let page = Page {
             cdp: Arc::clone(self),
             session,
+            target,
             label: label.to_owned(),
         };
         page.call("Runtime.enable", json!({})).await?;
@@ -222,6 +223,7 @@ impl Drop for Cdp {
 pub struct Page {
     cdp: Arc<Cdp>,
     session: String,
+    target: String,
     /// A name for messages ("alice").
     pub label: String,
 }
@@ -231,6 +233,14 @@ impl Page {
         self.cdp
             .call_with(Some(&self.session), method, params, CALL_TIMEOUT)
             .await
+    }
+
+    /// Closes the page (its window and what runs in it).
+    pub async fn close(&self) -> Result<(), String> {
+        self.cdp
+            .call("Target.closeTarget", json!({ "targetId": self.target }))
+            .await
+            .map(drop)
     }
 
     /// Runs `source` in every new document of this page before its own
