@@ -3,7 +3,10 @@
 # Works on a fresh Debian machine as root: installs what the tests need when CI is set or a
 # tool is missing: coturn's client tools (tests/coturn_clients.rs, reference server for
 # bench/), iproute2 and nftables (tests/nat_call.rs builds network namespaces with NATs),
-# chromium (tests/browser_call.rs) and systemd (systemd-analyze verify of the unit). Ends with a
+# chromium and libnss3-tools' certutil (tests/browser_call.rs; certutil makes the NSS database
+# through which Chromium trusts the test CA for turns:), systemd (systemd-analyze verify of the
+# unit), and aiortc from PyPI in a virtual environment, target/py-aiortc
+# (tests/firewall_call.rs: WebRTC peers with TURN over TCP and TLS). Ends with a
 # short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +17,11 @@ trap 'echo "test.sh: FAILED during: $step ($(( $(date +%s) - started ))s)" >&2' 
 
 need_apt=0
 [ -n "${CI:-}" ] && need_apt=1
-for tool in turnutils_uclient turnutils_peer turnutils_stunclient turnutils_natdiscovery nft ip chromium systemd-analyze; do
+for tool in turnutils_uclient turnutils_peer turnutils_stunclient turnutils_natdiscovery nft ip chromium certutil systemd-analyze python3; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 
-PACKAGES="coturn iproute2 nftables chromium fonts-liberation systemd"
+PACKAGES="coturn iproute2 nftables chromium fonts-liberation libnss3-tools systemd python3 python3-venv"
 
 # Debian starts coturn's own turnserver when the package is installed; we only want its client
 # tools. Never touch a coturn (or any turnserver) that was here before this script ran: a
@@ -82,6 +85,18 @@ if [ "$need_apt" = 1 ]; then
             $SUDO kill "$pid" 2>/dev/null || true
         done
     fi
+fi
+
+# tests/firewall_call.rs runs its WebRTC peers with aiortc (webrtc-rs has no TURN over TCP or
+# TLS), pinned, in a virtual environment of its own under the target directory.
+AIORTC_VERSION=1.16.0
+PY_VENV="${CARGO_TARGET_DIR:-target}/py-aiortc"
+if ! "$PY_VENV/bin/python3" -c "import aiortc, sys; sys.exit(aiortc.__version__ != '$AIORTC_VERSION')" 2>/dev/null; then
+    step="python venv with aiortc $AIORTC_VERSION"
+    echo "==> $step in $PY_VENV"
+    rm -rf "$PY_VENV"
+    python3 -m venv "$PY_VENV"
+    "$PY_VENV/bin/python3" -m pip install -q --disable-pip-version-check "aiortc==$AIORTC_VERSION"
 fi
 
 step="cargo fmt --check"

@@ -17,6 +17,13 @@
 //! sees says `relay ↔ relay`; no signaling errors and no uncaught exceptions.
 //! A screenshot of one page goes to `target/browser-call.png`.
 //!
+//! The second test is the firewall case: two Chromiums, each in a network
+//! namespace behind a NAT that drops all UDP and lets out only TCP to the
+//! server's port 443, call over `turns:` (then `turn:?transport=tcp`) to
+//! that port only; Chromium trusts the test CA through an NSS database (see
+//! `browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp`). It
+//! needs root, `ip`, `nft` and `certutil` too.
+//!
 //! Needs Chromium (Debian: `apt-get install chromium`; or set
 //! `TURNPIKE_CHROMIUM=/path/to/chrome`). Without it the test fails when `CI`
 //! is set and is skipped, loudly, otherwise. Like `signaling_example`, it
@@ -26,6 +33,11 @@
 
 mod browser;
 mod common;
+#[path = "nat/netns.rs"]
+#[macro_use]
+mod netns;
+#[path = "nat/firewall_server.rs"]
+mod firewall_server;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -38,7 +50,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use browser::cdp::{Cdp, Page};
-use browser::chromium::{self, Chromium};
+use browser::chromium::{self, Chromium, Launch};
+use firewall_server::{Server, TLS_PORT};
+use netns::{NatKind, SetupError, Topology, CLA_IP, CLB_IP, NATA_PUBLIC, NATB_PUBLIC, SERVER_IP};
 
 const ROOM: &str = "browser-check";
 const NAMES: [&str; 2] = ["alice", "bob"];
@@ -140,6 +154,7 @@ async fn two_pages_see_each_others_video_through_the_relay() {
         );
         return;
     };
+    let _gate = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
 
     // Relay address 127.0.0.1; the pages' relays are each other's peers.
@@ -590,5 +605,738 @@ impl Drop for Signaling {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ------------------------------------------- the firewall case, over TURN/TLS
+
+/// Page side of the firewall call: one RTCPeerConnection with the given
+/// configuration, a canvas video track (no camera: about:blank is no secure
+/// context), and for the caller a DataChannel "echo" (the callee echoes).
+/// Everything the test reads later lands in `window.__fw`.
+const FW_SETUP: &str = r#"((config, role) => {
+  const t0 = performance.now();
+  const ms = () => Math.round(performance.now() - t0);
+  const fw = { role, ms, states: [], errors: [], candidates: [], echoes: [], echoed: 0 };
+  window.__fw = fw;
+  const pc = new RTCPeerConnection(config);
+  fw.pc = pc;
+  pc.onicecandidate = (e) => {
+    if (e.candidate) fw.candidates.push(e.candidate.candidate + ' @' + ms() + 'ms');
+  };
+  pc.onicecandidateerror = (e) =>
+    fw.errors.push({ url: e.url, code: e.errorCode, text: e.errorText, at: ms() });
+  pc.onconnectionstatechange = () => {
+    fw.states.push(pc.connectionState + '@' + ms() + 'ms');
+    if (pc.connectionState === 'connected' && fw.connectedMs === undefined) fw.connectedMs = ms();
+  };
+  fw.gathered = (within) => new Promise((resolve) => {
+    if (pc.iceGatheringState === 'complete') return resolve(true);
+    const timer = setTimeout(() => resolve(false), within);
+    pc.addEventListener('icegatheringstatechange', () => {
+      if (pc.iceGatheringState === 'complete') { clearTimeout(timer); resolve(true); }
+    });
+  });
+  const canvas = document.createElement('canvas');
+  canvas.width = 320; canvas.height = 240;
+  document.body.appendChild(canvas);
+  const g = canvas.getContext('2d');
+  let n = 0;
+  setInterval(() => {
+    n++;
+    g.fillStyle = `hsl(${(n * 7) % 360} 80% 50%)`;
+    g.fillRect(0, 0, 320, 240);
+    g.fillStyle = '#000';
+    g.font = '40px sans-serif';
+    g.fillText(role + ' ' + n, 10, 130);
+  }, 33);
+  const stream = canvas.captureStream(30);
+  for (const t of stream.getTracks()) pc.addTrack(t, stream);
+  pc.ontrack = (e) => {
+    const v = document.createElement('video');
+    v.muted = true; v.autoplay = true; v.playsInline = true;
+    v.srcObject = e.streams[0] || new MediaStream([e.track]);
+    document.body.appendChild(v);
+    fw.video = v;
+  };
+  if (role === 'caller') {
+    fw.dc = pc.createDataChannel('echo');
+    fw.dc.onopen = () => { fw.dcOpenMs = ms(); };
+    fw.dc.onmessage = (e) => fw.echoes.push(e.data);
+  } else {
+    pc.ondatachannel = (e) => {
+      fw.dcOpenMs = ms();
+      const dc = e.channel;
+      dc.onmessage = (m) => { fw.echoed++; dc.send(m.data); };
+    };
+  }
+  return true;
+})"#;
+
+/// Caller: offer, all candidates gathered (no trickle: the test carries the
+/// SDP from one browser to the other).
+const FW_OFFER: &str = r#"(async () => {
+  const fw = window.__fw;
+  fw.negotiationMs = fw.ms();
+  await fw.pc.setLocalDescription();
+  fw.gatherComplete = await fw.gathered(15000);
+  fw.gatheredMs = fw.ms();
+  return fw.pc.localDescription.sdp;
+})()"#;
+
+/// Callee: takes the offer (`%SDP%`), answers once gathering is done.
+const FW_ANSWER: &str = r#"(async () => {
+  const fw = window.__fw;
+  fw.negotiationMs = fw.ms();
+  await fw.pc.setRemoteDescription({ type: 'offer', sdp: %SDP% });
+  await fw.pc.setLocalDescription();
+  fw.gatherComplete = await fw.gathered(15000);
+  fw.gatheredMs = fw.ms();
+  return fw.pc.localDescription.sdp;
+})()"#;
+
+const FW_TAKE_ANSWER: &str = r#"(async () => {
+  await window.__fw.pc.setRemoteDescription({ type: 'answer', sdp: %SDP% });
+  return true;
+})()"#;
+
+/// Caller: 20 messages on the DataChannel, then waits for their echoes.
+const FW_ECHO: &str = r#"(async () => {
+  const fw = window.__fw;
+  const t = performance.now();
+  for (let i = 0; i < 20; i++) fw.dc.send('echo-' + i);
+  while (fw.echoes.length < 20 && performance.now() - t < 8000) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { echoes: fw.echoes, ms: Math.round(performance.now() - t) };
+})()"#;
+
+/// One look at a firewall page: states, errors, candidates, the selected
+/// pair (with the local relay candidate's `relayProtocol` and TURN `url`)
+/// and inbound video.
+const FW_PROBE: &str = r#"(async () => {
+  const fw = window.__fw;
+  if (!fw) return { loaded: false };
+  const pc = fw.pc;
+  const r = await pc.getStats();
+  let pair = null;
+  r.forEach((s) => {
+    if (!pair && s.type === 'transport' && s.selectedCandidatePairId) {
+      pair = r.get(s.selectedCandidatePairId) || null;
+    }
+  });
+  const cand = (id) => {
+    const c = id ? r.get(id) : null;
+    return c ? { type: c.candidateType, address: c.address, port: c.port, protocol: c.protocol,
+      relayProtocol: c.relayProtocol || null, url: c.url || null } : null;
+  };
+  const video = { bytesReceived: 0, framesDecoded: 0, frameWidth: 0 };
+  r.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') {
+      video.bytesReceived += s.bytesReceived || 0;
+      video.framesDecoded += s.framesDecoded || 0;
+      video.frameWidth = s.frameWidth || video.frameWidth;
+    }
+  });
+  return { loaded: true, connectionState: pc.connectionState,
+    iceConnectionState: pc.iceConnectionState,
+    iceTransportPolicy: pc.getConfiguration().iceTransportPolicy,
+    states: fw.states, errors: fw.errors, candidates: fw.candidates,
+    gatherComplete: fw.gatherComplete, negotiationMs: fw.negotiationMs,
+    gatheredMs: fw.gatheredMs, connectedMs: fw.connectedMs,
+    dcOpenMs: fw.dcOpenMs, echoed: fw.echoed,
+    pair: pair ? { state: pair.state, local: cand(pair.localCandidateId),
+      remote: cand(pair.remoteCandidateId) } : null,
+    video, videoWidth: fw.video ? fw.video.videoWidth : 0 };
+})()"#;
+
+/// From both descriptions set to connected, DataChannel open and video
+/// decoded on both sides.
+const FW_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The whole firewall test, as a last resort against a wedged browser.
+const FW_TEST_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// The browser tests one at a time: each runs Chromium (this one two of
+/// them), and the machine may have two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The firewall case in the browser: two headless Chromiums, one in each
+/// client namespace of the network in `tests/nat/netns.rs` with
+/// `NatKind::UdpBlocked` (every UDP datagram dropped at both NATs, both ways;
+/// out only TCP to 203.0.113.10:443), call each other with
+/// `iceServers: [{urls: "turns:203.0.113.10:443?transport=tcp"}]` only and
+/// `iceTransportPolicy: "relay"`; then, in new pages of the same browsers,
+/// with only `turn:203.0.113.10:443?transport=tcp` (plain TCP on the TLS
+/// port). No `stun:` URL (behind such a firewall it only delays gathering)
+/// and no signaling server: the test carries offer and answer between the
+/// pages over DevTools.
+///
+/// Chromium trusts the run's test CA (rcgen, `tests/common`) through an NSS
+/// database in a `HOME` of its own (`certutil -N` then `certutil -A -t C,,`,
+/// from libnss3-tools), the way a user's system would, and checks the
+/// certificate's IP SAN against the URL; certificate errors are NOT ignored.
+/// A third Chromium with an empty NSS database is the control: its `turns:`
+/// gathering fails (icecandidateerror 701, no relay candidate).
+///
+/// Asserted, for each call: both connect; each selected pair is relay/relay
+/// with the local candidate's `relayProtocol` "tls" (resp. "tcp") and url
+/// the one given, the relays crossing; video frames are decoded on both
+/// sides and bytes grow; 20 DataChannel messages come back; turnpike logged
+/// a `tls` (resp. `tcp`) allocation for each relay in use from that
+/// browser's NAT, and `/metrics` showed two such allocations at once. For
+/// the control, turnpike counted the failed TLS handshake (so Chromium did
+/// reach the server and refused the certificate). Before the call, UDP datagrams from each client to
+/// the server are seen dropped at its NAT (the full firewall proof is in
+/// tests/firewall_call.rs, on the same kind of network); the UDP dropped
+/// during the call is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp() {
+    const TEST: &str =
+        "browser_call::browsers_behind_udp_blocking_firewalls_call_over_443_tls_and_tcp";
+    let ci = std::env::var_os("CI").is_some();
+    let skip = |why: &str| {
+        if ci {
+            panic!("{TEST}: {why} (CI is set, so this is a failure, not a skip)");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** {TEST} SKIPPED: {why} (set CI to make this a failure) ***\n"
+        );
+    };
+    let Some(binary) = chromium::find() else {
+        return skip("no Chromium found; install it with `apt-get install chromium`");
+    };
+    if netns::run(&["certutil", "-H"], None).is_err()
+        && netns::run(&["sh", "-c", "command -v certutil"], None).is_err()
+    {
+        return skip("no certutil; install it with `apt-get install libnss3-tools`");
+    }
+    if let Err(why) = netns::preflight() {
+        return skip(&why);
+    }
+    let _gate = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    netns::remove_stale();
+    // Declared first: dropped last, after the browsers and turnpike in it.
+    let topo = match Topology::create_with("br", NatKind::UdpBlocked { tcp_port: TLS_PORT }) {
+        Ok(t) => t,
+        Err(SetupError::Unavailable(why)) => {
+            return skip(&format!("cannot build the namespace network: {why}"))
+        }
+        Err(SetupError::Failed(e)) => panic!("building the namespace network failed: {e}"),
+    };
+    let server = Server::start(&topo, "browser");
+    let homes = common::TempDir::new("browser-firewall-homes");
+    let mut fw = FirewallCall {
+        topo: &topo,
+        server: &server,
+        binary: &binary,
+        homes: homes.path(),
+        pages: Vec::new(),
+        cdps: Vec::new(),
+        browsers: Vec::new(),
+    };
+    let outcome = match tokio::time::timeout(FW_TEST_TIMEOUT, fw.run()).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the test did not finish within {FW_TEST_TIMEOUT:?}"
+        )),
+    };
+    if let Err(why) = outcome {
+        let report = fw.diagnostics().await;
+        panic!(
+            "{TEST}: {why}\n{report}\n==== turnpike ====\n{}",
+            server.log()
+        );
+    }
+    say!(
+        "browser_call firewall: passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(fw);
+    drop(server);
+    drop(topo);
+}
+
+struct FirewallCall<'a> {
+    topo: &'a Topology,
+    server: &'a Server,
+    binary: &'a Path,
+    homes: &'a Path,
+    /// The pages of the call under way: caller (in cla), callee (in clb);
+    /// or the control's page.
+    pages: Vec<Page>,
+    /// DevTools connections, one per browser, same order.
+    cdps: Vec<Arc<Cdp>>,
+    browsers: Vec<Chromium>,
+}
+
+impl FirewallCall<'_> {
+    /// The only ICE server URL of a call whose TURN connections are over
+    /// `transport` ("tls" or "tcp", as turnpike and `relayProtocol` say).
+    fn url(transport: &str) -> String {
+        match transport {
+            "tls" => format!("turns:{SERVER_IP}:{TLS_PORT}?transport=tcp"),
+            _ => format!("turn:{SERVER_IP}:{TLS_PORT}?transport=tcp"),
+        }
+    }
+
+    /// A `HOME` with an NSS database, holding the test CA when `trust`.
+    fn home(&self, name: &str, trust: bool) -> Result<PathBuf, String> {
+        let home = self.homes.join(name);
+        let db = home.join(".pki/nssdb");
+        std::fs::create_dir_all(&db).map_err(|e| format!("create {}: {e}", db.display()))?;
+        let db_arg = format!("sql:{}", db.display());
+        netns::run(&["certutil", "-N", "-d", &db_arg, "--empty-password"], None)?;
+        if trust {
+            let ca = self.server.cert.ca.to_str().expect("utf-8 path");
+            netns::run(
+                &[
+                    "certutil",
+                    "-A",
+                    "-d",
+                    &db_arg,
+                    "-t",
+                    "C,,",
+                    "-n",
+                    "turnpike test CA",
+                    "-i",
+                    ca,
+                ],
+                None,
+            )?;
+        }
+        let listed = netns::run(&["certutil", "-L", "-d", &db_arg], None)?;
+        if trust != listed.contains("turnpike test CA") {
+            return Err(format!("NSS database {db_arg} lists:\n{listed}"));
+        }
+        Ok(home)
+    }
+
+    /// Chromium in client namespace `client`, trusting the CA or not;
+    /// returns its index in `cdps`.
+    async fn launch(&mut self, client: &str, name: &str, trust: bool) -> Result<usize, String> {
+        let home = self.home(&format!("{client}-{name}"), trust)?;
+        let ns = self.topo.ns(client);
+        let browser = Chromium::launch_with(
+            self.binary,
+            &Launch {
+                netns: Some(&ns),
+                home: Some(&home),
+                // No name lookups at all inside the test network.
+                args: vec![format!(
+                    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {SERVER_IP}"
+                )],
+            },
+        )?;
+        // The DevTools endpoint is on the namespace's loopback: connect there.
+        let ws_url = browser.ws_url.clone();
+        let addr: SocketAddr = ws_url
+            .strip_prefix("ws://")
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("DevTools URL {ws_url}"))?;
+        self.browsers.push(browser);
+        let who = client.to_owned();
+        let tcp = firewall_server::in_ns(&ns, "devtools", move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect to DevTools at {addr} in {who}: {e}"))
+        })?;
+        self.cdps.push(Cdp::connect_over(&ws_url, tcp).await?);
+        Ok(self.cdps.len() - 1)
+    }
+
+    /// A new page in browser `browser`, set up as `role` with `url` as its
+    /// only ICE server.
+    async fn page(
+        &mut self,
+        browser: usize,
+        label: &str,
+        role: &str,
+        url: &str,
+    ) -> Result<(), String> {
+        let page = self.cdps[browser].new_page(label).await?;
+        let (user, credential) = self.server.credential(&format!("browser-{role}"));
+        let config = serde_json::json!({
+            "iceServers": [{ "urls": [url], "username": user, "credential": credential }],
+            "iceTransportPolicy": "relay",
+        });
+        page.eval(&format!("{FW_SETUP}({config}, {})", Value::from(role)))
+            .await?;
+        self.pages.push(page);
+        Ok(())
+    }
+
+    async fn probe(&self, i: usize) -> Result<Value, String> {
+        self.pages[i].eval(FW_PROBE).await
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        // The clients' UDP dies at their NATs (tests/firewall_call.rs proves the
+        // firewall in full; this shows it is in force on this network too).
+        for (client, local_ip) in [("cla", CLA_IP), ("clb", CLB_IP)] {
+            let before = self.udp_dropped()?;
+            firewall_server::in_ns(&self.topo.ns(client), "udp-probe", move || {
+                let sock = std::net::UdpSocket::bind((local_ip, 0))
+                    .map_err(|e| format!("bind {local_ip}: {e}"))?;
+                for i in 0..3u8 {
+                    sock.send_to(&[i; 20], (SERVER_IP, firewall_server::BLOCKED_PORT))
+                        .map_err(|e| format!("send: {e}"))?;
+                }
+                Ok(())
+            })?;
+            let after = self.udp_dropped()?;
+            let dropped = if client == "cla" {
+                after.0 - before.0
+            } else {
+                after.1 - before.1
+            };
+            if dropped < 3 {
+                return Err(format!(
+                    "{client}: 3 UDP datagrams to the server, {dropped} dropped at its NAT"
+                ));
+            }
+        }
+        self.launch("cla", "caller", true).await?;
+        self.launch("clb", "callee", true).await?;
+        say!(
+            "browser_call firewall: two Chromiums up (cla, clb) after {:?}",
+            t.elapsed()
+        );
+        for transport in ["tls", "tcp"] {
+            self.close_pages().await;
+            let url = FirewallCall::url(transport);
+            self.page(0, &format!("caller in cla ({transport})"), "caller", &url)
+                .await?;
+            self.page(1, &format!("callee in clb ({transport})"), "callee", &url)
+                .await?;
+            self.call(transport).await?;
+        }
+        self.control().await
+    }
+
+    /// The call between the two pages open, whose TURN connections must be
+    /// over `transport`.
+    async fn call(&mut self, transport: &str) -> Result<(), String> {
+        let udp_before = self.udp_dropped()?;
+        // Offer and answer, carried by the test.
+        let t_call = Instant::now();
+        let offer = self.pages[0]
+            .eval_within(FW_OFFER, Duration::from_secs(20))
+            .await?;
+        let offer = offer
+            .as_str()
+            .ok_or("the offer is not a string")?
+            .to_owned();
+        let answer = self.pages[1]
+            .eval_within(
+                &FW_ANSWER.replace("%SDP%", &Value::from(offer.clone()).to_string()),
+                Duration::from_secs(20),
+            )
+            .await?;
+        let answer = answer
+            .as_str()
+            .ok_or("the answer is not a string")?
+            .to_owned();
+        self.pages[0]
+            .eval(&FW_TAKE_ANSWER.replace("%SDP%", &Value::from(answer.clone()).to_string()))
+            .await?;
+        for (what, sdp) in [("offer", &offer), ("answer", &answer)] {
+            let cands: Vec<&str> = sdp
+                .lines()
+                .filter(|l| l.starts_with("a=candidate:"))
+                .collect();
+            if cands.is_empty() || !cands.iter().all(|c| c.contains(" typ relay")) {
+                return Err(format!(
+                    "the {what}'s candidates are not all relay (or none): {cands:?}"
+                ));
+            }
+        }
+
+        // Until both are connected with video decoded and the DataChannel open.
+        let series = format!("turnpike_allocations{{transport=\"{transport}\"}}");
+        let mut max_allocs = 0f64;
+        let deadline = Instant::now() + FW_CONNECT_TIMEOUT;
+        let (first, connected_after) = loop {
+            if let Ok(m) = firewall_server::metrics(self.topo) {
+                max_allocs = max_allocs.max(m.get(&series).copied().unwrap_or(0.0));
+            }
+            let probes = [self.probe(0).await?, self.probe(1).await?];
+            let mut missing = Vec::new();
+            for (p, page) in probes.iter().zip(&self.pages) {
+                let label = &page.label;
+                if p["iceTransportPolicy"] != "relay" {
+                    return Err(format!(
+                        "{label}: iceTransportPolicy {}",
+                        p["iceTransportPolicy"]
+                    ));
+                }
+                if p["connectionState"] == "failed" {
+                    return Err(format!("{label}: the connection failed: {p:#}"));
+                }
+                if p["connectionState"] != "connected" {
+                    missing.push(format!("{label}: connection {}", p["connectionState"]));
+                }
+                if p["dcOpenMs"].is_null() {
+                    missing.push(format!("{label}: DataChannel not open"));
+                }
+                if p["video"]["framesDecoded"].as_u64().unwrap_or(0) == 0 {
+                    missing.push(format!("{label}: no video frame decoded"));
+                }
+            }
+            if missing.is_empty() {
+                break (probes, t_call.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not connected within {FW_CONNECT_TIMEOUT:?}: {}\ncaller: {:#}\ncallee: {:#}",
+                    missing.join("; "),
+                    probes[0],
+                    probes[1]
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        };
+
+        let echo = self.pages[0]
+            .eval_within(FW_ECHO, Duration::from_secs(12))
+            .await?;
+        let echoes: Vec<&str> = echo["echoes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let want: Vec<String> = (0..20).map(|i| format!("echo-{i}")).collect();
+        if echoes != want {
+            return Err(format!("DataChannel echoes: {echoes:?}"));
+        }
+        tokio::time::sleep(SAMPLE_GAP).await;
+        let second = [self.probe(0).await?, self.probe(1).await?];
+        if let Ok(m) = firewall_server::metrics(self.topo) {
+            max_allocs = max_allocs.max(m.get(&series).copied().unwrap_or(0.0));
+        }
+
+        let url = FirewallCall::url(transport);
+        for i in 0..2 {
+            let (a, b) = (&first[i], &second[i]);
+            let label = &self.pages[i].label;
+            let pair = &b["pair"];
+            for end in ["local", "remote"] {
+                if pair[end]["type"] != "relay" {
+                    return Err(format!("{label}: selected pair {pair}: {end} is not relay"));
+                }
+            }
+            if pair["local"]["relayProtocol"] != transport || pair["local"]["url"] != url.as_str() {
+                return Err(format!(
+                    "{label}: the local relay candidate came over {} from {}, not {transport} \
+                     from {url}",
+                    pair["local"]["relayProtocol"], pair["local"]["url"]
+                ));
+            }
+            let (before, after) = (
+                a["video"]["bytesReceived"].as_u64().unwrap_or(0),
+                b["video"]["bytesReceived"].as_u64().unwrap_or(0),
+            );
+            if after <= before {
+                return Err(format!(
+                    "{label}: inbound video bytes did not grow ({before} then {after})"
+                ));
+            }
+            if let Some(errors) = b["errors"].as_array().filter(|e| !e.is_empty()) {
+                return Err(format!("{label}: icecandidateerror: {errors:?}"));
+            }
+        }
+        let addr = |c: &Value| format!("{}:{}", c["address"].as_str().unwrap_or("?"), c["port"]);
+        let (a, b) = (&second[0]["pair"], &second[1]["pair"]);
+        if addr(&a["local"]) != addr(&b["remote"]) || addr(&b["local"]) != addr(&a["remote"]) {
+            return Err(format!("the selected pairs do not cross: {a} / {b}"));
+        }
+
+        // turnpike's side: an allocation over `transport` for each relay in
+        // use, from the browser's NAT.
+        let created = self.server.events("allocation created");
+        for (i, public_ip) in [(0, NATA_PUBLIC), (1, NATB_PUBLIC)] {
+            let relay = addr(&second[i]["pair"]["local"]);
+            let found = created.iter().any(|e| {
+                firewall_server::str_field(e, "transport") == transport
+                    && firewall_server::str_field(e, "client").starts_with(&format!("{public_ip}:"))
+                    && firewall_server::str_field(e, "relay")
+                        .split(',')
+                        .any(|r| r == relay)
+            });
+            if !found {
+                return Err(format!(
+                    "no {transport} allocation from {public_ip} with relay {relay} in turnpike's log: \
+                     {created:?}"
+                ));
+            }
+        }
+        if max_allocs < 2.0 {
+            return Err(format!("{series} never reached 2 (max {max_allocs})"));
+        }
+        for e in created
+            .iter()
+            .filter(|e| firewall_server::str_field(e, "transport") == transport)
+        {
+            say!(
+                "browser_call firewall: turnpike: allocation created user={} client={} \
+                 transport={} relay={}",
+                firewall_server::str_field(e, "user"),
+                firewall_server::str_field(e, "client"),
+                firewall_server::str_field(e, "transport"),
+                firewall_server::str_field(e, "relay")
+            );
+        }
+        let udp_after = self.udp_dropped()?;
+
+        for (p, page) in second.iter().zip(&self.pages) {
+            let since =
+                |k: &str| p[k].as_i64().unwrap_or(-1) - p["negotiationMs"].as_i64().unwrap_or(0);
+            say!(
+                "browser_call firewall: {}: from its setLocal/RemoteDescription: gathered in \
+                 {} ms (complete: {}), connected in {} ms; pair {} {} ({}) <-> {} {}; video \
+                 {}px, {} frames decoded; candidates {}",
+                page.label,
+                since("gatheredMs"),
+                p["gatherComplete"],
+                since("connectedMs"),
+                p["pair"]["local"]["type"],
+                addr(&p["pair"]["local"]),
+                p["pair"]["local"]["relayProtocol"],
+                p["pair"]["remote"]["type"],
+                addr(&p["pair"]["remote"]),
+                p["video"]["frameWidth"],
+                p["video"]["framesDecoded"],
+                p["candidates"]
+            );
+        }
+        say!(
+            "browser_call firewall: {url} only: from the offer to both connected with video \
+             {connected_after:?}; 20 DataChannel echoes in {} ms; turnpike held \
+             {max_allocs} {transport} allocations at once; UDP dropped at nata/natb during \
+             the call: {}/{}",
+            echo["ms"],
+            udp_after.0 - udp_before.0,
+            udp_after.1 - udp_before.1,
+        );
+        Ok(())
+    }
+
+    /// The control: a browser whose NSS database lacks the CA gets no relay
+    /// over `turns:`.
+    async fn control(&mut self) -> Result<(), String> {
+        self.close_pages().await;
+        self.cdps.clear();
+        self.browsers.clear();
+        let tls_setup_failed = |m: &std::collections::BTreeMap<String, f64>| -> f64 {
+            m.iter()
+                .filter(|(k, _)| {
+                    k.starts_with("turnpike_connection_setup_failures_total{")
+                        && k.contains("transport=\"tls\"")
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let failed_before = tls_setup_failed(&firewall_server::metrics(self.topo)?);
+        let browser = self.launch("cla", "untrusting", false).await?;
+        let url = FirewallCall::url("tls");
+        self.page(browser, "untrusting in cla", "caller", &url)
+            .await?;
+        let page = self.pages.last().unwrap();
+        page.eval_within(FW_OFFER, Duration::from_secs(20)).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let control = loop {
+            let p = page.eval(FW_PROBE).await?;
+            let failed = p["errors"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["code"] == 701));
+            if failed || Instant::now() > deadline {
+                break p;
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let relays = control["candidates"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter(|c| c.to_string().contains(" typ relay"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let errors = control["errors"].as_array().cloned().unwrap_or_default();
+        if relays != 0 || !errors.iter().any(|e| e["code"] == 701) {
+            return Err(format!(
+                "control: without the CA in its NSS database Chromium still got {relays} relay \
+                 candidates (errors {errors:?}): the certificate is not being checked"
+            ));
+        }
+        // ... because it refused the certificate, not because it never got there.
+        let mut failed_after = failed_before;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while failed_after <= failed_before && Instant::now() < deadline {
+            failed_after = tls_setup_failed(&firewall_server::metrics(self.topo)?);
+            tokio::time::sleep(POLL).await;
+        }
+        if failed_after <= failed_before {
+            return Err(format!(
+                "control: Chromium without the CA failed (701) but turnpike saw no failed TLS \
+                 handshake (turnpike_connection_setup_failures_total{{transport=\"tls\"}} \
+                 stayed {failed_before}): it did not even reach the server"
+            ));
+        }
+        say!(
+            "browser_call firewall: control without the CA: no relay candidate, \
+             icecandidateerror {}; turnpike counted {} failed TLS handshake(s)",
+            Value::from(errors),
+            failed_after - failed_before
+        );
+        Ok(())
+    }
+
+    /// Ends the call under way: closes its connections and pages.
+    async fn close_pages(&mut self) {
+        for page in &self.pages {
+            let _ = page
+                .eval_within(
+                    "window.__fw && window.__fw.pc.close()",
+                    Duration::from_secs(3),
+                )
+                .await;
+            let _ = page.close().await;
+        }
+        self.pages.clear();
+    }
+
+    /// Packets counted by the `udp_dropped` rule of nata and natb.
+    fn udp_dropped(&self) -> Result<(u64, u64), String> {
+        Ok((
+            self.topo.nft_counter("nata", "udp_dropped")?,
+            self.topo.nft_counter("natb", "udp_dropped")?,
+        ))
+    }
+
+    async fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for page in &self.pages {
+            let v = page.eval_within(FW_PROBE, Duration::from_secs(3)).await;
+            let text = match v {
+                Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+                Err(e) => format!("unavailable: {e}"),
+            };
+            let _ = writeln!(
+                out,
+                "==== page {} ====\n{text}\n---- console ----\n{}",
+                page.label,
+                page.console().join("\n")
+            );
+        }
+        for (i, b) in self.browsers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "==== chromium {i} stderr (last 30 lines) ====\n{}",
+                b.stderr_tail(30)
+            );
+        }
+        out
     }
 }

@@ -54,6 +54,25 @@ impl Cdp {
             .await
             .map_err(|_| format!("connecting to {ws_url} timed out"))?
             .map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        Ok(Cdp::over(ws))
+    }
+
+    /// Like [`Cdp::connect`], over a TCP connection to the endpoint that the caller opened,
+    /// e.g. from inside the network namespace the browser runs in (a socket stays in the
+    /// namespace it was made in, whichever thread uses it). Call within a tokio runtime.
+    pub async fn connect_over(ws_url: &str, tcp: std::net::TcpStream) -> Result<Arc<Cdp>, String> {
+        tcp.set_nonblocking(true)
+            .map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        let tcp = TcpStream::from_std(tcp).map_err(|e| format!("connecting to {ws_url}: {e}"))?;
+        let handshake = tokio_tungstenite::client_async(ws_url, MaybeTlsStream::Plain(tcp));
+        let (ws, _) = tokio::time::timeout(CALL_TIMEOUT, handshake)
+            .await
+            .map_err(|_| format!("WebSocket handshake with {ws_url} timed out"))?
+            .map_err(|e| format!("WebSocket handshake with {ws_url}: {e}"))?;
+        Ok(Cdp::over(ws))
+    }
+
+    fn over(ws: Ws) -> Arc<Cdp> {
         let (sink, mut stream) = ws.split();
         let pending: Pending = Arc::default();
         let events: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -91,13 +110,13 @@ impl Cdp {
             // Dropping the senders fails every command still waiting.
             p.lock().unwrap().clear();
         });
-        Ok(Arc::new(Cdp {
+        Arc::new(Cdp {
             sink: tokio::sync::Mutex::new(sink),
             pending,
             next_id: AtomicU64::new(1),
             events,
             reader,
-        }))
+        })
     }
 
     /// Sends `method` (to a page when `session` is given) and waits for its
@@ -174,7 +193,7 @@ impl Cdp {
         let attached = self
             .call(
                 "Target.attachToTarget",
-                json!({ "targetId": target, "flatten": true }),
+                json!({ "targetId": &target, "flatten": true }),
             )
             .await?;
         let session = attached["sessionId"]
@@ -184,6 +203,7 @@ impl Cdp {
         let page = Page {
             cdp: Arc::clone(self),
             session,
+            target,
             label: label.to_owned(),
         };
         page.call("Runtime.enable", json!({})).await?;
@@ -203,6 +223,7 @@ impl Drop for Cdp {
 pub struct Page {
     cdp: Arc<Cdp>,
     session: String,
+    target: String,
     /// A name for messages ("alice").
     pub label: String,
 }
@@ -212,6 +233,14 @@ impl Page {
         self.cdp
             .call_with(Some(&self.session), method, params, CALL_TIMEOUT)
             .await
+    }
+
+    /// Closes the page (its window and what runs in it).
+    pub async fn close(&self) -> Result<(), String> {
+        self.cdp
+            .call("Target.closeTarget", json!({ "targetId": self.target }))
+            .await
+            .map(drop)
     }
 
     /// Runs `source` in every new document of this page before its own

@@ -54,6 +54,21 @@ fn is_executable(p: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Where and how to start the browser, beyond the defaults of
+/// [`Chromium::launch`].
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Run it inside this network namespace (`ip netns exec NS`, which
+    /// execs the browser in the same process): its DevTools endpoint is then
+    /// on that namespace's loopback.
+    pub netns: Option<&'a str>,
+    /// `HOME` for the browser: where it finds its NSS certificate database
+    /// (`$HOME/.pki/nssdb`).
+    pub home: Option<&'a Path>,
+    /// More command-line switches.
+    pub args: Vec<String>,
+}
+
 /// A running headless browser. Dropping it ends the browser and every
 /// process it started, and deletes its profile directory.
 pub struct Chromium {
@@ -68,6 +83,11 @@ impl Chromium {
     /// Starts `binary` headless with fake camera and microphone, and waits
     /// for its `DevTools listening on ws://...` line.
     pub fn launch(binary: &Path) -> Result<Chromium, String> {
+        Chromium::launch_with(binary, &Launch::default())
+    }
+
+    /// [`Chromium::launch`] with the extras of `how`.
+    pub fn launch_with(binary: &Path, how: &Launch) -> Result<Chromium, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let profile = std::env::temp_dir().join(format!(
             "turnpike-chromium-{}-{}",
@@ -78,7 +98,18 @@ impl Chromium {
         std::fs::create_dir_all(&profile)
             .map_err(|e| format!("cannot create {}: {e}", profile.display()))?;
 
-        let spawned = Command::new(binary)
+        let mut command = match how.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        if let Some(home) = how.home {
+            command.env("HOME", home);
+        }
+        let spawned = command
             .args([
                 "--headless=new",
                 "--no-sandbox",
@@ -98,6 +129,7 @@ impl Chromium {
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(&how.args)
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

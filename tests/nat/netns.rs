@@ -74,7 +74,7 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const NAMESPACES: [&str; 5] = ["pub", "nata", "natb", "cla", "clb"];
 /// Test binaries that create namespaces with [`PREFIX`] (the start of their `comm`): a
 /// namespace whose pid is one of these, still running, is not stale.
-const OWNERS: [&str; 2] = ["nat_call", "hardening"];
+const OWNERS: [&str; 4] = ["nat_call", "hardening", "firewall_call", "browser_call"];
 
 // ------------------------------------------------------------------ skipping
 
@@ -222,9 +222,23 @@ pub enum SetupError {
     Failed(String),
 }
 
+/// What the two NAT routers let through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    /// Symmetric NAT ([`SYMMETRIC_NAT_RULES`]): everything out, only answers in.
+    Symmetric,
+    /// The same NAT behind a firewall ([`firewall_rules`]): every UDP datagram dropped, both
+    /// ways (counted in the named counter `udp_dropped`); out only TCP to `SERVER_IP:port`;
+    /// anything else dropped (counted in `other_dropped`). The public side also gets routes to
+    /// the two LANs (via the NATs' public addresses), so that a datagram sent from "the
+    /// internet" to a client reaches the NAT's filter and is seen to be dropped there.
+    UdpBlocked { tcp_port: u16 },
+}
+
 /// The namespaces of one run. Dropping it kills what runs inside them and deletes them.
 pub struct Topology {
     pub prefix: String,
+    pub kind: NatKind,
     created: Vec<String>,
     watchdog: Option<(Child, ChildStdin)>,
 }
@@ -235,8 +249,23 @@ impl Topology {
         format!("{}-{short}", self.prefix)
     }
 
+    /// The symmetric-NAT network, namespaces `tpnat<pid>-<short>`.
     pub fn create() -> Result<Topology, SetupError> {
-        let prefix = format!("{PREFIX}{}", std::process::id());
+        Topology::create_with("", NatKind::Symmetric)
+    }
+
+    /// A network of `kind`; `tag` (letters and digits, may be empty) tells apart the networks
+    /// one process has at once: namespaces `tpnat<pid>-<tag>-<short>`.
+    pub fn create_with(tag: &str, kind: NatKind) -> Result<Topology, SetupError> {
+        assert!(
+            tag.chars().all(|c| c.is_ascii_alphanumeric()),
+            "topology tag {tag:?}"
+        );
+        let prefix = if tag.is_empty() {
+            format!("{PREFIX}{}", std::process::id())
+        } else {
+            format!("{PREFIX}{}-{tag}", std::process::id())
+        };
         let names: Vec<String> = NAMESPACES.iter().map(|s| format!("{prefix}-{s}")).collect();
         for n in &names {
             destroy(n);
@@ -244,6 +273,7 @@ impl Topology {
         let watchdog = spawn_watchdog(&names).map_err(SetupError::Unavailable)?;
         let mut topo = Topology {
             prefix,
+            kind,
             created: Vec::new(),
             watchdog: Some(watchdog),
         };
@@ -305,16 +335,42 @@ impl Topology {
             )
             .map_err(fail)?;
             // nftables missing from the kernel is the machine's problem, not the test's.
+            let rules = match kind {
+                NatKind::Symmetric => SYMMETRIC_NAT_RULES.to_owned(),
+                NatKind::UdpBlocked { tcp_port } => firewall_rules(tcp_port),
+            };
             run(
                 &["ip", "netns", "exec", nat, "nft", "-f", "-"],
-                Some(SYMMETRIC_NAT_RULES),
+                Some(&rules),
             )
             .map_err(|e| SetupError::Unavailable(format!("nftables: {e}")))?;
             ip(client, &format!("addr add {client_ip}/24 dev eth0")).map_err(fail)?;
             ip(client, "link set eth0 up").map_err(fail)?;
             ip(client, &format!("route add default via {lan}")).map_err(fail)?;
+            if let NatKind::UdpBlocked { .. } = kind {
+                ip(&pub_, &format!("route add {client_ip}/32 via {public}")).map_err(fail)?;
+            }
         }
         Ok(topo)
+    }
+
+    /// Packets counted so far by the named nftables counter `name` in NAT namespace `short`
+    /// (the [`NatKind::UdpBlocked`] rules have `udp_dropped` and `other_dropped`).
+    pub fn nft_counter(&self, short: &str, name: &str) -> Result<u64, String> {
+        let ns = self.ns(short);
+        let out = run(
+            &[
+                "ip", "netns", "exec", &ns, "nft", "list", "counter", "inet", "tpnat", name,
+            ],
+            None,
+        )?;
+        // ... counter udp_dropped { packets 3 bytes 132 } ...
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .ok_or_else(|| format!("no packet count in `nft list counter` of {ns}: {out}"))
     }
 
     /// The NAT rules of namespace `short`, as nftables lists them (for the report).
@@ -350,6 +406,31 @@ table ip tpnat {
     }
 }
 "#;
+
+/// The firewall in front of a UDP-blocked NAT (see [`NatKind::UdpBlocked`]): `inet`, so IPv6
+/// is dropped too (there is none configured, but nothing relies on that). UDP is dropped before
+/// anything can accept it, in both directions, and counted.
+pub fn firewall_rules(tcp_port: u16) -> String {
+    format!(
+        r#"
+table inet tpnat {{
+    counter udp_dropped {{ }}
+    counter other_dropped {{ }}
+    chain nat_post {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" masquerade random,fully-random
+    }}
+    chain lan_guard {{
+        type filter hook forward priority filter; policy drop;
+        meta l4proto udp counter name "udp_dropped" drop
+        iifname "lan" oifname "wan" ip daddr {SERVER_IP} tcp dport {tcp_port} accept
+        iifname "wan" oifname "lan" ct state established,related accept
+        counter name "other_dropped" drop
+    }}
+}}
+"#
+    )
+}
 
 fn ip(ns: &str, args: &str) -> Result<String, String> {
     let mut argv = vec!["ip", "-n", ns];
@@ -553,6 +634,7 @@ impl<T> NsThread<T> {
 pub struct NsProcess {
     name: String,
     child: Option<Child>,
+    stdin: Option<ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -564,12 +646,38 @@ impl NsProcess {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<NsProcess, String> {
+        NsProcess::spawn_inner(ns, name, program, args, envs, false)
+    }
+
+    /// Like [`NsProcess::spawn`], with a pipe to its stdin for [`NsProcess::send_line`].
+    pub fn spawn_interactive(
+        ns: &str,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<NsProcess, String> {
+        NsProcess::spawn_inner(ns, name, program, args, envs, true)
+    }
+
+    fn spawn_inner(
+        ns: &str,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        interactive: bool,
+    ) -> Result<NsProcess, String> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
             .arg(program)
             .args(args)
             .envs(envs.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(if interactive {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
@@ -590,11 +698,38 @@ impl NsProcess {
         let err = child.stderr.take().expect("stderr piped");
         collect_lines(out, Arc::clone(&lines));
         collect_lines(err, Arc::clone(&lines));
+        let stdin = child.stdin.take();
         Ok(NsProcess {
             name: name.to_owned(),
             child: Some(child),
+            stdin,
             lines,
         })
+    }
+
+    /// Writes `line` and a newline to the process's stdin (see [`NsProcess::spawn_interactive`]).
+    pub fn send_line(&mut self, line: &str) -> Result<(), String> {
+        let name = &self.name;
+        let pipe = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("{name} has no stdin pipe"))?;
+        pipe.write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| pipe.flush())
+            .map_err(|e| format!("writing to {name}'s stdin: {e}"))
+    }
+
+    /// Waits (bounded) for the process to exit by itself; true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(Ok(None)) = self.child.as_mut().map(|c| c.try_wait()) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // let the readers finish
+        true
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -661,6 +796,7 @@ fn collect_lines(stream: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>
 
 impl Drop for NsProcess {
     fn drop(&mut self) {
+        drop(self.stdin.take());
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on the pid of our own child, not yet reaped.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
