@@ -3,8 +3,9 @@
 # Works on a fresh Debian machine as root: installs what the tests need when CI is set or a
 # tool is missing: coturn's client tools (tests/coturn_clients.rs, reference server for
 # bench/), iproute2 and nftables (tests/nat_call.rs builds network namespaces with NATs),
-# chromium (tests/browser_call.rs) and systemd (systemd-analyze verify of the unit). Ends with a
-# short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
+# chromium (tests/browser_call.rs), systemd (systemd-analyze verify of the unit) and, with pip,
+# aioice (tests/streams.rs). Ends with a short run of every fuzz target (scripts/fuzz.sh; needs a
+# nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,6 +83,15 @@ if [ "$need_apt" = 1 ]; then
             $SUDO kill "$pid" 2>/dev/null || true
         done
     fi
+fi
+
+# aioice (PyPI), an independent TURN/TCP and TURN/TLS client for tests/streams.rs.
+if [ -n "${CI:-}" ] || ! python3 -c 'import aioice' >/dev/null 2>&1; then
+    step="pip install aioice"
+    echo "==> $step"
+    # A Debian-managed python3 refuses plain pip installs (PEP 668); ours is then that one.
+    python3 -m pip install -q aioice ||
+        python3 -m pip install -q --break-system-packages aioice
 fi
 
 step="cargo fmt --check"

@@ -1,0 +1,1058 @@
+//! TURN over TCP and TLS against the real daemon on loopback: the PROXY protocol (v1, v2, over
+//! TLS, bad and untrusted headers, the header address in quotas), TLS with a rustls client
+//! (relaying both ways, ALPN, TLS 1.2 and 1.3, an untrusting client), certificate reload while a
+//! client relays, abuse (stalled handshakes, connection limits, the idle timeout), Python's
+//! aioice as an independent client, and IPv6 on `::1`.
+//!
+//! Every test starts its own daemon through `tests/common`, talks only to loopback, bounds each
+//! loop in count and time, and waits on conditions (metrics, log lines, a closed socket) rather
+//! than sleeping. The tests take a lock so that one's timeouts are not stretched by another's
+//! load on a small machine.
+//!
+//! The aioice test needs `python3` with `aioice` (PyPI; `scripts/test.sh` installs it). Without
+//! it the test fails when `CI` is set and skips loudly otherwise.
+
+mod common;
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{
+    tcp_connect, tcp_connect_from, Daemon, EchoPeer, Options, StreamClient, TestCert, TlsClient,
+    TurnClient, PASSWORD, USER,
+};
+use turnpike::io::proxy::encode_v2;
+use turnpike::proto::codec::Class;
+
+/// One test at a time: their timeouts are seconds, the machine may have two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a test waits for the server to close a connection it should close.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
+/// How long a test waits for a metric to reach the value it expects.
+const METRIC_WAIT: Duration = Duration::from_secs(15);
+
+/// `turnpike_NAME{transport="T"}` or `turnpike_NAME{transport="T",KEY="VALUE"}`.
+fn series(name: &str, transport: &str, label: Option<(&str, &str)>) -> String {
+    match label {
+        None => format!("turnpike_{name}{{transport=\"{transport}\"}}"),
+        Some((k, v)) => format!("turnpike_{name}{{transport=\"{transport}\",{k}=\"{v}\"}}"),
+    }
+}
+
+fn setup_failures(transport: &str, reason: &str) -> String {
+    series(
+        "connection_setup_failures_total",
+        transport,
+        Some(("reason", reason)),
+    )
+}
+
+fn refused(transport: &str, reason: &str) -> String {
+    series(
+        "connections_refused_total",
+        transport,
+        Some(("reason", reason)),
+    )
+}
+
+fn open(transport: &str) -> String {
+    series("connections_open", transport, None)
+}
+
+fn ip_port(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Options with the API (for /metrics), serving IPv6 clients when `ip` is `::1`.
+fn options_on(ip: &str) -> Options {
+    Options {
+        ipv6: ip.contains(':'),
+        ..Options::with_api()
+    }
+}
+
+/// A daemon whose one TCP listener, on `ip`, expects PROXY headers.
+fn proxied_tcp(
+    ip: &str,
+    more: impl Fn(&mut turnpike::config::Config) + Send + Sync + 'static,
+) -> Daemon {
+    let listen = ip_port(ip, 0);
+    Daemon::with(options_on(ip).edit(move |c| {
+        c.tcp_listen = vec![listen];
+        c.proxy_protocol.listeners = vec![listen];
+        more(c);
+    }))
+}
+
+/// A PROXY v1 line for a TCP connection from `source` to `destination`.
+fn v1_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let family = if source.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY v2 LOCAL header (the balancer's own health check).
+fn v2_local() -> Vec<u8> {
+    let any: SocketAddr = "192.0.2.1:1".parse().unwrap();
+    let mut h = encode_v2(any, any)[..12].to_vec();
+    h.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    h
+}
+
+/// A plain TCP client that has sent `header` first.
+fn plain_with_header(server: SocketAddr, header: &[u8]) -> StreamClient {
+    let mut c = StreamClient::plain(server);
+    c.write_raw(header).expect("write the PROXY header");
+    c
+}
+
+/// A TLS client that has sent `header` before its ClientHello.
+fn tls_with_header(server: SocketAddr, header: &[u8], tls: &TlsClient) -> StreamClient {
+    let mut tcp = tcp_connect(server);
+    tcp.write_all(header).expect("write the PROXY header");
+    StreamClient::tls_over(tcp, tls).0
+}
+
+/// The address the test pretends a balancer saw the client at: documentation ranges.
+fn claimed(ip: &str, port: u16) -> SocketAddr {
+    if ip.contains(':') {
+        SocketAddr::new("2001:db8::7".parse().unwrap(), port)
+    } else {
+        SocketAddr::new("198.51.100.7".parse().unwrap(), port)
+    }
+}
+
+// ------------------------------------------------------------------------------ PROXY protocol
+
+fn proxy_headers_name_the_client_over_tcp(ip: &str) {
+    let _s = serial();
+    let d = proxied_tcp(ip, |_| {});
+    let server = d.tcp_addr.expect("a TCP listener");
+
+    let mut v2 = plain_with_header(server, &encode_v2(claimed(ip, 40000), server));
+    assert_eq!(v2.mapped(), claimed(ip, 40000), "v2 header");
+
+    // The v1 line in two writes: the server must wait for the whole line.
+    let line = v1_header(claimed(ip, 40001), server);
+    let mut v1 = StreamClient::plain(server);
+    v1.write_raw(&line[..9]).unwrap();
+    v1.write_raw(&line[9..]).unwrap();
+    assert_eq!(v1.mapped(), claimed(ip, 40001), "v1 header");
+
+    // LOCAL: the balancer speaking for itself keeps the socket's own address.
+    let mut local = plain_with_header(server, &v2_local());
+    let own = local.local();
+    assert_eq!(local.mapped(), own, "v2 LOCAL header");
+
+    // Each connection keeps its own address.
+    assert_eq!(v2.mapped(), claimed(ip, 40000));
+    assert_eq!(v1.mapped(), claimed(ip, 40001));
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tcp", None)),
+        3.0
+    );
+    assert_eq!(d.metric(&setup_failures("tcp", "proxy_header")), 0.0);
+}
+
+#[test]
+fn proxy_v1_and_v2_headers_name_the_client_over_tcp() {
+    proxy_headers_name_the_client_over_tcp("127.0.0.1");
+}
+
+#[test]
+fn proxy_v1_and_v2_headers_name_the_client_over_tcp_on_ipv6() {
+    proxy_headers_name_the_client_over_tcp("::1");
+}
+
+fn proxy_headers_before_the_client_hello(ip: &'static str) {
+    let _s = serial();
+    let cert = TestCert::new();
+    let listen = ip_port(ip, 0);
+    let d = Daemon::with(options_on(ip).edit(cert.listen_on(ip)).edit(move |c| {
+        c.proxy_protocol.listeners = vec![listen];
+    }));
+    let server = d.tls_addr.expect("a TLS listener");
+    let tls = TlsClient::new(&cert).server_name(ip);
+
+    let mut v2 = tls_with_header(server, &encode_v2(claimed(ip, 40000), server), &tls);
+    assert_eq!(v2.mapped(), claimed(ip, 40000), "v2 header, then TLS");
+    let mut v1 = tls_with_header(server, &v1_header(claimed(ip, 40001), server), &tls);
+    assert_eq!(v1.mapped(), claimed(ip, 40001), "v1 header, then TLS");
+    // Plain TCP after the header on the same port: told apart after the header, not before.
+    let mut plain = plain_with_header(server, &encode_v2(claimed(ip, 40002), server));
+    assert_eq!(
+        plain.mapped(),
+        claimed(ip, 40002),
+        "v2 header, then plain TCP"
+    );
+
+    // A TLS client without the header is closed; the others keep working.
+    let mut bare = tcp_connect(server);
+    let hello = {
+        let mut conn = tls.connection();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    };
+    bare.write_all(&hello).unwrap();
+    let probe = bare.try_clone().unwrap();
+    assert!(
+        common::wait_closed(&mut bare, &probe, CLOSE_WAIT),
+        "a ClientHello without a PROXY header is closed"
+    );
+    d.wait_metric_until(&setup_failures("tls", "proxy_header"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(v2.mapped(), claimed(ip, 40000));
+    assert_eq!(v1.mapped(), claimed(ip, 40001));
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        2.0
+    );
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tcp", None)),
+        1.0
+    );
+}
+
+#[test]
+fn proxy_headers_before_the_client_hello_on_a_tls_listener() {
+    proxy_headers_before_the_client_hello("127.0.0.1");
+}
+
+#[test]
+fn proxy_headers_before_the_client_hello_on_a_tls_listener_on_ipv6() {
+    proxy_headers_before_the_client_hello("::1");
+}
+
+#[test]
+fn bad_missing_and_stalled_proxy_headers_close_only_their_connection() {
+    let _s = serial();
+    let d = proxied_tcp("127.0.0.1", |c| c.tls.handshake_timeout_secs = 2);
+    let server = d.tcp_addr.unwrap();
+    let mut good = plain_with_header(server, &encode_v2(claimed("127.0.0.1", 1), server));
+    assert_eq!(good.mapped(), claimed("127.0.0.1", 1));
+
+    let mut bad_v2 = encode_v2(claimed("127.0.0.1", 2), server);
+    bad_v2[12] = 0x31; // version 3
+    let bad: [(&str, Vec<u8>); 3] = [
+        ("garbage", b"GARBAGE / HTTP/1.1\r\n\r\n".to_vec()),
+        ("v2 with version 3", bad_v2),
+        (
+            "v1 with a bad port",
+            b"PROXY TCP4 198.51.100.7 127.0.0.1 99999 1\r\n".to_vec(),
+        ),
+    ];
+    for (i, (what, header)) in bad.iter().enumerate() {
+        let mut c = plain_with_header(server, header);
+        assert!(c.closed_by_server(CLOSE_WAIT), "{what}: closed");
+        d.wait_metric_until(&setup_failures("tcp", "proxy_header"), METRIC_WAIT, |v| {
+            v == (i + 1) as f64
+        });
+    }
+    // No header at all: a TURN client talking straight to the listener.
+    let mut bare = StreamClient::plain(server);
+    assert!(
+        bare.binding().is_err(),
+        "a Binding without a PROXY header gets no answer"
+    );
+    assert!(bare.closed_by_server(CLOSE_WAIT));
+    d.wait_metric_until(&setup_failures("tcp", "proxy_header"), METRIC_WAIT, |v| {
+        v == 4.0
+    });
+
+    // Half a header, then nothing: closed at the setup timeout, counted as one.
+    let started = Instant::now();
+    let mut stalled = plain_with_header(server, b"PROXY TCP4 198.51");
+    assert!(
+        stalled.closed_by_server(CLOSE_WAIT),
+        "a stalled header is closed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "closed after {:?}, before the 2 s setup timeout",
+        started.elapsed()
+    );
+    d.wait_metric_until(&setup_failures("tcp", "timeout"), METRIC_WAIT, |v| v == 1.0);
+
+    // The first client never noticed; a new one is served.
+    assert_eq!(good.mapped(), claimed("127.0.0.1", 1));
+    let mut next = plain_with_header(server, &v1_header(claimed("127.0.0.1", 3), server));
+    assert_eq!(next.mapped(), claimed("127.0.0.1", 3));
+    assert_eq!(d.metric(&setup_failures("tcp", "proxy_header")), 4.0);
+    assert_eq!(d.metric(&open("tcp")), 2.0);
+}
+
+#[test]
+fn a_proxy_header_from_an_untrusted_source_is_refused() {
+    let _s = serial();
+    let d = proxied_tcp("127.0.0.1", |c| {
+        c.proxy_protocol.trusted = vec!["127.0.0.1/32".parse().unwrap()];
+    });
+    let server = d.tcp_addr.unwrap();
+    let header = encode_v2(claimed("127.0.0.1", 5), server);
+
+    let tcp = tcp_connect_from("127.0.0.2:0".parse().unwrap(), server);
+    let mut untrusted = StreamClient::over(Box::new(tcp.try_clone().unwrap()), tcp);
+    let _ = untrusted.write_raw(&header);
+    assert!(
+        untrusted.binding().is_err(),
+        "an untrusted balancer gets no answer"
+    );
+    assert!(untrusted.closed_by_server(CLOSE_WAIT));
+    d.wait_metric_until(&setup_failures("tcp", "proxy_header"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+
+    let mut trusted = plain_with_header(server, &header);
+    assert_eq!(trusted.mapped(), claimed("127.0.0.1", 5));
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tcp", None)),
+        1.0
+    );
+}
+
+#[test]
+fn quotas_count_the_address_in_the_proxy_header() {
+    let _s = serial();
+    let d = proxied_tcp("127.0.0.1", |c| {
+        c.limits.connections_per_source = 2;
+        c.limits.allocations_per_user = 1;
+    });
+    let server = d.tcp_addr.unwrap();
+    let from = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
+    let connect = |source: SocketAddr| plain_with_header(server, &encode_v2(source, server));
+
+    let mut a1 = connect(from("198.51.100.7", 1));
+    let mut a2 = connect(from("198.51.100.7", 2));
+    assert_eq!(a1.mapped(), from("198.51.100.7", 1));
+    assert_eq!(a2.mapped(), from("198.51.100.7", 2));
+    // A third connection claiming the same client is over connections_per_source...
+    let mut a3 = connect(from("198.51.100.7", 3));
+    assert!(
+        a3.closed_by_server(CLOSE_WAIT),
+        "third connection of 198.51.100.7"
+    );
+    d.wait_metric_until(&refused("tcp", "per_source_limit"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+    // ...while another claimed client is not, though every socket comes from 127.0.0.1.
+    let mut b = connect(from("198.51.100.8", 1));
+    assert_eq!(b.mapped(), from("198.51.100.8", 1));
+
+    // The static user's allocation quota is per user and source address: the header's.
+    a1.must_allocate();
+    assert_eq!(
+        a2.allocate().code(),
+        Some(486),
+        "second allocation of 198.51.100.7"
+    );
+    b.must_allocate();
+    let created = d.wait_events("allocation created", 2, METRIC_WAIT, |_| true);
+    let clients: Vec<&str> = created.iter().map(|e| common::field(e, "client")).collect();
+    assert_eq!(clients, ["198.51.100.7:1", "198.51.100.8:1"]);
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tcp\"}"), 2.0);
+}
+
+// ---------------------------------------------------------------------------------------- TLS
+
+fn tls_client_relays_both_ways(ip: &'static str) {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(options_on(ip).edit(cert.listen_on(ip)));
+    let peer = EchoPeer::start();
+    let (mut c, info) =
+        StreamClient::tls(d.tls_addr.unwrap(), &TlsClient::new(&cert).server_name(ip));
+    assert_eq!(info.peer_cert, cert.cert_der, "the configured certificate");
+
+    let relayed = c.must_allocate();
+    let (lo, hi) = d.relay_ports;
+    assert!((lo..=hi).contains(&relayed.port()), "relayed {relayed}");
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tls\"}"), 1.0);
+
+    // Send indication out, Data indication back.
+    c.must_permit(peer.addr);
+    for i in 0..5 {
+        let payload = format!("send indication {i}").into_bytes();
+        c.send_indication(peer.addr, &payload).unwrap();
+        let (from, data) = c
+            .recv_data(Duration::from_secs(5))
+            .expect("connection up")
+            .unwrap_or_else(|| panic!("no Data indication for {i}"));
+        assert_eq!((from, data), (peer.addr, payload));
+    }
+    // ChannelData both ways, including sizes that need padding.
+    c.must_bind_channel(0x4000, peer.addr);
+    c.echo_round_trips(0x4000, 20, Duration::from_secs(5));
+    for len in [1usize, 2, 3, 5, 1200, 4001] {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        c.send_channel_data(0x4000, &payload).unwrap();
+        let back = c
+            .recv_channel_data(0x4000, Duration::from_secs(5))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no echo of {len} bytes"));
+        assert_eq!(back, payload, "{len} bytes");
+    }
+    assert!(peer.count() >= 31, "the peer echoed {}", peer.count());
+    assert!(
+        d.metric(&series(
+            "connection_bytes_total",
+            "tls",
+            Some(("direction", "in"))
+        )) > 0.0
+    );
+    assert!(
+        d.metric(&series(
+            "connection_bytes_total",
+            "tls",
+            Some(("direction", "out"))
+        )) > 0.0
+    );
+
+    // The allocation ends with its connection.
+    drop(c);
+    d.wait_metric_until(
+        "turnpike_allocations{transport=\"tls\"}",
+        METRIC_WAIT,
+        |v| v == 0.0,
+    );
+    d.wait_metric_until(&open("tls"), METRIC_WAIT, |v| v == 0.0);
+}
+
+#[test]
+fn a_tls_client_allocates_and_relays_both_ways() {
+    tls_client_relays_both_ways("127.0.0.1");
+}
+
+#[test]
+fn a_tls_client_allocates_and_relays_both_ways_on_ipv6() {
+    tls_client_relays_both_ways("::1");
+}
+
+#[test]
+fn alpn_stun_turn_is_negotiated_and_not_required() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    type Case<'a> = (&'a [&'a [u8]], Option<&'a [u8]>);
+    let cases: [Case; 4] = [
+        (&[b"stun.turn"], Some(b"stun.turn")),
+        (&[b"h2", b"stun.turn"], Some(b"stun.turn")),
+        (&[b"h2"], None),
+        (&[], None),
+    ];
+    for (offer, want) in cases {
+        let (mut c, info) = StreamClient::tls(server, &TlsClient::new(&cert).alpn(offer));
+        assert_eq!(info.alpn.as_deref(), want, "offered {offer:?}");
+        let own = c.local();
+        assert_eq!(c.mapped(), own, "offered {offer:?}");
+    }
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        4.0
+    );
+}
+
+#[test]
+fn tls12_only_and_tls13_only_clients_both_work() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let peer = EchoPeer::start();
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let tls = TlsClient::new(&cert).versions(&[version]);
+        let (mut c, info) = StreamClient::tls(d.tls_addr.unwrap(), &tls);
+        assert_eq!(info.version, Some(want));
+        c.must_allocate();
+        c.must_bind_channel(0x4001, peer.addr);
+        c.echo_round_trips(0x4001, 5, Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_certificate_fails_and_is_counted() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    let failures = || {
+        let m = d.metrics();
+        let get = |s: &str| m.get(s).copied().unwrap_or_default();
+        get(&setup_failures("tls", "tls_error")) + get(&setup_failures("tls", "tls_hung_up"))
+    };
+    assert_eq!(failures(), 0.0);
+
+    let stranger = TestCert::new();
+    let untrusting = TlsClient::new(&stranger);
+    let Err(err) = untrusting.connect(tcp_connect(server)) else {
+        panic!("a client that does not trust the CA connected");
+    };
+    assert!(err.to_string().contains("certificate"), "{err}");
+    let deadline = Instant::now() + METRIC_WAIT;
+    while failures() < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(failures(), 1.0, "one setup failure for the unknown CA");
+
+    // A name the certificate does not carry fails as well.
+    let wrong_name = TlsClient::new(&cert).server_name("turn.example.org");
+    assert!(
+        wrong_name.connect(tcp_connect(server)).is_err(),
+        "a wrong name fails"
+    );
+    let deadline = Instant::now() + METRIC_WAIT;
+    while failures() < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(failures(), 2.0, "one more setup failure for the wrong name");
+
+    // The daemon serves the next client, and none of the failures was counted as accepted.
+    let (mut c, _) = StreamClient::tls(server, &TlsClient::new(&cert));
+    c.must_allocate();
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        1.0
+    );
+    assert_eq!(d.metric(&open("tls")), 1.0);
+}
+
+#[test]
+fn plain_tcp_and_tls_share_the_tls_port() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    let (mut tls, _) = StreamClient::tls(server, &TlsClient::new(&cert));
+    let mut plain = StreamClient::plain(server);
+    tls.must_allocate();
+    plain.must_allocate();
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tls\"}"), 1.0);
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tcp\"}"), 1.0);
+}
+
+// ---------------------------------------------------------------------------- certificate reload
+
+/// What the relaying thread saw.
+#[derive(Debug, Default)]
+struct RelayLog {
+    round_trips: u64,
+    /// The longest wait for one echo.
+    slowest: Duration,
+    failure: Option<String>,
+}
+
+/// Replaces `path` with `bytes` by write-then-rename, as a certificate renewal tool would.
+fn replace_file(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_certificate_reload_under_load_keeps_relaying_and_refuses_a_broken_file() {
+    let _s = serial();
+    let first = TestCert::new();
+    let mut d = Daemon::with(Options::with_api().edit(first.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    let peer = EchoPeer::start();
+
+    // A client relays ChannelData round trips in a thread until told to stop (bounded: 60 s,
+    // 100000 round trips).
+    let (mut c, info) = StreamClient::tls(server, &TlsClient::new(&first));
+    assert_eq!(info.peer_cert, first.cert_der);
+    c.must_allocate();
+    c.must_bind_channel(0x4000, peer.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let (flag, count) = (Arc::clone(&stop), Arc::clone(&done));
+    let relay = std::thread::spawn(move || {
+        let mut log = RelayLog::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !flag.load(Ordering::Relaxed)
+            && Instant::now() < deadline
+            && log.round_trips < 100_000
+        {
+            let payload = format!("under reload {}", log.round_trips).into_bytes();
+            let sent = Instant::now();
+            if let Err(e) = c.send_channel_data(0x4000, &payload) {
+                log.failure = Some(format!("send {}: {e}", log.round_trips));
+                break;
+            }
+            match c.recv_channel_data(0x4000, Duration::from_secs(5)) {
+                Ok(Some(back)) if back == payload => {}
+                other => {
+                    log.failure = Some(format!("round trip {}: {other:?}", log.round_trips));
+                    break;
+                }
+            }
+            log.slowest = log.slowest.max(sent.elapsed());
+            log.round_trips += 1;
+            count.store(log.round_trips, Ordering::Relaxed);
+        }
+        log
+    });
+    let wait_round_trips = |past: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while done.load(Ordering::Relaxed) < past + 50 {
+            assert!(
+                Instant::now() < deadline && !relay.is_finished(),
+                "relaying stalled at {} round trips",
+                done.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done.load(Ordering::Relaxed)
+    };
+    let mut seen = wait_round_trips(0);
+
+    // A renewal: new certificate and key in place, then SIGHUP.
+    let second = TestCert::new();
+    replace_file(&first.key, &std::fs::read(&second.key).unwrap());
+    replace_file(&first.cert, &std::fs::read(&second.cert).unwrap());
+    d.sighup();
+    d.wait_metric("turnpike_reloads_total{result=\"ok\"}", 1.0, METRIC_WAIT);
+    seen = wait_round_trips(seen);
+    // New connections get the new certificate (a client trusting only the new CA).
+    let (mut fresh, info) = StreamClient::tls(server, &TlsClient::new(&second));
+    assert_eq!(
+        info.peer_cert, second.cert_der,
+        "the new certificate after the reload"
+    );
+    assert_ne!(info.peer_cert, first.cert_der);
+    fresh.must_allocate();
+    assert!(
+        TlsClient::new(&first).connect(tcp_connect(server)).is_err(),
+        "the old CA no longer verifies"
+    );
+    seen = wait_round_trips(seen);
+
+    // A broken file: the reload is refused and the good certificate stays.
+    replace_file(
+        &first.cert,
+        b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    );
+    d.sighup();
+    d.wait_metric(
+        "turnpike_reloads_total{result=\"failed\"}",
+        1.0,
+        METRIC_WAIT,
+    );
+    d.wait_log(METRIC_WAIT, "reload refused", |l| {
+        l.contains("reload refused")
+    });
+    let (mut after, info) = StreamClient::tls(server, &TlsClient::new(&second));
+    assert_eq!(
+        info.peer_cert, second.cert_der,
+        "the previous good certificate stays"
+    );
+    after.must_allocate();
+    wait_round_trips(seen);
+    assert_eq!(d.metric("turnpike_reloads_total{result=\"ok\"}"), 1.0);
+
+    stop.store(true, Ordering::Relaxed);
+    let log = relay.join().expect("the relaying thread");
+    assert_eq!(log.failure, None, "relaying stopped: {log:?}");
+    assert!(log.round_trips >= 200, "{log:?}");
+    // The open connection kept its session throughout: the same one carried every round trip.
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        3.0
+    );
+}
+
+// ------------------------------------------------------------------------------------- abuse
+
+/// A socket the test watches for the server's close.
+struct Watched {
+    tcp: TcpStream,
+    opened: Instant,
+    closed_after: Option<Duration>,
+}
+
+#[test]
+fn stalled_connections_time_out_without_piling_up() {
+    let _s = serial();
+    const SILENT: usize = 100;
+    const PARTIAL: usize = 100;
+    const TIMEOUT_SECS: u64 = 3;
+    let cert = TestCert::new();
+    let d = Daemon::with(
+        Options::with_api()
+            .edit(cert.listen_on("127.0.0.1"))
+            .edit(|c| {
+                c.tls.handshake_timeout_secs = TIMEOUT_SECS;
+            }),
+    );
+    let server = d.tls_addr.unwrap();
+    let tls = TlsClient::new(&cert);
+    // Warm up, so the baseline includes what the first handshake allocates once.
+    StreamClient::tls(server, &tls).0.mapped();
+    d.wait_metric_until(&open("tls"), METRIC_WAIT, |v| v == 0.0);
+    let rss_before = d.rss_kib();
+
+    let hello = {
+        let mut conn = tls.connection();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    };
+    let mut watched: Vec<Watched> = (0..SILENT + PARTIAL)
+        .map(|i| {
+            let mut tcp = tcp_connect(server);
+            if i >= SILENT {
+                tcp.write_all(&hello[..hello.len() / 2]).unwrap();
+            }
+            Watched {
+                tcp,
+                opened: Instant::now(),
+                closed_after: None,
+            }
+        })
+        .collect();
+
+    // Meanwhile the daemon serves others: UDP, and a new TLS client.
+    let mut udp = TurnClient::new(d.addr, USER, PASSWORD);
+    let binding = udp.binding().expect("UDP Binding while connections stall");
+    assert_eq!(binding.class(), Class::Success);
+    let (mut c, _) = StreamClient::tls(server, &tls);
+    c.must_allocate();
+    let rss_during = d.rss_kib();
+
+    // Every stalled connection is closed, none before the timeout.
+    let deadline = Instant::now() + Duration::from_secs(TIMEOUT_SECS + 30);
+    for w in &watched {
+        w.tcp.set_nonblocking(true).unwrap();
+    }
+    let mut buf = [0u8; 256];
+    while watched.iter().any(|w| w.closed_after.is_none()) && Instant::now() < deadline {
+        for w in watched.iter_mut().filter(|w| w.closed_after.is_none()) {
+            if (&w.tcp).read_ok(&mut buf) == Some(true) {
+                w.closed_after = Some(w.opened.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let open_still = watched.iter().filter(|w| w.closed_after.is_none()).count();
+    assert_eq!(
+        open_still, 0,
+        "stalled connections still open after the timeout"
+    );
+    let earliest = watched.iter().filter_map(|w| w.closed_after).min().unwrap();
+    assert!(
+        earliest >= Duration::from_millis(TIMEOUT_SECS * 1000 - 100),
+        "a stalled connection was closed after {earliest:?}, before the {TIMEOUT_SECS} s timeout"
+    );
+    d.wait_metric_until(&setup_failures("tls", "timeout"), METRIC_WAIT, |v| {
+        v == (SILENT + PARTIAL) as f64
+    });
+    drop(watched);
+    // The served client is the only connection left, and still relays.
+    assert_eq!(d.metric(&open("tls")), 1.0);
+    assert_eq!(c.mapped().ip(), c.local().ip());
+    drop(c);
+    d.wait_metric_until(&open("tls"), METRIC_WAIT, |v| v == 0.0);
+    assert_eq!(d.metric(&open("tcp")), 0.0);
+    let rss_after = d.rss_kib();
+    eprintln!("daemon VmRSS: {rss_before} KiB before, {rss_during} KiB with 200 stalled, {rss_after} KiB after");
+    // Generous: 200 stalled connections are a few MiB at most.
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_during} KiB"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS stayed at {rss_after} KiB (from {rss_before})"
+    );
+}
+
+/// Non-blocking look at a socket: Some(true) when the peer closed it (EOF or reset), Some(false)
+/// when data came, None when nothing is there yet.
+trait ReadOk {
+    fn read_ok(self, buf: &mut [u8]) -> Option<bool>;
+}
+
+impl ReadOk for &TcpStream {
+    fn read_ok(mut self, buf: &mut [u8]) -> Option<bool> {
+        use std::io::Read as _;
+        match self.read(buf) {
+            Ok(0) => Some(true),
+            Ok(_) => Some(false),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+            Err(_) => Some(true),
+        }
+    }
+}
+
+/// Opens `limit` connections, sees the next one closed and counted as `reason`, closes one and
+/// sees a new one served.
+fn a_connection_limit_holds(
+    limit: usize,
+    reason: &str,
+    edit: impl Fn(&mut turnpike::config::Config) + Send + Sync + 'static,
+) {
+    let _s = serial();
+    let listen = ip_port("127.0.0.1", 0);
+    let d = Daemon::with(Options::with_api().edit(move |c| {
+        c.tcp_listen = vec![listen];
+        edit(c);
+    }));
+    let server = d.tcp_addr.unwrap();
+    let mut held: Vec<StreamClient> = (0..limit).map(|_| StreamClient::plain(server)).collect();
+    for c in &mut held {
+        let own = c.local();
+        assert_eq!(c.mapped(), own);
+    }
+    let mut over = StreamClient::plain(server);
+    assert!(
+        over.closed_by_server(CLOSE_WAIT),
+        "connection {} is closed",
+        limit + 1
+    );
+    d.wait_metric_until(&refused("tcp", reason), METRIC_WAIT, |v| v == 1.0);
+    assert!(over.binding().is_err());
+    // The held ones still work.
+    for c in &mut held {
+        assert!(c.binding().is_ok());
+    }
+    assert_eq!(d.metric(&open("tcp")), limit as f64);
+
+    // One closes: once the daemon has seen it go, a new connection takes its place.
+    drop(held.pop());
+    d.wait_metric_until(&open("tcp"), METRIC_WAIT, |v| v == (limit - 1) as f64);
+    let mut next = StreamClient::plain(server);
+    let own = next.local();
+    assert_eq!(next.mapped(), own, "a new connection after one closed");
+    held.push(next);
+    // And the limit holds again.
+    let mut over = StreamClient::plain(server);
+    assert!(over.closed_by_server(CLOSE_WAIT));
+    d.wait_metric_until(&refused("tcp", reason), METRIC_WAIT, |v| v == 2.0);
+    let other = if reason == "total_limit" {
+        "per_source_limit"
+    } else {
+        "total_limit"
+    };
+    assert_eq!(d.metric(&refused("tcp", other)), 0.0);
+}
+
+#[test]
+fn connections_per_source_is_a_limit() {
+    a_connection_limit_holds(3, "per_source_limit", |c| {
+        c.limits.connections_per_source = 3
+    });
+}
+
+#[test]
+fn connections_total_is_a_limit() {
+    a_connection_limit_holds(5, "total_limit", |c| c.limits.connections_total = 5);
+}
+
+#[test]
+fn idle_connections_without_an_allocation_are_closed() {
+    let _s = serial();
+    const IDLE_SECS: u64 = 5;
+    let cert = TestCert::new();
+    let listen = ip_port("127.0.0.1", 0);
+    let d = Daemon::with(
+        Options::with_api()
+            .edit(cert.listen_on("127.0.0.1"))
+            .edit(move |c| {
+                c.tcp_listen = vec![listen];
+                c.limits.connection_idle_secs = IDLE_SECS;
+            }),
+    );
+    let server = d.tcp_addr.unwrap();
+    // Silent from the start, one Binding then silence, and one over TLS: all idle.
+    let silent_since = Instant::now();
+    let mut silent = StreamClient::plain(server);
+    let mut bound = StreamClient::plain(server);
+    let own = bound.local();
+    assert_eq!(bound.mapped(), own);
+    let bound_since = Instant::now();
+    let (mut tls_idle, _) = StreamClient::tls(d.tls_addr.unwrap(), &TlsClient::new(&cert));
+    tls_idle.mapped();
+    let tls_since = Instant::now();
+    // One with an allocation, silent as well: it stays.
+    let mut holder = StreamClient::plain(server);
+    holder.must_allocate();
+    let holder_since = Instant::now();
+
+    for (what, c, since) in [
+        ("silent", &mut silent, silent_since),
+        ("after a Binding", &mut bound, bound_since),
+        ("tls", &mut tls_idle, tls_since),
+    ] {
+        assert!(
+            c.closed_by_server(Duration::from_secs(IDLE_SECS + 20)),
+            "{what}: closed"
+        );
+        assert!(
+            since.elapsed() >= Duration::from_millis(IDLE_SECS * 1000 - 100),
+            "{what}: closed after {:?}, before the idle timeout",
+            since.elapsed()
+        );
+    }
+    d.wait_metric_until(
+        &series("connections_closed_idle_total", "tcp", None),
+        METRIC_WAIT,
+        |v| v == 2.0,
+    );
+    d.wait_metric_until(
+        &series("connections_closed_idle_total", "tls", None),
+        METRIC_WAIT,
+        |v| v == 1.0,
+    );
+
+    // The holder has been silent for two idle periods and is still served.
+    while holder_since.elapsed() < Duration::from_secs(2 * IDLE_SECS + 1) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let own = holder.local();
+    assert_eq!(
+        holder.mapped(),
+        own,
+        "a connection with an allocation is not idle"
+    );
+    assert_eq!(d.metric(&open("tcp")), 1.0);
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tcp\"}"), 1.0);
+}
+
+// ---------------------------------------------------------------------------------- aioice
+
+const AIOICE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn aioice_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import aioice"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return true;
+    }
+    let msg =
+        "python3 with aioice not found (`python3 -m pip install aioice`, or run scripts/test.sh)";
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI is set, so this is a failure, not a skip");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPING aioice test: {msg}");
+    false
+}
+
+/// Runs `tests/aioice_turn.py URI` against the echo peer, killed after [`AIOICE_TIMEOUT`];
+/// its JSON report.
+fn aioice(uri: &str, peer: SocketAddr, ca: &std::path::Path) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aioice_turn.py");
+    let child = Command::new("python3")
+        .arg(script)
+        .args([uri, USER, PASSWORD, &peer.to_string()])
+        .env("SSL_CERT_FILE", ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(AIOICE_TIMEOUT) {
+        Ok(out) => out.expect("wait for python3"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child, not yet reaped (its waiter is still waiting).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let out = rx.recv().unwrap().expect("wait for python3");
+            panic!(
+                "aioice ran past {AIOICE_TIMEOUT:?} for {uri}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "aioice failed for {uri} ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("aioice printed no JSON ({e}) for {uri}:\n{stdout}\n{stderr}"))
+}
+
+#[test]
+fn aioice_allocates_and_relays_over_tcp_and_tls() {
+    if !aioice_available() {
+        return;
+    }
+    let _s = serial();
+    let cert = TestCert::new();
+    let listen = ip_port("127.0.0.1", 0);
+    let d = Daemon::with(
+        Options::with_api()
+            .edit(cert.listen_on("127.0.0.1"))
+            .edit(move |c| {
+                c.tcp_listen = vec![listen];
+            }),
+    );
+    let peer = EchoPeer::start();
+    let (tcp, tls) = (d.tcp_addr.unwrap(), d.tls_addr.unwrap());
+    let runs = [
+        (format!("turn:{tcp}?transport=tcp"), "tcp"),
+        (format!("turns:{tls}?transport=tcp"), "tls"),
+        // Plain TCP to the TLS port, the way one port 443 serves both.
+        (format!("turn:{tls}?transport=tcp"), "tcp"),
+    ];
+    for (i, (uri, transport)) in runs.iter().enumerate() {
+        let report = aioice(uri, peer.addr, &cert.ca);
+        assert_eq!(report["echoed"], true, "{uri}: {report}");
+        let relayed: SocketAddr = report["relayed"].as_str().unwrap().parse().unwrap();
+        let (lo, hi) = d.relay_ports;
+        assert!(
+            (lo..=hi).contains(&relayed.port()),
+            "{uri}: relayed {relayed}"
+        );
+        let mapped: SocketAddr = report["mapped"].as_str().unwrap().parse().unwrap();
+        assert_eq!(mapped.ip().to_string(), "127.0.0.1", "{uri}");
+        let created = d.wait_events("allocation created", i + 1, METRIC_WAIT, |_| true);
+        assert_eq!(common::field(&created[i], "transport"), *transport, "{uri}");
+        assert_eq!(
+            common::field(&created[i], "client"),
+            mapped.to_string(),
+            "{uri}"
+        );
+    }
+    assert!(peer.count() >= 3, "the peer echoed {}", peer.count());
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        1.0
+    );
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tcp", None)),
+        2.0
+    );
+}
