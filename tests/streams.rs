@@ -1056,3 +1056,111 @@ fn aioice_allocates_and_relays_over_tcp_and_tls() {
         2.0
     );
 }
+
+// ------------------------------------------------------------------------------ edge cases
+
+/// A Binding request as bytes, with a transaction id of the caller's.
+fn binding_request(txid: [u8; 12]) -> Vec<u8> {
+    let mut req = Vec::new();
+    turnpike::proto::codec::MessageWriter::new(
+        &mut req,
+        turnpike::proto::codec::method::BINDING,
+        Class::Request,
+        txid,
+    );
+    req
+}
+
+/// Reads `io` to its end (bounded: 10 s); what came.
+fn read_to_end_bounded(io: &mut dyn std::io::Read, tcp: &TcpStream) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match io.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// The whole frames at the start of `bytes`.
+fn frames_in(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(len) = common::stream_frame_len(bytes).filter(|&l| l <= bytes.len()) {
+        out.push(bytes[..len].to_vec());
+        bytes = &bytes[len..];
+    }
+    out
+}
+
+/// Two Binding requests, then the client closes its side (`close` on the stream it wrote
+/// to); both answers must still arrive before the server's close.
+fn answered_after_close<S: std::io::Read + std::io::Write>(
+    what: &str,
+    mut stream: S,
+    probe: &TcpStream,
+    close: impl FnOnce(&mut S),
+) {
+    let txids = [[0x11; 12], [0x22; 12]];
+    let mut bytes = binding_request(txids[0]);
+    bytes.extend(binding_request(txids[1]));
+    stream.write_all(&bytes).unwrap();
+    close(&mut stream);
+    let got = read_to_end_bounded(&mut stream, probe);
+    let answers: Vec<[u8; 12]> = frames_in(&got)
+        .iter()
+        .map(|f| f[8..20].try_into().unwrap())
+        .collect();
+    assert_eq!(answers, txids, "{what}: answers before the server closed");
+}
+
+const CLOSE_TRIES: usize = 20;
+
+#[test]
+fn requests_sent_just_before_a_tcp_half_close_are_answered() {
+    let _s = serial();
+    let listen = ip_port("127.0.0.1", 0);
+    let cert = TestCert::new();
+    let d = Daemon::with(
+        Options::with_api()
+            .edit(cert.listen_on("127.0.0.1"))
+            .edit(move |c| {
+                c.tcp_listen = vec![listen];
+            }),
+    );
+    for server in [d.tcp_addr.unwrap(), d.tls_addr.unwrap()] {
+        for i in 0..CLOSE_TRIES {
+            let tcp = tcp_connect(server);
+            let probe = tcp.try_clone().unwrap();
+            answered_after_close(&format!("{server} try {i}"), tcp, &probe, |t| {
+                t.shutdown(std::net::Shutdown::Write).unwrap()
+            });
+        }
+    }
+}
+
+#[test]
+fn requests_sent_just_before_a_tls_close_notify_are_answered() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let tls = TlsClient::new(&cert);
+    for i in 0..CLOSE_TRIES {
+        let (stream, _) = tls.connect(tcp_connect(d.tls_addr.unwrap())).unwrap();
+        let probe = stream.sock.try_clone().unwrap();
+        answered_after_close(&format!("try {i}"), stream, &probe, |s| {
+            s.conn.send_close_notify();
+            s.flush().unwrap();
+        });
+    }
+}

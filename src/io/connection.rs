@@ -498,6 +498,9 @@ async fn serve(
                 spawn_relay_tasks(state, st);
             }
             if ended {
+                // The client closed its side (close_notify) after its last requests: their
+                // answers are queued and still go out, as on plain TCP below.
+                flush_before_close(state, ft, conn, wire, stream);
                 return Closed::Io(io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -525,7 +528,12 @@ async fn serve(
                 idle_until = tokio::time::Instant::now() + policy.idle;
                 match tcp::read_some(stream, wire.read_target(&mut frames, &mut raw)) {
                     Ok(0) if handshaking => return Closed::TlsHungUp,
-                    Ok(0) => return Closed::Io(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(0) => {
+                        // A half-close after the last requests (`shutdown(SHUT_WR)`): their
+                        // answers are queued and the client may still read them.
+                        flush_before_close(state, ft, conn, wire, stream);
+                        return Closed::Io(io::ErrorKind::UnexpectedEof.into());
+                    }
                     Ok(n) => {
                         state.borrow_mut().connections.of(ft.transport).bytes_in += n as u64;
                         got_bytes = true;
@@ -546,6 +554,20 @@ async fn serve(
             Ok(n) => state.borrow_mut().connections.of(ft.transport).bytes_out += n as u64,
             Err(e) => return e.into(),
         }
+    }
+}
+
+/// Writes what is queued for a client that has closed its side, as far as the socket takes it
+/// now: one try, no waiting, so a client that never reads cannot hold the connection open.
+fn flush_before_close(
+    state: &Shard,
+    ft: &FiveTuple,
+    conn: &StreamConn,
+    wire: &mut Wire,
+    stream: &TcpStream,
+) {
+    if let Ok(n) = wire.flush(conn, stream) {
+        state.borrow_mut().connections.of(ft.transport).bytes_out += n as u64;
     }
 }
 
