@@ -159,12 +159,28 @@ fn proxy_headers_name_the_client_over_tcp(ip: &str) {
     let own = local.local();
     assert_eq!(local.mapped(), own, "v2 LOCAL header");
 
+    // A client of the other family behind a balancer of this one (HAProxy sends TCP4 for an
+    // IPv4 client whatever its own connection to us is), allocating and relaying.
+    let other: SocketAddr = if ip.contains(':') {
+        "198.51.100.9:40005".parse().unwrap()
+    } else {
+        "[2001:db8::9]:40005".parse().unwrap()
+    };
+    let mut cross = plain_with_header(server, &encode_v2(other, server));
+    assert_eq!(cross.mapped(), other, "header of the other family");
+    let peer = EchoPeer::start();
+    cross.must_allocate();
+    cross.must_bind_channel(0x4000, peer.addr);
+    cross.echo_round_trips(0x4000, 5, Duration::from_secs(5));
+    let created = d.wait_events("allocation created", 1, METRIC_WAIT, |_| true);
+    assert_eq!(common::field(&created[0], "client"), other.to_string());
+
     // Each connection keeps its own address.
     assert_eq!(v2.mapped(), claimed(ip, 40000));
     assert_eq!(v1.mapped(), claimed(ip, 40001));
     assert_eq!(
         d.metric(&series("connections_accepted_total", "tcp", None)),
-        3.0
+        4.0
     );
     assert_eq!(d.metric(&setup_failures("tcp", "proxy_header")), 0.0);
 }
@@ -193,6 +209,21 @@ fn proxy_headers_before_the_client_hello(ip: &'static str) {
     assert_eq!(v2.mapped(), claimed(ip, 40000), "v2 header, then TLS");
     let mut v1 = tls_with_header(server, &v1_header(claimed(ip, 40001), server), &tls);
     assert_eq!(v1.mapped(), claimed(ip, 40001), "v1 header, then TLS");
+    // Header and ClientHello in one write, and both a byte at a time.
+    let header = encode_v2(claimed(ip, 40003), server);
+    let (mut one, _) = StreamClient::tls_split(tcp_connect(server), &tls, &header, usize::MAX);
+    assert_eq!(
+        one.mapped(),
+        claimed(ip, 40003),
+        "header and ClientHello in one write"
+    );
+    let header = v1_header(claimed(ip, 40004), server);
+    let (mut bytewise, _) = StreamClient::tls_split(tcp_connect(server), &tls, &header, 1);
+    assert_eq!(
+        bytewise.mapped(),
+        claimed(ip, 40004),
+        "header and ClientHello bytewise"
+    );
     // Plain TCP after the header on the same port: told apart after the header, not before.
     let mut plain = plain_with_header(server, &encode_v2(claimed(ip, 40002), server));
     assert_eq!(
@@ -222,7 +253,7 @@ fn proxy_headers_before_the_client_hello(ip: &'static str) {
     assert_eq!(v1.mapped(), claimed(ip, 40001));
     assert_eq!(
         d.metric(&series("connections_accepted_total", "tls", None)),
-        2.0
+        4.0
     );
     assert_eq!(
         d.metric(&series("connections_accepted_total", "tcp", None)),
@@ -399,7 +430,8 @@ fn tls_client_relays_both_ways(ip: &'static str) {
     // ChannelData both ways, including sizes that need padding.
     c.must_bind_channel(0x4000, peer.addr);
     c.echo_round_trips(0x4000, 20, Duration::from_secs(5));
-    for len in [1usize, 2, 3, 5, 1200, 4001] {
+    // Up to the largest datagram IPv4 carries: several TLS records per frame.
+    for len in [1usize, 2, 3, 5, 1200, 4001, 16_000, 16_385, 40_000, 65_000] {
         let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
         c.send_channel_data(0x4000, &payload).unwrap();
         let back = c
@@ -408,7 +440,7 @@ fn tls_client_relays_both_ways(ip: &'static str) {
             .unwrap_or_else(|| panic!("no echo of {len} bytes"));
         assert_eq!(back, payload, "{len} bytes");
     }
-    assert!(peer.count() >= 31, "the peer echoed {}", peer.count());
+    assert!(peer.count() >= 35, "the peer echoed {}", peer.count());
     assert!(
         d.metric(&series(
             "connection_bytes_total",
@@ -1163,4 +1195,86 @@ fn requests_sent_just_before_a_tls_close_notify_are_answered() {
             s.flush().unwrap();
         });
     }
+}
+
+#[test]
+fn a_client_hello_a_byte_at_a_time_completes() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let (mut c, info) = StreamClient::tls_split(
+        tcp_connect(d.tls_addr.unwrap()),
+        &TlsClient::new(&cert),
+        &[],
+        1,
+    );
+    assert_eq!(info.alpn.as_deref(), Some(&b"stun.turn"[..]));
+    let own = c.local();
+    assert_eq!(c.mapped(), own);
+}
+
+#[test]
+fn a_bad_record_after_the_handshake_closes_the_connection_but_is_no_setup_failure() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    let tls = TlsClient::new(&cert);
+    let (mut c, _) = StreamClient::tls(server, &tls);
+    c.must_allocate();
+    let (mut other, _) = StreamClient::tls(server, &tls);
+    other.must_allocate();
+    // An application-data record that does not decrypt, written under the TLS layer.
+    let (mut stream, _) = tls.connect(tcp_connect(server)).unwrap();
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    record.extend([0xAB; 0x40]);
+    stream.sock.write_all(&record).unwrap();
+    let probe = stream.sock.try_clone().unwrap();
+    assert!(
+        common::wait_closed(&mut stream, &probe, CLOSE_WAIT),
+        "closed"
+    );
+    d.wait_metric_until(&open("tls"), METRIC_WAIT, |v| v == 2.0);
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        3.0
+    );
+    // Its setup was done: the setup-failure series stay at 0.
+    for reason in ["tls_error", "tls_hung_up", "timeout", "proxy_header"] {
+        assert_eq!(d.metric(&setup_failures("tls", reason)), 0.0, "{reason}");
+    }
+    // The others relay on.
+    assert!(c.binding().is_ok() && other.binding().is_ok());
+}
+
+#[test]
+fn a_proxy_header_repeating_a_live_clients_address_closes_only_the_newcomer() {
+    let _s = serial();
+    // One shard: each shard knows its own connections, and which shard accepts is the
+    // kernel's choice (across shards both are served, each by its own core).
+    let listen = ip_port("127.0.0.1", 0);
+    let d = Daemon::with(
+        Options {
+            threads: 1,
+            ..Options::with_api()
+        }
+        .edit(move |c| {
+            c.tcp_listen = vec![listen];
+            c.proxy_protocol.listeners = vec![listen];
+        }),
+    );
+    let server = d.tcp_addr.unwrap();
+    let header = encode_v2(claimed("127.0.0.1", 7), server);
+    let mut first = plain_with_header(server, &header);
+    first.must_allocate();
+    let mut again = plain_with_header(server, &header);
+    assert!(
+        again.binding().is_err(),
+        "the same 5-tuple twice gets no answer"
+    );
+    assert!(again.closed_by_server(CLOSE_WAIT));
+    // The first one's allocation is untouched.
+    assert_eq!(first.mapped(), claimed("127.0.0.1", 7));
+    assert_eq!(d.metric("turnpike_allocations{transport=\"tcp\"}"), 1.0);
+    assert_eq!(d.metric(&open("tcp")), 1.0);
 }

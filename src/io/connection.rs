@@ -87,7 +87,7 @@ pub struct StreamCounters {
     pub closed_idle: u64,
     /// PROXY header or TLS handshake not done within the setup timeout.
     pub setup_timeouts: u64,
-    /// A TLS handshake or record the server could not accept.
+    /// A TLS handshake the server could not accept (a bad record after it is not counted).
     pub tls_errors: u64,
     /// The client hung up during the TLS handshake (often: it does not trust the certificate).
     pub tls_closed_in_handshake: u64,
@@ -326,7 +326,9 @@ async fn connection(
     match &result {
         Closed::Idle => counters.closed_idle += 1,
         Closed::SetupTimeout => counters.setup_timeouts += 1,
-        Closed::Tls(_) => counters.tls_errors += 1,
+        // A setup failure only: a bad record on a session set up is the client's business (the
+        // debug line below says it), not a handshake or certificate problem to alert on.
+        Closed::Tls(_) if !served.accepted => counters.tls_errors += 1,
         Closed::TlsHungUp => counters.tls_closed_in_handshake += 1,
         _ => {}
     }

@@ -1768,6 +1768,21 @@ impl StreamClient {
         (StreamClient::over(Box::new(stream), clone), info)
     }
 
+    /// TLS whose ClientHello follows `prefix` in writes of at most `piece` bytes
+    /// ([`TlsClient::connect_split`]).
+    pub fn tls_split(
+        tcp: TcpStream,
+        tls: &TlsClient,
+        prefix: &[u8],
+        piece: usize,
+    ) -> (StreamClient, TlsInfo) {
+        let clone = tcp.try_clone().unwrap();
+        let (stream, info) = tls
+            .connect_split(tcp, prefix, piece)
+            .unwrap_or_else(|e| panic!("TLS handshake with the daemon: {e}"));
+        (StreamClient::over(Box::new(stream), clone), info)
+    }
+
     pub fn local(&self) -> SocketAddr {
         self.tcp.local_addr().unwrap()
     }
@@ -2110,7 +2125,21 @@ impl TlsClient {
     /// The handshake on `tcp`, within 10 s.
     pub fn connect(
         &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(
+        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        TlsInfo,
+    )> {
+        self.connect_split(tcp, &[], usize::MAX)
+    }
+
+    /// The handshake on `tcp`, its first flight (the ClientHello) sent after `prefix` (a PROXY
+    /// header, say) in writes of at most `piece` bytes; the rest as [`TlsClient::connect`].
+    pub fn connect_split(
+        &self,
         mut tcp: TcpStream,
+        prefix: &[u8],
+        piece: usize,
     ) -> std::io::Result<(
         rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
         TlsInfo,
@@ -2118,6 +2147,14 @@ impl TlsClient {
         let mut conn = self.connection();
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
         tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut first = prefix.to_vec();
+        while conn.wants_write() {
+            conn.write_tls(&mut first)?;
+        }
+        for chunk in first.chunks(piece.max(1)) {
+            tcp.write_all(chunk)?;
+            tcp.flush()?;
+        }
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)?;
         }
