@@ -26,7 +26,7 @@ use common::{
     TurnClient, PASSWORD, USER,
 };
 use turnpike::io::proxy::encode_v2;
-use turnpike::proto::codec::Class;
+use turnpike::proto::codec::{method, Class, MessageWriter};
 
 /// One test at a time: their timeouts are seconds, the machine may have two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1277,4 +1277,101 @@ fn a_proxy_header_repeating_a_live_clients_address_closes_only_the_newcomer() {
     assert_eq!(first.mapped(), claimed("127.0.0.1", 7));
     assert_eq!(d.metric("turnpike_allocations{transport=\"tcp\"}"), 1.0);
     assert_eq!(d.metric(&open("tcp")), 1.0);
+}
+
+/// A ChannelData payload the slow-reader test can check: its index, then a fill derived from it.
+fn numbered(i: u32, len: usize) -> Vec<u8> {
+    let mut p = i.to_be_bytes().to_vec();
+    p.extend((4..len).map(|j| (i as usize + j) as u8));
+    p
+}
+
+#[test]
+fn a_client_that_stops_reading_loses_relayed_frames_whole_but_never_its_answers() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    let rss_before = d.rss_kib();
+    let tcp = common::tcp_connect_with(None, Some(4096), server);
+    let (mut c, _) = StreamClient::tls_over(tcp, &TlsClient::new(&cert));
+    let relayed = c.must_allocate();
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.must_bind_channel(0x4000, peer.local_addr().unwrap());
+
+    // The peer sends while the client reads nothing, until the daemon drops frames for it
+    // (bounded: 40000 datagrams, 30 s).
+    const LEN: usize = 1000;
+    let dropped = series("stream_frames_dropped_total", "tls", None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = 0u32;
+    while d.metric(&dropped) == 0.0 {
+        assert!(
+            sent < 40_000 && Instant::now() < deadline,
+            "no frame dropped after {sent} datagrams to a client that does not read"
+        );
+        for _ in 0..500 {
+            peer.send_to(&numbered(sent, LEN), relayed).unwrap();
+            sent += 1;
+        }
+    }
+    // Small frames fill what room is left in its queue, then a request while the client is that
+    // far behind, and more relayed data after it.
+    for _ in 0..2000 {
+        peer.send_to(&numbered(sent, 4), relayed).unwrap();
+        sent += 1;
+    }
+    let mut req = Vec::new();
+    let txid = c.txid();
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, txid);
+    c.write_frame(&req).unwrap();
+    for _ in 0..500 {
+        peer.send_to(&numbered(sent, 4), relayed).unwrap();
+        sent += 1;
+    }
+    let rss_congested = d.rss_kib();
+
+    // Reading again: whole frames, in order, and the answer among them.
+    let mut last: Option<u32> = None;
+    let (mut frames, mut answered) = (0u32, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some(f) = c.read_frame(Duration::from_secs(2)).expect("connection up") else {
+            break;
+        };
+        if f[0] >> 6 == 0 {
+            assert_eq!(f[8..20], txid, "a STUN message other than the answer");
+            answered = true;
+            continue;
+        }
+        assert_eq!(f[..2], [0x40, 0x00], "channel");
+        let len = usize::from(u16::from_be_bytes([f[2], f[3]]));
+        assert!(len == LEN || len == 4, "frame {frames}: {len} bytes");
+        let i = u32::from_be_bytes(f[4..8].try_into().unwrap());
+        assert_eq!(
+            &f[4..4 + len],
+            &numbered(i, len)[..],
+            "frame {frames} (datagram {i})"
+        );
+        assert!(last.is_none_or(|l| i > l), "datagram {i} after {last:?}");
+        last = Some(i);
+        frames += 1;
+    }
+    let dropped_n = d.metric(&dropped);
+    eprintln!(
+        "{sent} datagrams sent, {frames} frames read, {dropped_n} dropped; VmRSS {rss_before} KiB \
+         before, {rss_congested} KiB congested"
+    );
+    assert!(
+        answered,
+        "the Binding answer was dropped for a client behind on reading"
+    );
+    assert!(frames > 0 && dropped_n > 0.0);
+    assert!(
+        rss_congested < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_congested} KiB"
+    );
+    // Caught up, the client is served as before.
+    let own = c.local();
+    assert_eq!(c.mapped(), own);
 }

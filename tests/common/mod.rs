@@ -1719,12 +1719,27 @@ pub fn tcp_connect(addr: SocketAddr) -> TcpStream {
 
 /// Connects from `local` (an address of this host, port 0 for any) to `addr`.
 pub fn tcp_connect_from(local: SocketAddr, addr: SocketAddr) -> TcpStream {
+    tcp_connect_with(Some(local), None, addr)
+}
+
+/// Connects to `addr` from `local` (None: any) with a receive buffer of `rcvbuf` bytes (None:
+/// the kernel's default; a small one makes a slow reader quickly).
+pub fn tcp_connect_with(
+    local: Option<SocketAddr>,
+    rcvbuf: Option<usize>,
+    addr: SocketAddr,
+) -> TcpStream {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
-    s.bind(&local.into())
-        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    if let Some(local) = local {
+        s.bind(&local.into())
+            .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    }
+    if let Some(size) = rcvbuf {
+        s.set_recv_buffer_size(size).unwrap();
+    }
     s.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect from {local} to {addr}: {e}"));
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     let s: TcpStream = s.into();
     s.set_nodelay(true).unwrap();
     s
