@@ -1375,3 +1375,48 @@ fn a_client_that_stops_reading_loses_relayed_frames_whole_but_never_its_answers(
     let own = c.local();
     assert_eq!(c.mapped(), own);
 }
+
+#[test]
+fn a_handshake_record_of_garbage_is_a_tls_setup_failure() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let server = d.tls_addr.unwrap();
+    // A handshake record header, then bytes that are no ClientHello.
+    let mut c = StreamClient::plain(server);
+    let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+    junk.extend([0x5A; 0x40]);
+    c.write_raw(&junk).unwrap();
+    assert!(c.closed_by_server(CLOSE_WAIT), "closed");
+    d.wait_metric_until(&setup_failures("tls", "tls_error"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(
+        d.metric(&series("connections_accepted_total", "tls", None)),
+        0.0
+    );
+    let (mut ok, _) = StreamClient::tls(server, &TlsClient::new(&cert));
+    ok.must_allocate();
+}
+
+#[test]
+fn ipv6_clients_in_proxy_headers_are_counted_by_their_64() {
+    let _s = serial();
+    let d = proxied_tcp("::1", |c| c.limits.connections_per_source = 1);
+    let server = d.tcp_addr.unwrap();
+    let connect = |source: &str| {
+        let source: SocketAddr = source.parse().unwrap();
+        plain_with_header(server, &encode_v2(source, server))
+    };
+    let mut a = connect("[2001:db8:0:1::7]:1");
+    assert_eq!(a.mapped(), "[2001:db8:0:1::7]:1".parse().unwrap());
+    // Another address of the same /64 is the same source...
+    let mut same_64 = connect("[2001:db8:0:1::8]:1");
+    assert!(same_64.closed_by_server(CLOSE_WAIT), "same /64");
+    d.wait_metric_until(&refused("tcp", "per_source_limit"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+    // ...one in the next /64 is not.
+    let mut next_64 = connect("[2001:db8:0:2::7]:1");
+    assert_eq!(next_64.mapped(), "[2001:db8:0:2::7]:1".parse().unwrap());
+}
