@@ -556,6 +556,25 @@ fn a_client_that_does_not_trust_the_certificate_fails_and_is_counted() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(failures(), 2.0, "one more setup failure for the wrong name");
+    // rustls says why with an alert, which the daemon reads as a TLS error.
+    assert_eq!(d.metric(&setup_failures("tls", "tls_error")), 2.0);
+
+    // A client that hangs up after its ClientHello (as one that does not trust us without
+    // saying so): counted as hung up.
+    let mut quitter = tcp_connect(server);
+    let mut hello = Vec::new();
+    TlsClient::new(&cert)
+        .connection()
+        .write_tls(&mut hello)
+        .unwrap();
+    quitter.write_all(&hello).unwrap();
+    quitter.shutdown(std::net::Shutdown::Write).unwrap();
+    let probe = quitter.try_clone().unwrap();
+    assert!(common::wait_closed(&mut quitter, &probe, CLOSE_WAIT));
+    d.wait_metric_until(&setup_failures("tls", "tls_hung_up"), METRIC_WAIT, |v| {
+        v == 1.0
+    });
+    assert_eq!(failures(), 3.0);
 
     // The daemon serves the next client, and none of the failures was counted as accepted.
     let (mut c, _) = StreamClient::tls(server, &TlsClient::new(&cert));
