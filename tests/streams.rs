@@ -1243,16 +1243,17 @@ fn a_bad_record_after_the_handshake_closes_the_connection_but_is_no_setup_failur
     c.must_allocate();
     let (mut other, _) = StreamClient::tls(server, &tls);
     other.must_allocate();
-    // An application-data record that does not decrypt, written under the TLS layer.
-    let (mut stream, _) = tls.connect(tcp_connect(server)).unwrap();
+    // A session set up and served (its Binding answered), then an application-data record
+    // that does not decrypt, written under the TLS layer.
+    let tcp = tcp_connect(server);
+    let mut raw = tcp.try_clone().unwrap();
+    let (mut bad, _) = StreamClient::tls_over(tcp, &tls);
+    let own = bad.local();
+    assert_eq!(bad.mapped(), own);
     let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
     record.extend([0xAB; 0x40]);
-    stream.sock.write_all(&record).unwrap();
-    let probe = stream.sock.try_clone().unwrap();
-    assert!(
-        common::wait_closed(&mut stream, &probe, CLOSE_WAIT),
-        "closed"
-    );
+    raw.write_all(&record).unwrap();
+    assert!(bad.closed_by_server(CLOSE_WAIT), "closed");
     d.wait_metric_until(&open("tls"), METRIC_WAIT, |v| v == 2.0);
     assert_eq!(
         d.metric(&series("connections_accepted_total", "tls", None)),
