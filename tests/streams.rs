@@ -1440,3 +1440,44 @@ fn ipv6_clients_in_proxy_headers_are_counted_by_their_64() {
     let mut next_64 = connect("[2001:db8:0:2::7]:1");
     assert_eq!(next_64.mapped(), "[2001:db8:0:2::7]:1".parse().unwrap());
 }
+
+#[test]
+fn a_drain_keeps_tls_allocations_relaying_and_ends_when_their_connection_closes() {
+    let _s = serial();
+    let cert = TestCert::new();
+    let mut d = Daemon::with(
+        Options {
+            drain_secs: 30,
+            ..Options::with_api()
+        }
+        .edit(cert.listen_on("127.0.0.1")),
+    );
+    let server = d.tls_addr.unwrap();
+    let tls = TlsClient::new(&cert);
+    let peer = EchoPeer::start();
+    let (mut c, _) = StreamClient::tls(server, &tls);
+    c.must_allocate();
+    c.must_bind_channel(0x4000, peer.addr);
+    d.sigterm();
+    d.wait_draining(METRIC_WAIT);
+    // New allocations are refused, over TLS too; the one in force relays on.
+    let (mut late, _) = StreamClient::tls(server, &tls);
+    assert_eq!(
+        late.allocate().code(),
+        Some(508),
+        "Allocate during the drain"
+    );
+    c.echo_round_trips(0x4000, 10, Duration::from_secs(5));
+    assert!(
+        d.wait_exit(Duration::from_millis(500)).is_none(),
+        "waits for the TLS allocation"
+    );
+    // Its connection closes: the allocation ends with it, and so does the drain.
+    let t0 = Instant::now();
+    drop(c);
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits once the last allocation's connection closed");
+    eprintln!("drain ended {:?} after the connection closed", t0.elapsed());
+    assert_eq!(status.code(), Some(0));
+}
