@@ -2,7 +2,9 @@
 //! TLS, bad and untrusted headers, the header address in quotas), TLS with a rustls client
 //! (relaying both ways, ALPN, TLS 1.2 and 1.3, an untrusting client), certificate reload while a
 //! client relays, abuse (stalled handshakes, connection limits, the idle timeout), Python's
-//! aioice as an independent client, and IPv6 on `::1`.
+//! aioice as an independent client, and IPv6 on `::1`. Edge cases past those: answers to the
+//! requests a client sent just before closing its side, bad records after the handshake, a
+//! client that stops reading, a PROXY header repeating a live 5-tuple, a drain over TLS.
 //!
 //! Every test starts its own daemon through `tests/common`, talks only to loopback, bounds each
 //! loop in count and time, and waits on conditions (metrics, log lines, a closed socket) rather
@@ -1113,12 +1115,7 @@ fn aioice_allocates_and_relays_over_tcp_and_tls() {
 /// A Binding request as bytes, with a transaction id of the caller's.
 fn binding_request(txid: [u8; 12]) -> Vec<u8> {
     let mut req = Vec::new();
-    turnpike::proto::codec::MessageWriter::new(
-        &mut req,
-        turnpike::proto::codec::method::BINDING,
-        Class::Request,
-        txid,
-    );
+    MessageWriter::new(&mut req, method::BINDING, Class::Request, txid);
     req
 }
 
