@@ -70,6 +70,20 @@ fn open(transport: &str) -> String {
     series("connections_open", transport, None)
 }
 
+/// Waits until `peer` has counted `n` echoes (it counts after echoing, so the last echo can
+/// arrive before its count).
+fn wait_echoed(peer: &EchoPeer, n: u64) {
+    let deadline = Instant::now() + METRIC_WAIT;
+    while peer.count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the peer echoed {}, not {n}",
+            peer.count()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn ip_port(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
@@ -442,7 +456,7 @@ fn tls_client_relays_both_ways(ip: &'static str) {
             .unwrap_or_else(|| panic!("no echo of {len} bytes"));
         assert_eq!(back, payload, "{len} bytes");
     }
-    assert!(peer.count() >= 35, "the peer echoed {}", peer.count());
+    wait_echoed(&peer, 35);
     assert!(
         d.metric(&series(
             "connection_bytes_total",
@@ -1099,7 +1113,7 @@ fn aioice_allocates_and_relays_over_tcp_and_tls() {
             "{uri}"
         );
     }
-    assert!(peer.count() >= 3, "the peer echoed {}", peer.count());
+    wait_echoed(&peer, 3);
     assert_eq!(
         d.metric(&series("connections_accepted_total", "tls", None)),
         1.0
