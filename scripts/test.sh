@@ -5,8 +5,9 @@
 # bench/), iproute2 and nftables (tests/nat_call.rs builds network namespaces with NATs),
 # chromium and libnss3-tools' certutil (tests/browser_call.rs; certutil makes the NSS database
 # through which Chromium trusts the test CA for turns:), systemd (systemd-analyze verify of the
-# unit), and aiortc from PyPI in a virtual environment, target/py-aiortc
-# (tests/firewall_call.rs: WebRTC peers with TURN over TCP and TLS). Ends with a
+# unit), and aiortc (with its aioice) from PyPI in a virtual environment, target/py-aiortc
+# (tests/firewall_call.rs: WebRTC peers with TURN over TCP and TLS; tests/streams.rs: aioice as
+# an independent TURN/TCP and TURN/TLS client). Ends with a
 # short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +89,8 @@ if [ "$need_apt" = 1 ]; then
 fi
 
 # tests/firewall_call.rs runs its WebRTC peers with aiortc (webrtc-rs has no TURN over TCP or
-# TLS), pinned, in a virtual environment of its own under the target directory.
+# TLS), pinned, in a virtual environment of its own under the target directory; tests/streams.rs
+# uses the aioice that comes with it.
 AIORTC_VERSION=1.16.0
 PY_VENV="${CARGO_TARGET_DIR:-target}/py-aiortc"
 if ! "$PY_VENV/bin/python3" -c "import aiortc, sys; sys.exit(aiortc.__version__ != '$AIORTC_VERSION')" 2>/dev/null; then

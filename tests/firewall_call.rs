@@ -619,41 +619,15 @@ fn report_of(p: &NsProcess) -> Option<Value> {
 
 // ------------------------------------------------------------------ the Python peers
 
-/// `$TURNPIKE_PYTHON`, else `target/py-aiortc/bin/python3` (scripts/test.sh makes it), else
-/// `python3` on PATH: the first that imports aiortc.
+/// A Python that imports aiortc (see `common::find_python`).
 fn find_python() -> Result<PathBuf, String> {
-    let target = Path::new(env!("CARGO_BIN_EXE_turnpike"))
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os(PYTHON_ENV) {
-        candidates.push(PathBuf::from(p));
-    }
-    candidates.push(target.join("py-aiortc/bin/python3"));
-    candidates.push(PathBuf::from("python3"));
-    let mut why = Vec::new();
-    for py in &candidates {
-        let shown = py.display().to_string();
-        match netns::run(
-            &[
-                &shown,
-                "-c",
-                "import aiortc, aioice; print(aiortc.__version__)",
-            ],
-            None,
-        ) {
-            Ok(v) => {
-                say!("firewall_call: {shown} with aiortc {}", v.trim());
-                return Ok(py.clone());
-            }
-            Err(e) => why.push(format!("{shown}: {e}")),
-        }
-    }
-    Err(format!(
-        "no Python with aiortc (scripts/test.sh installs aiortc==1.16.0 into \
-         target/py-aiortc; or set {PYTHON_ENV}): {}",
-        why.join("; ")
-    ))
+    let check = "import aiortc, aioice";
+    let py = common::find_python(check).map_err(|why| {
+        format!(
+            "no Python with aiortc (scripts/test.sh installs aiortc==1.16.0 into \
+             target/py-aiortc; or set {PYTHON_ENV}): {why}"
+        )
+    })?;
+    say!("firewall_call: aiortc from {}", py.display());
+    Ok(py)
 }

@@ -88,7 +88,7 @@ pub struct StreamCounters {
     pub closed_idle: u64,
     /// PROXY header or TLS handshake not done within the setup timeout.
     pub setup_timeouts: u64,
-    /// A TLS handshake or record the server could not accept.
+    /// A TLS handshake the server could not accept (a bad record after it is not counted).
     pub tls_errors: u64,
     /// The client hung up during the TLS handshake (often: it does not trust the certificate).
     pub tls_closed_in_handshake: u64,
@@ -368,7 +368,9 @@ fn close(state: &Shard, ft: &FiveTuple, result: &Closed, served: &Served) {
     match result {
         Closed::Idle => counters.closed_idle += 1,
         Closed::SetupTimeout => counters.setup_timeouts += 1,
-        Closed::Tls(_) => counters.tls_errors += 1,
+        // A setup failure only: a bad record on a session set up is the client's business (the
+        // debug line below says it), not a handshake or certificate problem to alert on.
+        Closed::Tls(_) if !served.accepted => counters.tls_errors += 1,
         Closed::TlsHungUp => counters.tls_closed_in_handshake += 1,
         _ => {}
     }
@@ -715,6 +717,9 @@ async fn serve(
                 frames.drain(..used);
             }
             if ended {
+                // The client closed its side (close_notify) after its last requests: their
+                // answers are queued and still go out, as on plain TCP below.
+                flush_before_close(state, ft, conn, wire, stream);
                 return Closed::Io(io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -742,7 +747,12 @@ async fn serve(
                 idle_until = tokio::time::Instant::now() + policy.idle;
                 match tcp::read_some(stream, wire.read_target(&mut frames, &mut raw)) {
                     Ok(0) if handshaking => return Closed::TlsHungUp,
-                    Ok(0) => return Closed::Io(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(0) => {
+                        // A half-close after the last requests (`shutdown(SHUT_WR)`): their
+                        // answers are queued and the client may still read them.
+                        flush_before_close(state, ft, conn, wire, stream);
+                        return Closed::Io(io::ErrorKind::UnexpectedEof.into());
+                    }
                     Ok(n) => {
                         state.borrow_mut().connections.of(ft.transport).bytes_in += n as u64;
                         got_bytes = true;
@@ -763,6 +773,20 @@ async fn serve(
             Ok(n) => state.borrow_mut().connections.of(ft.transport).bytes_out += n as u64,
             Err(e) => return e.into(),
         }
+    }
+}
+
+/// Writes what is queued for a client that has closed its side, as far as the socket takes it
+/// now: one try, no waiting, so a client that never reads cannot hold the connection open.
+fn flush_before_close(
+    state: &Shard,
+    ft: &FiveTuple,
+    conn: &StreamConn,
+    wire: &mut Wire,
+    stream: &TcpStream,
+) {
+    if let Ok(n) = wire.flush(conn, stream) {
+        state.borrow_mut().connections.of(ft.transport).bytes_out += n as u64;
     }
 }
 

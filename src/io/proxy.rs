@@ -98,11 +98,25 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     };
     Ok(Some((
         ProxyHeader::Proxied {
-            source: SocketAddr::new(src, v1_port(sport)?),
-            destination: SocketAddr::new(dst, v1_port(dport)?),
+            source: unmapped(SocketAddr::new(src, v1_port(sport)?)),
+            destination: unmapped(SocketAddr::new(dst, v1_port(dport)?)),
         },
         len,
     )))
+}
+
+/// An IPv4 client as IPv4. A balancer whose two sides differ in family (an IPv4 client on a
+/// dual-stack frontend) writes the client as an IPv4-mapped IPv6 address (HAProxy does, in both
+/// versions); the client is IPv4 all the same, and XOR-MAPPED-ADDRESS, quotas and logs must
+/// say so.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
 }
 
 fn v1_ip<T: std::str::FromStr>(text: &str) -> Result<T, ProxyError> {
@@ -171,8 +185,8 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
             };
             let port = |i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
             ProxyHeader::Proxied {
-                source: SocketAddr::new(ip(0), port(32)),
-                destination: SocketAddr::new(ip(16), port(34)),
+                source: unmapped(SocketAddr::new(ip(0), port(32))),
+                destination: unmapped(SocketAddr::new(ip(16), port(34))),
             }
         }
         3 => return Err(ProxyError::V2("a unix-socket client cannot use TURN")),
@@ -246,6 +260,31 @@ mod tests {
         );
         parses_whole_only(b"PROXY UNKNOWN\r\n", ProxyHeader::Local);
         parses_whole_only(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", ProxyHeader::Local);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_read_as_ipv4() {
+        let want = ProxyHeader::Proxied {
+            source: addr("198.51.100.7:40000"),
+            destination: addr("[2001:db8::1]:443"),
+        };
+        parses_whole_only(
+            b"PROXY TCP6 ::ffff:198.51.100.7 2001:db8::1 40000 443\r\n",
+            want,
+        );
+        // encode_v2 writes mixed families as IPv6, IPv4 mapped.
+        parses_whole_only(
+            &encode_v2(addr("198.51.100.7:40000"), addr("[2001:db8::1]:443")),
+            want,
+        );
+        // Other IPv6 addresses that embed IPv4 (6to4, NAT64) are IPv6 clients: kept.
+        parses_whole_only(
+            b"PROXY TCP6 2002:c633:6407::1 2001:db8::1 1 2\r\n",
+            ProxyHeader::Proxied {
+                source: addr("[2002:c633:6407::1]:1"),
+                destination: addr("[2001:db8::1]:2"),
+            },
+        );
     }
 
     #[test]

@@ -17,6 +17,11 @@ use crate::proto::codec::{self, HEADER_LEN};
 /// Bytes a connection may have queued for a client that reads too slowly; past it, relayed
 /// frames are dropped (as a full UDP path would drop them) rather than held without bound.
 pub const MAX_QUEUED: usize = 256 * 1024;
+/// Room past [`MAX_QUEUED`] for answers to the client's own requests. A stream client does not
+/// retransmit (RFC 8489 §6.2.2), so a dropped answer (a Refresh's, say) is a transaction lost
+/// for 39.5 s; relayed data is what a slow reader loses. Still bounded: a client that sends
+/// requests without reading their answers loses those past this too.
+pub const ANSWER_RESERVE: usize = 64 * 1024;
 /// The largest frame a stream can carry: a STUN message or padded ChannelData of 64 KiB.
 pub const MAX_FRAME: usize = HEADER_LEN + u16::MAX as usize + 3;
 /// How much one read asks the kernel for.
@@ -45,10 +50,15 @@ pub struct StreamConn {
 
 impl StreamConn {
     /// Queues a frame for the client; false, and nothing queued, when the client is too far
-    /// behind.
+    /// behind: past [`MAX_QUEUED`] for relayed data, past [`ANSWER_RESERVE`] more for answers.
     pub fn queue(&self, frame: &[u8]) -> bool {
         let mut out = self.out.borrow_mut();
-        if out.len() + frame.len() > MAX_QUEUED {
+        let limit = if is_response(frame) {
+            MAX_QUEUED + ANSWER_RESERVE
+        } else {
+            MAX_QUEUED
+        };
+        if out.len() + frame.len() > limit {
             return false;
         }
         let was_empty = out.is_empty();
@@ -90,6 +100,12 @@ impl StreamConn {
         out.drain(..written);
         Ok(written)
     }
+}
+
+/// A STUN success or error response (class bit C1 set), as opposed to ChannelData and
+/// indications (relayed data).
+fn is_response(frame: &[u8]) -> bool {
+    frame.len() >= HEADER_LEN && frame[0] >> 6 == 0 && frame[0] & 0x01 != 0
 }
 
 /// Appends what the socket has to `buf`; how many bytes, 0 at the end of the stream.
@@ -209,5 +225,28 @@ mod tests {
         let queued = (0..1000).filter(|_| conn.queue(&frame)).count();
         assert_eq!(queued, MAX_QUEUED / 1000);
         assert!(conn.has_output());
+        // Answers still fit, in their reserve only; indications do not.
+        let mut answer = Vec::new();
+        codec::MessageWriter::new(
+            &mut answer,
+            codec::method::BINDING,
+            codec::Class::Success,
+            [1; 12],
+        )
+        .attr(codec::attr::SOFTWARE, &[b'x'; 980]);
+        let mut indication = Vec::new();
+        codec::MessageWriter::new(
+            &mut indication,
+            codec::method::DATA,
+            codec::Class::Indication,
+            [2; 12],
+        )
+        .attr(codec::attr::DATA, &[0; 980]);
+        assert!(!conn.queue(&indication));
+        let answers = (0..1000).filter(|_| conn.queue(&answer)).count();
+        assert_eq!(answers, (MAX_QUEUED % 1000 + ANSWER_RESERVE) / answer.len());
+        let mut error = answer.clone();
+        error[1] |= 0x10;
+        assert!(!conn.queue(&error), "the reserve is bounded");
     }
 }

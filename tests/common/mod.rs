@@ -1677,3 +1677,590 @@ pub fn signaling_listen_addr(child: &mut Child, within: Duration) -> Option<Stri
     });
     rx.recv_timeout(within).ok()
 }
+
+// ---------------------------------------------------------------------------------- TURN over TCP and TLS
+
+/// A byte stream a [`StreamClient`] speaks TURN over: a plain `TcpStream`, or rustls over one.
+pub trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
+/// How long a stream client waits for a response before it calls the request lost.
+const STREAM_REPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// The length of the whole frame at the start of `buf` as RFC 8656 §11.5 frames a stream: a
+/// STUN message (20 + length) or ChannelData padded to 4 bytes. None until 4 bytes are there.
+/// Computed here, independently of the daemon's codec.
+pub fn stream_frame_len(buf: &[u8]) -> Option<usize> {
+    let head = buf.get(..4)?;
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    Some(match head[0] >> 6 {
+        0 => 20 + len,
+        _ => 4 + len.div_ceil(4) * 4,
+    })
+}
+
+/// A minimal synchronous TURN client over one TCP connection, plain or TLS (long-term
+/// credentials, MD5). Frames that arrive while it waits for a response (relayed data) are kept
+/// for [`StreamClient::recv_channel_data`] and [`StreamClient::recv_data`].
+pub struct StreamClient {
+    io: Box<dyn Duplex>,
+    /// The socket under `io`, for read timeouts.
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    backlog: std::collections::VecDeque<Vec<u8>>,
+    pub user: String,
+    pub key: Vec<u8>,
+    pub nonce: Vec<u8>,
+    n: u32,
+}
+
+/// Connects to `addr` over TCP, within 5 s.
+pub fn tcp_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Connects from `local` (an address of this host, port 0 for any) to `addr`.
+pub fn tcp_connect_from(local: SocketAddr, addr: SocketAddr) -> TcpStream {
+    tcp_connect_with(Some(local), None, addr)
+}
+
+/// Connects to `addr` from `local` (None: any) with a receive buffer of `rcvbuf` bytes (None:
+/// the kernel's default; a small one makes a slow reader quickly).
+pub fn tcp_connect_with(
+    local: Option<SocketAddr>,
+    rcvbuf: Option<usize>,
+    addr: SocketAddr,
+) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    if let Some(local) = local {
+        s.bind(&local.into())
+            .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    }
+    if let Some(size) = rcvbuf {
+        s.set_recv_buffer_size(size).unwrap();
+    }
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let s: TcpStream = s.into();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+impl StreamClient {
+    /// Plain TURN over TCP to `addr`.
+    pub fn plain(addr: SocketAddr) -> StreamClient {
+        let tcp = tcp_connect(addr);
+        StreamClient::over(Box::new(tcp.try_clone().unwrap()), tcp)
+    }
+
+    /// TURN over `io`, whose socket is `tcp` (a clone of it: the client sets its timeouts).
+    pub fn over(io: Box<dyn Duplex>, tcp: TcpStream) -> StreamClient {
+        StreamClient {
+            io,
+            tcp,
+            buf: Vec::new(),
+            backlog: Default::default(),
+            user: USER.into(),
+            key: long_term_key(PasswordAlgorithm::Md5, USER, REALM, PASSWORD)
+                .as_bytes()
+                .to_vec(),
+            nonce: Vec::new(),
+            n: 0,
+        }
+    }
+
+    /// TURN over TLS to `addr` as `tls` says; the client and what the handshake settled.
+    pub fn tls(addr: SocketAddr, tls: &TlsClient) -> (StreamClient, TlsInfo) {
+        let tcp = tcp_connect(addr);
+        StreamClient::tls_over(tcp, tls)
+    }
+
+    /// TLS on a connection the caller opened (and may have written a PROXY header to).
+    pub fn tls_over(tcp: TcpStream, tls: &TlsClient) -> (StreamClient, TlsInfo) {
+        let clone = tcp.try_clone().unwrap();
+        let (stream, info) = tls
+            .connect(tcp)
+            .unwrap_or_else(|e| panic!("TLS handshake with the daemon: {e}"));
+        (StreamClient::over(Box::new(stream), clone), info)
+    }
+
+    /// TLS whose ClientHello follows `prefix` in writes of at most `piece` bytes
+    /// ([`TlsClient::connect_split`]).
+    pub fn tls_split(
+        tcp: TcpStream,
+        tls: &TlsClient,
+        prefix: &[u8],
+        piece: usize,
+    ) -> (StreamClient, TlsInfo) {
+        let clone = tcp.try_clone().unwrap();
+        let (stream, info) = tls
+            .connect_split(tcp, prefix, piece)
+            .unwrap_or_else(|e| panic!("TLS handshake with the daemon: {e}"));
+        (StreamClient::over(Box::new(stream), clone), info)
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.tcp.local_addr().unwrap()
+    }
+
+    /// A fresh transaction id.
+    pub fn txid(&mut self) -> [u8; 12] {
+        self.n += 1;
+        let mut t = [0x5A; 12];
+        t[..4].copy_from_slice(&self.n.to_be_bytes());
+        t[4..8].copy_from_slice(&std::process::id().to_be_bytes());
+        t
+    }
+
+    /// Writes raw bytes as they are (a PROXY header, garbage, a frame).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes)?;
+        self.io.flush()
+    }
+
+    /// Writes one frame, ChannelData padded to 4 bytes as streams require.
+    pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut padded = frame.to_vec();
+        if frame[0] >> 6 == 1 {
+            padded.resize(frame.len().div_ceil(4) * 4, 0);
+        }
+        self.write_raw(&padded)
+    }
+
+    /// The next frame, or Ok(None) after `wait`; an error when the stream ended or broke.
+    pub fn read_frame(&mut self, wait: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + wait;
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(len) = stream_frame_len(&self.buf) {
+                if self.buf.len() >= len {
+                    return Ok(Some(self.buf.drain(..len).collect()));
+                }
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Ok(None);
+            };
+            self.tcp
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            match self.io.read(&mut chunk) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends a request and waits for the response with its transaction id; other frames go to
+    /// the backlog. An error when the connection ends or no response comes within 10 s.
+    pub fn try_transact(&mut self, req: &[u8]) -> std::io::Result<Reply> {
+        self.write_frame(req)?;
+        let deadline = Instant::now() + STREAM_REPLY_WAIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(frame) = self.read_frame(left)? else {
+                break;
+            };
+            if frame[0] >> 6 == 0 && frame.len() >= 20 && frame[8..20] == req[8..20] {
+                return Ok(Reply(frame));
+            }
+            self.backlog.push_back(frame);
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no response within 10 s",
+        ))
+    }
+
+    pub fn transact(&mut self, req: &[u8]) -> Reply {
+        let local = self.local();
+        self.try_transact(req)
+            .unwrap_or_else(|e| panic!("request over the connection from {local}: {e}"))
+    }
+
+    /// A Binding request; its response, or why none came.
+    pub fn binding(&mut self) -> std::io::Result<Reply> {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::BINDING, Class::Request, self.txid());
+        self.try_transact(&req)
+    }
+
+    /// XOR-MAPPED-ADDRESS of a successful Binding; panics otherwise.
+    pub fn mapped(&mut self) -> SocketAddr {
+        let r = self.binding().expect("Binding over the connection");
+        assert_eq!(r.outcome(), (true, None), "Binding");
+        r.xor_addr(attr::XOR_MAPPED_ADDRESS)
+    }
+
+    /// Unauthenticated Allocate for a nonce (expects 401).
+    pub fn challenge(&mut self) -> Reply {
+        let mut req = Vec::new();
+        MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, self.txid())
+            .attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        let r = self.transact(&req);
+        assert_eq!(r.code(), Some(401), "unauthenticated Allocate");
+        self.nonce = r.attr(attr::NONCE).expect("NONCE in 401");
+        r
+    }
+
+    /// An authenticated request; fetches a nonce first when it has none, once more on 438.
+    pub fn request(&mut self, m: u16, fill: impl Fn(&mut MessageWriter)) -> Reply {
+        if self.nonce.is_empty() {
+            self.challenge();
+        }
+        for _ in 0..2 {
+            let mut req = Vec::new();
+            let mut w = MessageWriter::new(&mut req, m, Class::Request, self.txid());
+            fill(&mut w);
+            w.attr(attr::USERNAME, self.user.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&self.key);
+            let r = self.transact(&req);
+            if r.code() == Some(438) {
+                self.nonce = r.attr(attr::NONCE).expect("NONCE in 438");
+                continue;
+            }
+            if r.class() == Class::Success {
+                assert!(r.msg().verify_integrity(&self.key), "response integrity");
+            }
+            return r;
+        }
+        panic!("stale nonce twice in a row");
+    }
+
+    pub fn allocate(&mut self) -> Reply {
+        self.request(method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })
+    }
+
+    /// Allocates; the relayed address. Panics unless it succeeds.
+    pub fn must_allocate(&mut self) -> SocketAddr {
+        let r = self.allocate();
+        assert_eq!(r.outcome(), (true, None), "Allocate over a stream");
+        r.xor_addr(attr::XOR_RELAYED_ADDRESS)
+    }
+
+    pub fn must_permit(&mut self, peer: SocketAddr) {
+        let r = self.request(method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        });
+        assert_eq!(r.outcome(), (true, None), "CreatePermission for {peer}");
+    }
+
+    pub fn must_bind_channel(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self.request(method::CHANNEL_BIND, |w| {
+            let c = channel.to_be_bytes();
+            w.attr(attr::CHANNEL_NUMBER, &[c[0], c[1], 0, 0])
+                .xor_address(attr::XOR_PEER_ADDRESS, peer);
+        });
+        assert_eq!(r.outcome(), (true, None), "ChannelBind to {peer}");
+    }
+
+    /// A Send indication carrying `data` to `peer`.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) -> std::io::Result<()> {
+        let mut ind = Vec::new();
+        MessageWriter::new(&mut ind, method::SEND, Class::Indication, self.txid())
+            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
+        self.write_frame(&ind)
+    }
+
+    pub fn send_channel_data(&mut self, channel: u16, data: &[u8]) -> std::io::Result<()> {
+        self.write_frame(&channel_data(channel, data))
+    }
+
+    /// The next frame, from the backlog first.
+    fn next_frame(&mut self, deadline: Instant) -> std::io::Result<Option<Vec<u8>>> {
+        if let Some(f) = self.backlog.pop_front() {
+            return Ok(Some(f));
+        }
+        match deadline.checked_duration_since(Instant::now()) {
+            Some(left) => self.read_frame(left),
+            None => Ok(None),
+        }
+    }
+
+    /// The payload of the next ChannelData frame on `channel` (others are discarded), or
+    /// None after `wait`.
+    pub fn recv_channel_data(
+        &mut self,
+        channel: u16,
+        wait: Duration,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + wait;
+        while let Some(f) = self.next_frame(deadline)? {
+            if f[..2] == channel.to_be_bytes() {
+                let len = usize::from(u16::from_be_bytes([f[2], f[3]]));
+                return Ok(f.get(4..4 + len).map(<[u8]>::to_vec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The peer and payload of the next Data indication (other frames are discarded), or None
+    /// after `wait`.
+    pub fn recv_data(&mut self, wait: Duration) -> std::io::Result<Option<(SocketAddr, Vec<u8>)>> {
+        let deadline = Instant::now() + wait;
+        while let Some(f) = self.next_frame(deadline)? {
+            let Ok(m) = Message::parse(&f) else { continue };
+            if m.method == method::DATA && m.class == Class::Indication {
+                let peer = m
+                    .get(attr::XOR_PEER_ADDRESS)
+                    .and_then(|a| decode_xor_address(a.value, &m.transaction_id()))
+                    .expect("XOR-PEER-ADDRESS in a Data indication");
+                let data = m.get(attr::DATA).expect("DATA in a Data indication");
+                return Ok(Some((peer, data.value.to_vec())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends `count` distinct payloads on `channel` and checks each comes back (through an echo
+    /// peer) within `wait`, before sending the next.
+    pub fn echo_round_trips(&mut self, channel: u16, count: usize, wait: Duration) {
+        for i in 0..count {
+            let payload = format!("stream round trip {i} from {}", self.local()).into_bytes();
+            self.send_channel_data(channel, &payload).expect("send");
+            let back = self
+                .recv_channel_data(channel, wait)
+                .expect("the connection stays up")
+                .unwrap_or_else(|| panic!("no echo for round trip {i}"));
+            assert_eq!(back, payload, "round trip {i}");
+        }
+    }
+
+    /// Waits until the server closes the connection (end of stream or reset): true, or false
+    /// when it is still open after `wait`. Whatever arrives meanwhile is discarded.
+    pub fn closed_by_server(&mut self, wait: Duration) -> bool {
+        wait_closed(&mut *self.io, &self.tcp, wait)
+    }
+}
+
+/// Reads from `io` (on socket `tcp`) until the end of the stream or an error: true, or false
+/// when neither came within `wait`.
+pub fn wait_closed(io: &mut dyn Read, tcp: &TcpStream, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut chunk = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match io.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A rustls client: which CA it trusts, the ALPN protocols it offers, the TLS versions it
+/// speaks and the name it asks for.
+#[derive(Clone)]
+pub struct TlsClient {
+    /// PEM file of the CA certificate(s) to trust.
+    pub ca: PathBuf,
+    pub alpn: Vec<Vec<u8>>,
+    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    /// An IP literal or a DNS name in the server's certificate.
+    pub server_name: String,
+}
+
+/// What a TLS handshake settled.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub alpn: Option<Vec<u8>>,
+    pub version: Option<rustls::ProtocolVersion>,
+    /// DER of the leaf certificate the server presented.
+    pub peer_cert: Vec<u8>,
+}
+
+impl TlsClient {
+    /// Trusts `cert`'s CA, offers `stun.turn`, speaks TLS 1.2 and 1.3, asks for 127.0.0.1.
+    pub fn new(cert: &TestCert) -> TlsClient {
+        TlsClient {
+            ca: cert.ca.clone(),
+            alpn: vec![b"stun.turn".to_vec()],
+            versions: vec![&rustls::version::TLS13, &rustls::version::TLS12],
+            server_name: "127.0.0.1".into(),
+        }
+    }
+
+    pub fn alpn(mut self, protocols: &[&[u8]]) -> TlsClient {
+        self.alpn = protocols.iter().map(|p| p.to_vec()).collect();
+        self
+    }
+
+    pub fn versions(mut self, v: &[&'static rustls::SupportedProtocolVersion]) -> TlsClient {
+        self.versions = v.to_vec();
+        self
+    }
+
+    pub fn server_name(mut self, name: &str) -> TlsClient {
+        self.server_name = name.into();
+        self
+    }
+
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca).expect("read the CA file") {
+            roots.add(c.expect("CA PEM")).expect("CA certificate");
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&self.versions)
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = self.alpn.clone();
+        Arc::new(config)
+    }
+
+    /// A client connection not yet started, for tests that drive the bytes themselves.
+    pub fn connection(&self) -> rustls::ClientConnection {
+        let name =
+            rustls::pki_types::ServerName::try_from(self.server_name.clone()).expect("server name");
+        rustls::ClientConnection::new(self.config(), name).expect("client connection")
+    }
+
+    /// The handshake on `tcp`, within 10 s.
+    pub fn connect(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(
+        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        TlsInfo,
+    )> {
+        self.connect_split(tcp, &[], usize::MAX)
+    }
+
+    /// The handshake on `tcp`, its first flight (the ClientHello) sent after `prefix` (a PROXY
+    /// header, say) in writes of at most `piece` bytes; the rest as [`TlsClient::connect`].
+    pub fn connect_split(
+        &self,
+        mut tcp: TcpStream,
+        prefix: &[u8],
+        piece: usize,
+    ) -> std::io::Result<(
+        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        TlsInfo,
+    )> {
+        let mut conn = self.connection();
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut first = prefix.to_vec();
+        while conn.wants_write() {
+            conn.write_tls(&mut first)?;
+        }
+        for chunk in first.chunks(piece.max(1)) {
+            tcp.write_all(chunk)?;
+            tcp.flush()?;
+        }
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)?;
+        }
+        // Anything the handshake left to write (TLS 1.2's client Finished is written above).
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp)?;
+        }
+        let info = TlsInfo {
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            version: conn.protocol_version(),
+            peer_cert: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec())
+                .unwrap_or_default(),
+        };
+        Ok((rustls::StreamOwned::new(conn, tcp), info))
+    }
+}
+
+impl Daemon {
+    /// Polls `/metrics` until `series` satisfies `pred`; its value then. Panics with the last
+    /// value after `timeout`.
+    pub fn wait_metric_until(
+        &self,
+        series: &str,
+        timeout: Duration,
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.metrics().get(series).copied();
+            if let Some(v) = now.filter(|v| pred(*v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {now:?}, still not as expected after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's resident set size in KiB (`VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+/// The Python for tests that need PyPI packages: `$TURNPIKE_PYTHON`, else
+/// `target/py-aiortc/bin/python3` (scripts/test.sh makes that virtual environment, with aiortc
+/// and its aioice), else `python3` on PATH; the first that runs `check` (a Python statement)
+/// without error. Err lists why each candidate failed.
+pub fn find_python(check: &str) -> Result<PathBuf, String> {
+    let target = Path::new(env!("CARGO_BIN_EXE_turnpike"))
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("TURNPIKE_PYTHON") {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(target.join("py-aiortc/bin/python3"));
+    candidates.push(PathBuf::from("python3"));
+    let mut why = Vec::new();
+    for py in candidates {
+        match Command::new(&py)
+            .args(["-c", check])
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) if o.status.success() => return Ok(py),
+            Ok(o) => why.push(format!(
+                "{}: {}",
+                py.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => why.push(format!("{}: {e}", py.display())),
+        }
+    }
+    Err(why.join("; "))
+}
