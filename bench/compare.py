@@ -450,7 +450,8 @@ def main():
     ap.add_argument("--scenarios", default="paced,flood", help="comma-separated, of paced,flood")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="server threads (0 = both servers' default)")
-    ap.add_argument("--quick", action="store_true", help="small load, for a smoke run")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tenth of the load, a smoke run only: connection setup then dominates the figures")
     ap.add_argument("--syscalls", action="store_true",
                     help="count syscalls per relayed packet with strace -c instead of timing")
     ap.add_argument("--json", help="write results here")
