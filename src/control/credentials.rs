@@ -391,6 +391,22 @@ key = "0x9e2a8a5e6d4a9f4d7c0d3f1f0a4b2c1d"
     }
 
     #[test]
+    fn every_transport_gets_its_uri_on_the_public_host() {
+        let mut c = config();
+        c.tcp_listen = vec!["0.0.0.0:3478".parse().unwrap()];
+        c.tls_listen = vec!["0.0.0.0:443".parse().unwrap(), "[::]:443".parse().unwrap()];
+        assert_eq!(
+            default_uris(&Listeners::configured(&c), &public_host(&c, None)),
+            [
+                "stun:turn.example.com:3478",
+                "turn:turn.example.com:3478?transport=udp",
+                "turn:turn.example.com:3478?transport=tcp",
+                "turns:turn.example.com:443?transport=tcp",
+            ]
+        );
+    }
+
+    #[test]
     fn minted_credential_verifies_and_shapes_parse() {
         let c = config();
         let uris = default_uris(&Listeners::configured(&c), &public_host(&c, None));
