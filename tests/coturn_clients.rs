@@ -161,7 +161,7 @@ fn uclient_relays_everything_on(
     let d = Daemon::with(
         Options {
             ipv6: ip == "::1",
-            ..Options::default()
+            ..Options::with_api()
         }
         .edit(move |c| c.tcp_listen = vec![tcp_listen])
         .edit(cert.listen_on(ip)),
@@ -207,14 +207,25 @@ fn uclient_relays_everything_on(
         .lines()
         .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
         .unwrap_or_else(|| panic!("no totals in uclient output:\n{text}"));
-    assert!(
-        summary.ends_with(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
-        "uclient totals: {summary:?}\n{text}"
-    );
-    assert!(
-        text.contains("Total lost packets 0 ("),
-        "uclient lost packets:\n{text}"
-    );
+    if over_tls(mode) {
+        // uclient counts one message per SSL_read: a TLS record carrying two frames (the daemon
+        // writes what is queued in one go) counts once, so its receive count is a lower bound
+        // (coturn shows the same, see bench/README.md). The daemon's own per-allocation counts
+        // below are the check that every message came back.
+        assert!(
+            summary.contains(&format!("tot_send_msgs={total}, tot_recv_msgs=")),
+            "uclient totals: {summary:?}\n{text}"
+        );
+    } else {
+        assert!(
+            summary.ends_with(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
+            "uclient totals: {summary:?}\n{text}"
+        );
+        assert!(
+            text.contains("Total lost packets 0 ("),
+            "uclient lost packets:\n{text}"
+        );
+    }
 
     // The clients delete their allocations before exiting; the daemon's counters must agree.
     // Over TCP and TLS uclient may also open (and allocate on) connections it drops before
@@ -249,6 +260,13 @@ fn uclient_relays_everything_on(
     assert_eq!(sum("to_peer_packets"), total);
     assert_eq!(sum("to_client_packets"), total);
     assert_eq!(sum("to_peer_bytes"), total * 160);
+    // Counted as sent to the client above, and none of it dropped on the way out.
+    for t in ["tcp", "tls"] {
+        let dropped = d.metric(&format!(
+            "turnpike_stream_frames_dropped_total{{transport=\"{t}\"}}"
+        ));
+        assert_eq!(dropped, 0.0, "{t} frames dropped");
+    }
 }
 
 #[test]

@@ -112,7 +112,18 @@ fn is_response(frame: &[u8]) -> bool {
 pub fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     // Reads into spare capacity: no zero-filling of the chunk before every read.
     buf.reserve(READ_CHUNK);
-    stream.try_read_buf(buf)
+    let room = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    if n > 0 && n < room {
+        // A short read emptied the receive queue. tokio keeps the socket marked readable until
+        // a read says WouldBlock, which would cost one more syscall per read; clear the mark
+        // without it (the UDP listeners do the same after a short batch). Bytes arriving from
+        // now on raise a fresh edge, so nothing is missed.
+        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+    Ok(n)
 }
 
 /// The complete frames at the start of `buf`, by their lengths, and how many bytes they take;
