@@ -6,8 +6,8 @@
 
 use std::fmt::Write;
 
-use crate::io::connection::StreamCounters;
 use crate::io::shard::ShardReport;
+use crate::io::stream_stats::StreamCounters;
 use crate::proto::stats::{Kind, Series};
 
 /// Values the control plane adds to the shards' counters.

@@ -6,6 +6,7 @@ pub mod interfaces;
 pub mod proxy;
 pub mod relay;
 pub mod shard;
+pub mod stream_stats;
 pub mod tcp;
 pub mod tcp_relay;
 pub mod tls;

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::connection::{self, ConnectionStats, ListenerKind, StreamSettings};
+use super::connection::{self, ListenerKind, StreamSettings};
 use super::relay::{Reservations, ShardRelays};
+use super::stream_stats::ConnectionStats;
 use super::tcp::StreamConn;
 use super::tcp_relay::{self, TcpRelays};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
