@@ -72,6 +72,27 @@ fn run_bounded(cmd: &mut Command) -> Output {
     }
 }
 
+/// uclient's output, insisting it exited 0, and its final summary line (not the per-client
+/// progress lines, which carry `msz=`).
+fn uclient_totals(out: &Output) -> (String, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "uclient failed ({}):\n{text}",
+        out.status
+    );
+    let summary = text
+        .lines()
+        .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
+        .unwrap_or_else(|| panic!("no totals in uclient output:\n{text}"))
+        .to_owned();
+    (text, summary)
+}
+
 /// `turnutils_peer`, an echo server on a loopback address; killed on drop.
 struct EchoPeer {
     child: std::process::Child,
@@ -191,22 +212,8 @@ fn uclient_relays_everything_on(
             .args(["-e", ip, "-r", &peer.port.to_string()])
             .arg(ip),
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "uclient failed ({}):\n{text}",
-        out.status
-    );
+    let (text, summary) = uclient_totals(&out);
     let total = MSGS * CLIENTS;
-    // The final summary, not the per-client progress lines (those carry `msz=`).
-    let summary = text
-        .lines()
-        .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
-        .unwrap_or_else(|| panic!("no totals in uclient output:\n{text}"));
     if over_tls(mode) {
         // uclient counts one message per SSL_read: a TLS record carrying two frames (the daemon
         // writes what is queued in one go) counts once, so its receive count is a lower bound
@@ -380,21 +387,8 @@ fn uclient_tcp_relay_client_to_client() {
             .args(["-l", "160", "-z", "5"])
             .arg("127.0.0.1"),
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "uclient failed ({}):\n{text}",
-        out.status
-    );
+    let (text, summary) = uclient_totals(&out);
     let total = MSGS * CLIENTS;
-    let summary = text
-        .lines()
-        .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
-        .unwrap_or_else(|| panic!("no totals in uclient output:\n{text}"));
     assert!(
         summary.ends_with(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
         "uclient totals: {summary:?}\n{text}"

@@ -372,13 +372,7 @@ fn build_listen(
         // with SO_REUSEPORT both bind and the kernel splits traffic between
         // them.
         if port != 0 {
-            let clash = listen.iter().find(|(_, other)| {
-                other.port() == port
-                    && other.is_ipv4() == addr.is_ipv4()
-                    && (other.ip() == addr.ip()
-                        || other.ip().is_unspecified()
-                        || addr.ip().is_unspecified())
-            });
+            let clash = listen.iter().find(|(_, other)| same_socket(*other, addr));
             if let Some((j, other)) = clash {
                 let reason = if *other == addr {
                     format!("duplicate of {name}[{j}]")

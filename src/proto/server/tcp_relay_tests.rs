@@ -22,13 +22,7 @@ impl Harness {
         c: &Creds,
         fill: impl FnOnce(&mut MessageWriter),
     ) -> (Class, Option<u16>) {
-        let nonce = self.nonce(ft);
-        let txid = self.txid();
-        let req = self.request(method::ALLOCATE, txid, c, &nonce, |w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
-            fill(w);
-        });
-        self.call(ft, &req)
+        self.allocate_transport(ft, c, 6, fill)
     }
 
     /// A control connection with a TCP allocation; its relayed address.

@@ -224,10 +224,21 @@ impl Harness {
         c: &Creds,
         fill: impl FnOnce(&mut MessageWriter),
     ) -> (Class, Option<u16>) {
+        self.allocate_transport(ft, c, 17, fill)
+    }
+
+    /// An Allocate asking for REQUESTED-TRANSPORT `protocol` (17 UDP, 6 TCP).
+    pub(super) fn allocate_transport(
+        &mut self,
+        ft: &FiveTuple,
+        c: &Creds,
+        protocol: u8,
+        fill: impl FnOnce(&mut MessageWriter),
+    ) -> (Class, Option<u16>) {
         let nonce = self.nonce(ft);
         let txid = self.txid();
         let req = self.request(method::ALLOCATE, txid, c, &nonce, |w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::REQUESTED_TRANSPORT, &[protocol, 0, 0, 0]);
             fill(w);
         });
         self.call(ft, &req)
