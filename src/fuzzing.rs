@@ -82,7 +82,9 @@ fn run_ops_unit(data: &[u8]) {
 /// open. Also the core's unit tests' provider (`proto::server` tests).
 #[derive(Default)]
 pub struct FakeRelays {
-    next_port: u16,
+    /// Where the next relay port is looked for (50000-64000): cores sharing one `Shared` in a
+    /// test start apart, as the kernel would never give two shards the same port.
+    pub next_port: u16,
     next_token: u64,
     pub open: HashMap<RelayId, SocketAddr>,
     pub reserved: HashMap<u64, SocketAddr>,

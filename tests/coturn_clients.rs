@@ -179,9 +179,13 @@ fn uclient_relays_everything_on(
     }
     let tcp_listen: SocketAddr = SocketAddr::new(ip.parse().unwrap(), 0);
     let cert = common::TestCert::new();
+    // Client to client on one shard: both relays are that shard's, so every message must be
+    // delivered inside the process (checked below); across shards it goes through the kernel.
+    let client_to_client = mode.contains(&"-y");
     let d = Daemon::with(
         Options {
             ipv6: ip == "::1",
+            threads: if client_to_client { 1 } else { 2 },
             ..Options::with_api()
         }
         .edit(move |c| c.tcp_listen = vec![tcp_listen])
@@ -267,6 +271,11 @@ fn uclient_relays_everything_on(
     assert_eq!(sum("to_peer_packets"), total);
     assert_eq!(sum("to_client_packets"), total);
     assert_eq!(sum("to_peer_bytes"), total * 160);
+    let in_process = d.metric("turnpike_relay_to_relay_packets_total");
+    assert_eq!(
+        in_process,
+        if client_to_client { total as f64 } else { 0.0 }
+    );
     // Counted as sent to the client above, and none of it dropped on the way out.
     for t in ["tcp", "tls"] {
         let dropped = d.metric(&format!(

@@ -428,6 +428,7 @@ mod tests {
             "turnpike_auth_failures_total{reason=\"unsupported_algorithm\"}",
             "turnpike_auth_failures_total{reason=\"revoked\"}",
             "turnpike_auth_failures_total{reason=\"stale_nonce\"}",
+            "turnpike_relay_to_relay_packets_total",
             "turnpike_relayed_packets_total{direction=\"to_peer\"}",
             "turnpike_relayed_packets_total{direction=\"to_client\"}",
             "turnpike_relayed_bytes_total{direction=\"to_peer\"}",

@@ -103,6 +103,9 @@ counters! {
         "Datagrams relayed, by direction.";
     to_client_bytes: u64 => "relayed_bytes_total" { direction = "to_client" }
         "Payload bytes relayed, by direction.";
+    /// Also counted once each way in `relayed_packets_total`, as any relayed datagram.
+    relayed_in_process: u64 => "relay_to_relay_packets_total" {}
+        "Datagrams one of our relays sent to another of this shard, delivered without a kernel hop.";
     dropped_no_permission: u64 => "dropped_packets_total" { reason = "no_permission" }
         "Datagrams dropped, by reason.";
     dropped_bandwidth: u64 => "dropped_packets_total" { reason = "bandwidth" }

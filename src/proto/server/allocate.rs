@@ -248,9 +248,10 @@ impl Core {
             l => l,
         };
         let mut relays = p.relays;
+        let tcp = p.request.transport == Transport::Tcp;
         for r in relays.iter_mut().flatten() {
             r.expires = now + lifetime;
-            self.shared.live_relays.insert(&r.local);
+            self.relay_live(r, tcp);
         }
         let bw = config.limits.bandwidth_bytes_per_sec;
         // One second of burst per direction.
@@ -264,7 +265,7 @@ impl Core {
             created: now,
             expires: now + lifetime,
             relays,
-            tcp: p.request.transport == Transport::Tcp,
+            tcp,
             permissions: Vec::new(),
             channels: Vec::new(),
             last_txid: [0; 12],

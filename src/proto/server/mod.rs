@@ -39,7 +39,7 @@ pub use self::command::{
 use self::respond::{Answer, Success};
 pub use self::shared::{LiveRelayPorts, Shared};
 pub use self::tcp_relay::{BIND_TIMEOUT, CONNECT_TIMEOUT, MAX_CONNECTIONS_PER_ALLOCATION};
-use super::allocation::{Allocation, Counters, Relay};
+use super::allocation::{Allocation, Counters, Relay, RelayId};
 use super::auth::{Authenticator, LongTermKey};
 use super::codec::{attr, method, Class, Message, MessageWriter};
 use super::discovery::NatDiscovery;
@@ -121,7 +121,7 @@ pub enum ClientAction {
     Reply { to: FiveTuple },
     /// Send `data[start..end]` from relay socket `relay` to `peer`.
     ToPeer {
-        relay: crate::proto::allocation::RelayId,
+        relay: RelayId,
         peer: SocketAddr,
         start: usize,
         end: usize,
@@ -153,6 +153,9 @@ pub struct Core {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     by_client: HashMap<FiveTuple, u32>,
+    /// This core's UDP relay sockets by bound address: a datagram for one of them from another
+    /// of our allocations is delivered here, without a kernel hop (see `relay_path`).
+    own_relays: HashMap<SocketAddr, RelayId>,
     /// One deadline per live allocation slot: the soonest of its relays' expiries and its
     /// reservation's.
     timers: DeadlineQueue,
@@ -231,6 +234,7 @@ impl Core {
             slots: Vec::new(),
             free_slots: Vec::new(),
             by_client: HashMap::new(),
+            own_relays: HashMap::new(),
             timers: DeadlineQueue::default(),
             pending: Vec::new(),
             commands: VecDeque::new(),
@@ -443,6 +447,22 @@ impl Core {
         (slot, self.slots[slot as usize].gen)
     }
 
+    /// A relay starts serving: it becomes a valid peer for every shard's clients and, when it
+    /// is a UDP socket, a destination this core delivers to in-process.
+    fn relay_live(&mut self, r: &Relay, tcp: bool) {
+        self.shared.live_relays.insert(&r.local);
+        if !tcp {
+            self.own_relays.insert(r.local, r.id);
+        }
+    }
+
+    fn relay_gone(&mut self, r: &Relay) {
+        self.shared.live_relays.remove(&r.local);
+        if self.own_relays.get(&r.local) == Some(&r.id) {
+            self.own_relays.remove(&r.local);
+        }
+    }
+
     /// Returns a slot; its generation moves on, so nothing addressed to the old one reaches the
     /// next occupant.
     fn free_slot(&mut self, slot: u32) {
@@ -462,7 +482,7 @@ impl Core {
         reply: &mut Vec<u8>,
     ) -> ClientAction {
         match data.first().map(|b| b >> 6) {
-            Some(0b01) => self.channel_data(now, ft, data),
+            Some(0b01) => self.channel_data(now, ft, data, reply),
             Some(0b00) => self.stun(now, ft, data, reply),
             _ => {
                 self.stats.dropped_malformed += 1;
@@ -487,7 +507,7 @@ impl Core {
         };
         match (msg.class, msg.method) {
             (Class::Request, method::BINDING) => self.binding(now, ft, &msg, reply),
-            (Class::Indication, method::SEND) => self.send_indication(now, ft, &msg),
+            (Class::Indication, method::SEND) => self.send_indication(now, ft, &msg, reply),
             (
                 Class::Request,
                 method::ALLOCATE
@@ -710,7 +730,7 @@ impl Core {
         tracing::debug!(user = &*a.username, relay = %r.advertised, reason = %why, "relay ended");
         self.close_peer_connections(slot, Some(r.id));
         self.commands.push_back(Command::CloseRelay(r.id));
-        self.shared.live_relays.remove(&r.local);
+        self.relay_gone(&r);
     }
 
     fn end_allocation(&mut self, slot: u32, now: Instant, why: EndReason) {
@@ -723,7 +743,7 @@ impl Core {
         self.close_peer_connections(slot, None);
         for r in a.relays.iter().flatten() {
             self.commands.push_back(Command::CloseRelay(r.id));
-            self.shared.live_relays.remove(&r.local);
+            self.relay_gone(r);
         }
         // An unclaimed reservation dies with the allocation that made it.
         if let Some(r) = a.reservation {

@@ -1,5 +1,9 @@
 //! The hot path: ChannelData and Send indications from clients, datagrams from peers. Every call
 //! returns a value naming bytes already in the caller's buffer; nothing here allocates or locks.
+//!
+//! Relay to relay (two clients of this core talking to each other, the most common call of all)
+//! never reaches the kernel: the payload goes through the receiving relay's own checks, counters
+//! and budget as if its socket had read it, and leaves as the receiving client's reply.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -8,7 +12,7 @@ use super::{ClientAction, Core, PeerAction};
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::{self, frame_channel_data, frame_data_indication, Message, HEADROOM};
 use crate::proto::request::Send;
-use crate::proto::FiveTuple;
+use crate::proto::{FiveTuple, Transport};
 
 impl Core {
     pub(super) fn channel_data(
@@ -16,6 +20,7 @@ impl Core {
         now: Instant,
         ft: &FiveTuple,
         data: &[u8],
+        reply: &mut Vec<u8>,
     ) -> ClientAction {
         let Some(cd) = codec::parse_channel_data(data) else {
             self.stats.dropped_malformed += 1;
@@ -35,7 +40,8 @@ impl Core {
             self.stats.dropped_no_permission += 1;
             return ClientAction::Drop;
         };
-        self.forward_to_peer(slot, now, relay, peer, cd.start, cd.end, false)
+        let payload = (cd.start, cd.end);
+        self.forward_to_peer(slot, now, relay, peer, data, payload, false, reply)
     }
 
     pub(super) fn send_indication(
@@ -43,6 +49,7 @@ impl Core {
         now: Instant,
         ft: &FiveTuple,
         msg: &Message,
+        reply: &mut Vec<u8>,
     ) -> ClientAction {
         let Some(&slot) = self.by_client.get(ft) else {
             return ClientAction::Drop;
@@ -62,8 +69,9 @@ impl Core {
             self.stats.dropped_no_permission += 1;
             return ClientAction::Drop;
         };
-        let (start, end) = (send.data_start, send.data_end);
-        self.forward_to_peer(slot, now, relay, peer, start, end, send.dont_fragment)
+        let payload = (send.data_start, send.data_end);
+        let df = send.dont_fragment;
+        self.forward_to_peer(slot, now, relay, peer, msg.bytes(), payload, df, reply)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -73,9 +81,10 @@ impl Core {
         now: Instant,
         relay: RelayId,
         peer: SocketAddr,
-        start: usize,
-        end: usize,
+        data: &[u8],
+        (start, end): (usize, usize),
         dont_fragment: bool,
+        reply: &mut Vec<u8>,
     ) -> ClientAction {
         let len = end - start;
         let a = self.alloc_mut(slot);
@@ -88,8 +97,12 @@ impl Core {
         }
         a.counters.to_peer_packets += 1;
         a.counters.to_peer_bytes += len as u64;
+        let from = a.relays[relay.v6 as usize].map(|r| r.local);
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += len as u64;
+        if let (Some(&target), Some(from)) = (self.own_relays.get(&peer), from) {
+            return self.deliver_in_process(now, target, from, &data[start..end], reply);
+        }
         ClientAction::ToPeer {
             relay,
             peer,
@@ -97,6 +110,39 @@ impl Core {
             end,
             dont_fragment,
         }
+    }
+
+    /// A payload one of our relays sent to another relay of this core: handled exactly as the
+    /// receiving socket would have handled it (its permission, channel, budget and counters),
+    /// framed for its client in `reply`.
+    fn deliver_in_process(
+        &mut self,
+        now: Instant,
+        target: RelayId,
+        from: SocketAddr,
+        payload: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> ClientAction {
+        let (start, end) = (HEADROOM, HEADROOM + payload.len());
+        reply.clear();
+        reply.resize(end + codec::TAILROOM, 0);
+        reply[start..end].copy_from_slice(payload);
+        self.stats.relayed_in_process += 1;
+        let PeerAction::ToClient { to, start, end } =
+            self.handle_peer(now, target, from, reply, start, end)
+        else {
+            return ClientAction::Drop;
+        };
+        // ChannelData is padded to 4 bytes on a stream (RFC 8656 §12.5); the I/O layer does
+        // this for what relay sockets read, and a reply goes out as it is.
+        let end = if to.transport != Transport::Udp && reply[start] >> 6 == 0b01 {
+            codec::pad_for_stream(reply, start, end)
+        } else {
+            end
+        };
+        reply.copy_within(start..end, 0);
+        reply.truncate(end - start);
+        ClientAction::Reply { to }
     }
 
     /// A datagram a relay socket received from `from`. The payload sits at `buf[start..end]` with at
