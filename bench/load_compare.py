@@ -305,8 +305,10 @@ def summarize(runs, scenarios):
                 row[which] = ({"median": statistics.median(vals), "min": min(vals),
                                "max": max(vals), "n": len(vals)} if vals else None)
             tp, ct = row["turnpike"], row["coturn"]
+            # A ratio of a figure that can be zero or negative (loss, returned memory) says
+            # nothing: only positive medians get one.
             row["ratio"] = (tp["median"] / ct["median"]
-                            if tp and ct and ct["median"] not in (0, None) else None)
+                            if tp and ct and tp["median"] > 0 and ct["median"] > 0 else None)
             figs[key] = row
         summary[name] = figs
     return summary
@@ -341,7 +343,7 @@ def print_report(summary, targets, runs, skipped, rounds):
     for name, figs in summary.items():
         for key, row in figs.items():
             tp, ct = row["turnpike"], row["coturn"]
-            spread = [f"{fmt(s['min'])}-{fmt(s['max'])}" if s else "-" for s in (tp, ct)]
+            spread = [f"{fmt(s['min'])}..{fmt(s['max'])}" if s else "-" for s in (tp, ct)]
             ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
             print(f"{name + ': ' + row['label']:52s} {fmt(tp and tp['median']):>10s} "
                   f"{fmt(ct and ct['median']):>10s} {ratio:>6s}   {spread[0]:>19s} {spread[1]:>19s}")
