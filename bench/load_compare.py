@@ -300,7 +300,8 @@ def summarize(runs, scenarios):
             row = {"label": label}
             for which in SERVERS:
                 vals = [extract(r["json"]) for r in runs
-                        if r["scenario"] == name and r["server"] == which and "json" in r]
+                        if r["scenario"] == name and r["server"] == which and "json" in r
+                        and "error" not in r]
                 vals = [v for v in vals if isinstance(v, (int, float))]
                 row[which] = ({"median": statistics.median(vals), "min": min(vals),
                                "max": max(vals), "n": len(vals)} if vals else None)
