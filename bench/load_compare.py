@@ -287,7 +287,7 @@ def fmt(v):
     if v is None:
         return "-"
     if isinstance(v, float) and abs(v) < 1000:
-        return f"{v:.3g}"
+        return f"{v + 0.0:.3g}"  # + 0.0: no "-0" for a negative zero
     return f"{v:.0f}" if isinstance(v, float) else str(v)
 
 
