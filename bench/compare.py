@@ -58,7 +58,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,35 +66,12 @@ import threading
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TURNPIKE = os.path.join(ROOT, "target", "release", "turnpike")
-USER, PASSWORD, REALM = "bench", "benchpass", "bench.realm"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from servers import Coturn as CoturnServer, Turnpike as TurnpikeServer
+from servers import PASSWORD, TURNPIKE, USER, cpu_seconds, free_port, make_certificate
+
 TRANSPORTS = ("udp", "tcp", "tls")
 # Each message crosses the relay twice (client -> peer and peer -> client): two relayed packets.
 HOPS = 2
-
-
-def free_port():
-    """A port free for both UDP and TCP on 127.0.0.1 (the servers listen on both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process and all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def udp_rcvbuf_errors():
@@ -116,130 +92,15 @@ def socket_drops(port):
     return 0
 
 
-def wait_udp_ready(port, timeout=10.0):
-    """A STUN Binding request answered means the server is up."""
-    req = bytes.fromhex("000100002112a442") + os.urandom(12)
-    deadline = time.time() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.2)
-        while time.time() < deadline:
-            try:
-                s.sendto(req, ("127.0.0.1", port))
-                s.recvfrom(2048)
-                return
-            except OSError:
-                time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} did not answer a Binding request")
+class Turnpike(TurnpikeServer):
+    """turnpike on UDP, TCP and TLS, with /metrics for its own packet counts."""
 
-
-def wait_tcp_ready(port, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing accepts TCP connections on port {port}")
-
-
-def make_certificate(workdir):
-    """A self-signed P-256 certificate for 127.0.0.1, valid 7 days, for both servers."""
-    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "7", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True)
-    os.chmod(key, 0o600)
-    return cert, key
-
-
-class Server:
-    def __init__(self, name, argv, ports, workdir):
-        self.name, self.ports = name, ports  # ports: transport -> port
-        self.log_path = os.path.join(workdir, f"{name}.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_udp_ready(ports["udp"])
-            for t in ("tcp", "tls"):
-                if t in ports:
-                    wait_tcp_ready(ports[t])
-        except Exception:
-            self.stop()
-            raise
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def cpu(self):
-        return cpu_seconds(self.proc.pid)
-
-    def rss_kib(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+    def __init__(self, workdir, threads, cert, key):
+        super().__init__(workdir, TURNPIKE, threads=threads, cert=cert, key=key, streams=True,
+                         api=True, log_level="warn")
 
     def relayed_mark(self):
         """Something relayed_since() can count from."""
-        raise NotImplementedError
-
-    def relayed_since(self, mark, clients):
-        """(to peer, to client): packets the server says it relayed since `mark`; None if
-        unknown."""
-        raise NotImplementedError
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-
-
-class Turnpike(Server):
-    def __init__(self, workdir, threads, cert, key):
-        ports = {"udp": free_port(), "tls": free_port()}
-        ports["tcp"] = ports["udp"]
-        self.api = free_port()
-        conf = os.path.join(workdir, "turnpike.toml")
-        with open(conf, "w") as f:
-            f.write(f"""
-listen = ["127.0.0.1:{ports['udp']}"]
-tcp_listen = ["127.0.0.1:{ports['tcp']}"]
-tls_listen = ["127.0.0.1:{ports['tls']}"]
-threads = {threads}
-realm = "{REALM}"
-log_level = "warn"
-[tls]
-cert_file = "{cert}"
-key_file = "{key}"
-[relay]
-address = "127.0.0.1"
-port_min = 20000
-port_max = 29999
-[[auth.users]]
-name = "{USER}"
-password = "{PASSWORD}"
-[limits]
-allocations_per_user = 0
-unauth_replies_per_sec = 0
-[peers]
-allow_loopback_peers = true
-[api]
-listen = "127.0.0.1:{self.api}"
-""")
-        os.chmod(conf, 0o600)
-        super().__init__("turnpike", [TURNPIKE, "serve", "--config", conf], ports, workdir)
-
-    def relayed_mark(self):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api}/metrics", timeout=5) as r:
             text = r.read().decode()
         count = dict(re.findall(
@@ -247,32 +108,19 @@ listen = "127.0.0.1:{self.api}"
         return int(count.get("to_peer", 0)), int(count.get("to_client", 0))
 
     def relayed_since(self, mark, clients):
+        """(to peer, to client): packets the server says it relayed since `mark`."""
         now = self.relayed_mark()
         return now[0] - mark[0], now[1] - mark[1]
 
 
-class Coturn(Server):
+class Coturn(CoturnServer):
+    """coturn on UDP, TCP and TLS, verbose for its per-session packet counts."""
+
     PEER_USAGE = re.compile(r"peer usage: realm=<[^>]*>, username=<" + re.escape(USER)
                             + r">, rp=(\d+), rb=\d+, sp=(\d+)")
 
     def __init__(self, workdir, threads, cert, key):
-        ports = {"udp": free_port(), "tls": free_port()}
-        ports["tcp"] = ports["udp"]
-        argv = [
-            # -v: session open/close lines with their packet counts (nothing per packet).
-            "turnserver", "-n", "-v", "--listening-ip=127.0.0.1", f"--listening-port={ports['udp']}",
-            f"--tls-listening-port={ports['tls']}", f"--cert={cert}", f"--pkey={key}",
-            "--relay-ip=127.0.0.1", "--min-port=10000", "--max-port=19999",
-            "--lt-cred-mech", f"--user={USER}:{PASSWORD}", f"--realm={REALM}",
-            "--allow-loopback-peers", "--no-cli", "--no-dtls",
-            "--log-file=stdout", "--simple-log", "--no-stdout-log",
-            f"--pidfile={workdir}/coturn.pid",
-            # Without these coturn opens /var/lib/turn/turndb (shared with other users).
-            f"--db={workdir}/turndb",
-        ]
-        if threads:
-            argv.append(f"--relay-threads={threads}")
-        super().__init__("coturn", argv, ports, workdir)
+        super().__init__(workdir, threads=threads, cert=cert, key=key, streams=True, verbose=True)
 
     def _usage(self):
         self.log.flush()
