@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::AllocArgs;
-use crate::echo::EchoPeer;
+use crate::echo::{EchoPeer, Pace};
 use crate::hist::Histogram;
 use crate::phase;
 use crate::procstat::{self, Sample};
@@ -41,7 +41,13 @@ pub fn run(ctx: &Ctx, a: &AllocArgs) -> Result<Report, Failure> {
     // The permission target needs only an address; the built-in peer gives a real one.
     let echo = match a.peer {
         Some(_) => None,
-        None => Some(EchoPeer::start(ctx.local_ip)?),
+        None => Some(EchoPeer::start(
+            ctx.local_ip,
+            Pace {
+                tick: None,
+                tag: ctx.tag,
+            },
+        )?),
     };
     let peer = a.peer.or(echo.as_ref().map(|e| e.addr));
     let plan = Plan {

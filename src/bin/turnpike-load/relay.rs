@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use serde_json::json;
 
 use crate::cli::{RelayArgs, MAX_SIZE};
-use crate::echo::EchoPeer;
+use crate::echo::{EchoPeer, Pace};
 use crate::phase;
 use crate::report::{self, round, us, Report};
 use crate::setup::{self, Plan, CHANNEL};
@@ -53,7 +53,13 @@ fn validate(a: &RelayArgs) -> Result<(), Failure> {
 pub fn run(ctx: &Ctx, a: &RelayArgs) -> Result<Report, Failure> {
     validate(a)?;
     let echo = match (a.peer, a.client_to_client) {
-        (None, false) => Some(EchoPeer::start(ctx.local_ip)?),
+        (None, false) => Some(EchoPeer::start(
+            ctx.local_ip,
+            Pace {
+                tick: (a.rate > 0).then_some(traffic::TICK),
+                tag: ctx.tag,
+            },
+        )?),
         _ => None,
     };
     let peer = a.peer.or(echo.as_ref().map(|e| e.addr));

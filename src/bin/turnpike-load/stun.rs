@@ -143,18 +143,33 @@ pub fn read_answer(dgram: &[u8]) -> Option<Answer> {
     Some(a)
 }
 
-/// Bytes a payload starts with: run tag, client index, sequence number, send time.
-pub const PAYLOAD_HEADER: usize = 24;
+/// Bytes a payload starts with: run tag, client index, sequence number, send time, hold time.
+pub const PAYLOAD_HEADER: usize = 32;
+/// Where the hold time sits in a payload.
+pub const HOLD_AT: usize = 24;
 
 /// What the generator writes at the start of every relayed payload, so an echo can be tied to
 /// its send: a run tag (strangers and stale packets are not counted), the sending client, a
-/// sequence number unique in the run (duplicates count once) and the monotonic send time.
+/// sequence number unique in the run (duplicates count once), the send time (CLOCK_REALTIME
+/// ns, the clock of the kernel's receive stamps) and how long our own echo held the message
+/// before sending it back (subtracted from the RTT: a batching echo does not inflate it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
     pub tag: u32,
     pub client: u32,
     pub seq: u64,
     pub sent_ns: u64,
+    pub hold_ns: u64,
+}
+
+/// Adds `ns` to the hold time of one of our payloads (`tag` checked) being echoed.
+pub fn add_hold(payload: &mut [u8], tag: u32, ns: u64) {
+    if payload.len() < PAYLOAD_HEADER || payload[0..4] != tag.to_be_bytes() {
+        return;
+    }
+    let at = &mut payload[HOLD_AT..HOLD_AT + 8];
+    let held = u64::from_be_bytes((&*at).try_into().expect("8 bytes"));
+    at.copy_from_slice(&held.saturating_add(ns).to_be_bytes());
 }
 
 impl Stamp {
@@ -163,6 +178,7 @@ impl Stamp {
         out[4..8].copy_from_slice(&self.client.to_be_bytes());
         out[8..16].copy_from_slice(&self.seq.to_be_bytes());
         out[16..24].copy_from_slice(&self.sent_ns.to_be_bytes());
+        out[24..32].copy_from_slice(&self.hold_ns.to_be_bytes());
     }
 
     pub fn read(payload: &[u8]) -> Option<Stamp> {
@@ -176,6 +192,7 @@ impl Stamp {
             client: u32_at(4),
             seq: u64_at(8),
             sent_ns: u64_at(16),
+            hold_ns: u64_at(24),
         })
     }
 }
@@ -224,11 +241,15 @@ mod tests {
             client: 7,
             seq: 1 << 40,
             sent_ns: 123_456_789,
+            hold_ns: 5,
         };
         let mut b = [0u8; 160];
         s.write(&mut b);
         assert_eq!(Stamp::read(&b), Some(s));
-        assert_eq!(Stamp::read(&b[..23]), None);
+        assert_eq!(Stamp::read(&b[..31]), None);
+        add_hold(&mut b, 0xdead_beef, 10);
+        add_hold(&mut b, 0x1234_5678, 1000); // not ours: untouched
+        assert_eq!(Stamp::read(&b).unwrap().hold_ns, 15);
     }
 
     #[test]

@@ -20,15 +20,61 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Monotonic nanoseconds: what payloads carry as their send time.
-pub fn now_ns() -> u64 {
+/// SO_TIMESTAMPNS (asm-generic, as on x86_64 and aarch64): the kernel stamps each datagram
+/// with CLOCK_REALTIME when it arrives.
+const SO_TIMESTAMPNS: libc::c_int = 35;
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: ts is a valid timespec; both clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Monotonic nanoseconds: phases, deadlines, retransmission timers.
+pub fn now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Wall-clock nanoseconds: what payloads carry as their send time, since the kernel's receive
+/// timestamps (SO_TIMESTAMPNS) are on this clock. A clock step during a run shows as one
+/// odd RTT, no more.
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+/// Asks the kernel to stamp each received datagram, so an RTT is exact even when the loop
+/// reads its replies a tick later, in a batch.
+pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: on is a valid c_int for the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// CPU time of one of this process's threads in nanoseconds (/proc schedstat: no syscall in
+/// the measured thread, nanosecond resolution).
+pub fn thread_cpu_ns(tid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
 }
 
 /// One client socket per allocation (the server keys allocations by 5-tuple), non-blocking and
@@ -41,6 +87,7 @@ pub fn client_socket(local: SocketAddr, server: SocketAddr) -> io::Result<Socket
     )?;
     s.bind(&local.into())?;
     s.connect(&server.into())?;
+    enable_rx_timestamps(s.as_raw_fd())?;
     Ok(s)
 }
 
@@ -126,18 +173,6 @@ impl Epoll {
         Ok(())
     }
 
-    pub fn delete(&self, fd: RawFd) {
-        // SAFETY: a null event is allowed for EPOLL_CTL_DEL since Linux 2.6.9.
-        unsafe {
-            libc::epoll_ctl(
-                self.fd.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        };
-    }
-
     /// Waits up to `timeout` and returns the ready tokens (EINTR is an empty wake-up).
     pub fn wait(&mut self, timeout: Duration, tokens: &mut Vec<u64>) -> io::Result<()> {
         tokens.clear();
@@ -164,7 +199,8 @@ impl Epoll {
     }
 }
 
-/// A periodic timer an epoll loop can wait on: the pacing tick.
+/// A periodic timer, the pacing tick: a paced loop sleeps on it alone and then takes every
+/// reply that arrived meanwhile in one pass, instead of waking once per reply.
 pub struct TimerFd {
     fd: OwnedFd,
 }
@@ -172,12 +208,7 @@ pub struct TimerFd {
 impl TimerFd {
     pub fn periodic(every: Duration) -> io::Result<TimerFd> {
         // SAFETY: plain syscall; the fd is owned from here on.
-        let fd = cvt(unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        })?;
+        let fd = cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) })?;
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let ts = libc::timespec {
@@ -193,12 +224,8 @@ impl TimerFd {
         Ok(TimerFd { fd })
     }
 
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// Clears the expiry count so level-triggered epoll stops reporting it.
-    pub fn clear(&self) {
+    /// Sleeps until the next expiry (at once if one is pending): one blocking read.
+    pub fn wait(&self) {
         let mut n = 0u64;
         // SAFETY: reads 8 bytes into n.
         unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
@@ -214,6 +241,10 @@ pub struct Batch {
     hdrs: Vec<libc::mmsghdr>,
     names: Vec<libc::sockaddr_storage>,
     with_names: bool,
+    /// Control-message room per slot (u64s for cmsghdr alignment) and the receive timestamps
+    /// found there (0: none).
+    ctrl: Vec<[u64; 8]>,
+    rx_ns: Vec<u64>,
 }
 
 // The raw pointers inside point only into the batch's own vectors.
@@ -229,6 +260,8 @@ impl Batch {
             hdrs: vec![unsafe { std::mem::zeroed() }; cap],
             names: vec![unsafe { std::mem::zeroed() }; cap],
             with_names,
+            ctrl: vec![[0u64; 8]; cap],
+            rx_ns: vec![0; cap],
         };
         for i in 0..cap {
             let base = b.bufs[i * SLOT..].as_mut_ptr();
@@ -254,6 +287,12 @@ impl Batch {
         &self.bufs[i * SLOT..i * SLOT + self.lens[i]]
     }
 
+    /// Datagram `i`, writable: an echo updates the hold time in place.
+    pub fn datagram_mut(&mut self, i: usize) -> &mut [u8] {
+        let len = self.lens[i];
+        &mut self.bufs[i * SLOT..i * SLOT + len]
+    }
+
     pub fn set_len(&mut self, i: usize, len: usize) {
         self.lens[i] = len.min(SLOT);
     }
@@ -264,8 +303,13 @@ impl Batch {
             let h = &mut self.hdrs[i];
             h.msg_hdr.msg_iov = &mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
+            if receiving {
+                h.msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>() as _;
+            } else {
+                h.msg_hdr.msg_control = std::ptr::null_mut();
+                h.msg_hdr.msg_controllen = 0;
+            }
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
             if self.with_names {
@@ -311,8 +355,14 @@ impl Batch {
         let n = n as usize;
         for i in 0..n {
             self.lens[i] = self.hdrs[i].msg_len as usize;
+            self.rx_ns[i] = rx_timestamp(&self.hdrs[i].msg_hdr);
         }
         Ok(n)
+    }
+
+    /// When the kernel received datagram `i` (CLOCK_REALTIME ns), if it said.
+    pub fn rx_ns(&self, i: usize) -> Option<u64> {
+        Some(self.rx_ns[i]).filter(|&t| t > 0)
     }
 
     /// Sends datagrams `0..n` (to the names they were received from, for a named batch);
@@ -346,6 +396,22 @@ impl Batch {
         }
         Ok(done)
     }
+}
+
+/// The SCM_TIMESTAMPNS control message of a received datagram, or 0.
+fn rx_timestamp(hdr: &libc::msghdr) -> u64 {
+    // SAFETY: the kernel filled msg_control up to msg_controllen; the CMSG macros stay inside.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == SO_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                return ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    0
 }
 
 /// Sends one datagram on a connected socket; a full buffer counts as not sent.

@@ -12,8 +12,7 @@ use crate::stun::{self, Stamp, PAYLOAD_HEADER};
 use crate::sys::{self, Batch, Epoll, TimerFd};
 
 /// The pacing tick: 0.5 ms, so 20k msgs/s leave ten at a time, not twenty.
-const TICK: Duration = Duration::from_micros(500);
-pub const TIMER_TOKEN: u64 = u64::MAX;
+pub const TICK: Duration = Duration::from_micros(500);
 /// How often a flood looks for clients whose window is stuck on lost messages.
 const STALL_CHECK_NS: u64 = 10_000_000;
 
@@ -140,6 +139,7 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// `now` is CLOCK_REALTIME ns, the clock of the kernel's receive stamps.
     fn write_message(&mut self, slot: usize, flow: usize, now: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -156,6 +156,7 @@ impl Run<'_> {
                 client: flow as u32,
                 seq,
                 sent_ns: now,
+                hold_ns: 0,
             }
             .write(&mut buf[f.payload_at..f.payload_at + PAYLOAD_HEADER]);
         }
@@ -169,8 +170,9 @@ impl Run<'_> {
         let mut sent_total = 0;
         while left > 0 {
             let k = left.min(self.out_batch.cap() as u64) as usize;
+            let stamp_ns = sys::realtime_ns();
             for slot in 0..k {
-                self.write_message(slot, flow, now);
+                self.write_message(slot, flow, stamp_ns);
             }
             let sent = match self.out_batch.send(self.flows[flow].fd, k) {
                 Ok(s) => s,
@@ -228,10 +230,12 @@ impl Run<'_> {
                 return;
             }
             let now = sys::now_ns();
+            let real_now = sys::realtime_ns();
             let mut echoes = 0;
             for d in 0..n {
+                let rx = self.batch.rx_ns(d).unwrap_or(real_now);
                 if self.flows[flow].role == Role::Echoer {
-                    if self.stage_echo(flow, d, echoes) {
+                    if self.stage_echo(flow, d, echoes, real_now.saturating_sub(rx)) {
                         echoes += 1;
                     }
                     continue;
@@ -240,7 +244,7 @@ impl Run<'_> {
                     Some(s)
                         if s.client as usize == flow && self.flows[flow].role == Role::Sender =>
                     {
-                        self.count(flow, s, now)
+                        self.count(flow, s, rx, now)
                     }
                     _ => self.out.strays += 1,
                 }
@@ -269,19 +273,22 @@ impl Run<'_> {
                 client: flow as u32,
                 seq,
                 sent_ns: u64::from_be_bytes(t[4..12].try_into().ok()?),
+                hold_ns: 0,
             });
         }
         let s = Stamp::read(stun::relayed_payload(dgram)?)?;
         (s.tag == self.load.tag && s.seq < self.next_seq).then_some(s)
     }
 
-    fn count(&mut self, flow: usize, s: Stamp, now: u64) {
+    /// `rx` is when the kernel received the echo (CLOCK_REALTIME), `now` the monotonic clock.
+    fn count(&mut self, flow: usize, s: Stamp, rx: u64, now: u64) {
         if !self.seen.insert(s.seq) {
             self.out.duplicates += 1;
             return;
         }
         self.out.delivered += 1;
-        self.out.rtt.record(now.saturating_sub(s.sent_ns) / 1000);
+        let rtt = rx.saturating_sub(s.sent_ns).saturating_sub(s.hold_ns);
+        self.out.rtt.record(rtt / 1000);
         let f = &mut self.flows[flow];
         f.in_window = f.in_window.saturating_sub(1);
         f.last_progress_ns = now;
@@ -289,14 +296,16 @@ impl Run<'_> {
 
     /// Copies the payload of received datagram `d` into the echo batch behind `flow`'s own
     /// framing, addressed back to the partner.
-    fn stage_echo(&mut self, flow: usize, d: usize, slot: usize) -> bool {
+    fn stage_echo(&mut self, flow: usize, d: usize, slot: usize, held_ns: u64) -> bool {
         let f = &self.flows[flow];
         match stun::relayed_payload(self.batch.datagram(d)) {
             Some(payload) if payload.len() == f.size => {
                 let len = f.template.len();
                 let buf = self.out_batch.slot_mut(slot);
                 buf[..len].copy_from_slice(&f.template);
-                buf[f.payload_at..f.payload_at + f.size].copy_from_slice(payload);
+                let p = &mut buf[f.payload_at..f.payload_at + f.size];
+                p.copy_from_slice(payload);
+                stun::add_hold(p, self.load.tag, held_ns);
                 self.out_batch.set_len(slot, len);
                 true
             }
@@ -323,22 +332,23 @@ pub fn run(poll: &mut Epoll, flows: &mut [Flow], load: &Load) -> std::io::Result
         seen: Seen(Vec::new()),
         out: Outcome::default(),
     };
-    let timer = if load.rate > 0 {
-        let t = TimerFd::periodic(TICK)?;
-        poll.add(t.raw(), TIMER_TOKEN)?;
-        Some(t)
-    } else {
-        None
+    let timer = match load.rate {
+        0 => None,
+        _ => Some(TimerFd::periodic(TICK)?),
     };
     let start = sys::now_ns();
     r.out.start_ns = start;
     let send_until = load.duration_ns.map_or(u64::MAX, |d| start + d);
-    let mut scheduled = 0u64;
-    let mut rr = 0usize;
+    let mut pacer = Pacer {
+        rate: load.rate,
+        start,
+        until: send_until,
+        scheduled: 0,
+        rr: 0,
+    };
     let mut drain_until = u64::MAX;
     let mut last_stall_check = start;
     let mut tokens = Vec::new();
-    let mut dirty: Vec<usize> = Vec::new();
     if load.rate == 0 {
         for &s in &senders {
             r.top_up(s, start);
@@ -350,9 +360,6 @@ pub fn run(poll: &mut Epoll, flows: &mut [Flow], load: &Load) -> std::io::Result
         if !sending && drain_until == u64::MAX {
             r.out.send_end_ns = now;
             drain_until = now + load.drain_ns;
-            if let Some(t) = &timer {
-                poll.delete(t.raw());
-            }
         }
         if !sending && (r.out.delivered >= r.out.sent || now >= drain_until) {
             r.out.end_ns = now;
@@ -363,65 +370,39 @@ pub fn run(poll: &mut Epoll, flows: &mut [Flow], load: &Load) -> std::io::Result
             r.out.timed_out = true;
             break;
         }
+        if let (Some(timer), true) = (&timer, sending) {
+            // Paced: one wake-up per tick sends what is due and takes every reply queued
+            // since; the kernel's receive timestamps keep the RTTs exact.
+            timer.wait();
+            pacer.send_due(&mut r, &senders, sys::now_ns());
+            poll.wait(Duration::ZERO, &mut tokens)?;
+            for &t in &tokens {
+                if (t as usize) < r.flows.len() {
+                    r.receive(t as usize);
+                }
+            }
+            continue;
+        }
         let wait = if sending {
             Duration::from_millis(10)
         } else {
             Duration::from_nanos(drain_until - now).max(Duration::from_millis(1))
         };
         poll.wait(wait, &mut tokens)?;
-        let now = sys::now_ns();
         for &t in &tokens {
-            if t == TIMER_TOKEN {
-                if let Some(timer) = &timer {
-                    timer.clear();
-                }
-                if !sending {
-                    continue;
-                }
-                // Everything due by now, spread round-robin over the senders.
-                // Nothing is due past the end of the send phase.
-                let elapsed = now.min(send_until) - start;
-                let due = (u128::from(load.rate) * u128::from(elapsed) / 1_000_000_000) as u64;
-                let due = due.min(load.messages.unwrap_or(u64::MAX));
-                let mut n = due.saturating_sub(scheduled);
-                scheduled = scheduled.max(due);
-                let per = n / senders.len() as u64;
-                let extra = n % senders.len() as u64;
-                for k in 0..senders.len() {
-                    if n == 0 {
-                        break;
-                    }
-                    let s = senders[(rr + k) % senders.len()];
-                    let mut want = per + u64::from((k as u64) < extra);
-                    if want == 0 {
-                        break;
-                    }
-                    n -= want;
-                    if load.window > 0 {
-                        let room = u64::from(load.window.saturating_sub(r.flows[s].in_window));
-                        r.out.skipped += want.saturating_sub(room);
-                        want = want.min(room);
-                    }
-                    r.send_from(s, want, now);
-                }
-                rr = (rr + extra as usize) % senders.len();
+            let i = t as usize;
+            if i >= r.flows.len() {
                 continue;
             }
-            let i = t as usize;
-            if i < r.flows.len() {
-                r.receive(i);
-                if load.rate == 0 && sending {
-                    dirty.push(i);
-                }
+            r.receive(i);
+            if sending {
+                r.top_up(i, sys::now_ns());
             }
         }
-        if load.rate == 0 && sending {
-            let now = sys::now_ns();
-            for i in dirty.drain(..) {
-                r.top_up(i, now);
-            }
+        if sending {
             // A window full of lost messages would stop a client for good: after a drain's
             // worth of silence its outstanding ones are given up on (loss counts them anyway).
+            let now = sys::now_ns();
             if now - last_stall_check > STALL_CHECK_NS {
                 last_stall_check = now;
                 for &s in &senders {
@@ -434,7 +415,43 @@ pub fn run(poll: &mut Epoll, flows: &mut [Flow], load: &Load) -> std::io::Result
                 }
             }
         }
-        dirty.clear();
     }
     Ok(r.out)
+}
+
+/// Paced sending: everything due by now at `rate`, spread round-robin over the senders.
+struct Pacer {
+    rate: u64,
+    start: u64,
+    until: u64,
+    scheduled: u64,
+    rr: usize,
+}
+
+impl Pacer {
+    fn send_due(&mut self, r: &mut Run, senders: &[usize], now: u64) {
+        // Nothing is due past the end of the send phase.
+        let elapsed = now.min(self.until) - self.start;
+        let due = (u128::from(self.rate) * u128::from(elapsed) / 1_000_000_000) as u64;
+        let due = due.min(r.load.messages.unwrap_or(u64::MAX));
+        let mut n = due.saturating_sub(self.scheduled);
+        self.scheduled = self.scheduled.max(due);
+        let count = senders.len() as u64;
+        let (per, extra) = (n / count, n % count);
+        for k in 0..senders.len() {
+            let s = senders[(self.rr + k) % senders.len()];
+            let mut want = per + u64::from((k as u64) < extra);
+            if want == 0 || n == 0 {
+                break;
+            }
+            n -= want;
+            if r.load.window > 0 {
+                let room = u64::from(r.load.window.saturating_sub(r.flows[s].in_window));
+                r.out.skipped += want.saturating_sub(room);
+                want = want.min(room);
+            }
+            r.send_from(s, want, now);
+        }
+        self.rr = (self.rr + extra as usize) % senders.len();
+    }
 }
