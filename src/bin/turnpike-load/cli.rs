@@ -6,12 +6,25 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+const EXAMPLES: &str = "\
+Examples:
+  turnpike-load alloc --server 127.0.0.1:3478 --user alice --password-file pw \\
+      --count 5000 --in-flight 32 --server-pid \"$(pidof turnpike)\"
+  turnpike-load relay --server 127.0.0.1:3478 --user bench --secret-file secret \\
+      --clients 20 --rate 20000 --duration-secs 5 --json
+  turnpike-load relay --server 127.0.0.1:3478 --user alice --password-file pw \\
+      --rate 0 --window 1 --clients 1        # RTT with one packet in flight
+  turnpike-load binding --server 127.0.0.1:3478 --duration-secs 5
+
+Exit status: 0 ok, 1 the run failed (cause on stderr), 2 --timeout-secs hit, 64 usage error.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "turnpike-load",
     version,
     about = "Load generator for any TURN server over UDP: allocation rate, relay throughput, \
-             loss and RTT, STUN Binding rate, with the server's CPU and memory"
+             loss and RTT, STUN Binding rate, with the server's CPU and memory",
+    after_help = EXAMPLES
 )]
 pub struct Cli {
     #[command(subcommand)]
