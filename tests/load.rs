@@ -528,6 +528,18 @@ fn bad_credentials_fail_clearly_and_a_timeout_exits_2() {
         2.0,
         Duration::from_secs(10),
     );
+
+    // The same when time runs out while allocations are held.
+    let mut args = with(&base, &["alloc", "--count", "3", "--hold-secs", "30"]);
+    args[t + 1] = "2";
+    let o = run_load(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o).1);
+    d.wait_metric(
+        "turnpike_allocations_ended_total",
+        5.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(d.metric(UDP_ALLOCATIONS), 0.0);
 }
 
 /// coturn's `turnserver` on loopback with a static user, stopped on drop.

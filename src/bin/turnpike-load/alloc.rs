@@ -18,9 +18,12 @@ use crate::{Ctx, Failure};
 /// RSS "after" is read this long after the last delete, so the server has freed what it will.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// Sleeps `d`, or until the run's deadline when that comes first (then a timeout).
 fn sleep_until_deadline(ctx: &Ctx, d: Duration) -> Result<(), Failure> {
-    let end = sys::now_ns() + d.as_nanos() as u64;
+    let now = sys::now_ns();
+    let end = now + d.as_nanos() as u64;
     if end > ctx.deadline_ns {
+        std::thread::sleep(Duration::from_nanos(ctx.deadline_ns.saturating_sub(now)));
         return Err(ctx.timeout());
     }
     std::thread::sleep(d);
@@ -74,7 +77,11 @@ pub fn run(ctx: &Ctx, a: &AllocArgs) -> Result<Report, Failure> {
     let failed = phase::failures_json(&est.sessions);
     let retransmits = p.retransmits;
 
-    sleep_until_deadline(ctx, Duration::from_secs_f64(a.hold_secs))?;
+    if let Err(timeout) = sleep_until_deadline(ctx, Duration::from_secs_f64(a.hold_secs)) {
+        // Time is up while holding: still ask the server to delete every allocation.
+        setup::abandon(&mut est.sessions, &mut est.txids);
+        return Err(timeout);
+    }
     let undeleted = phase::delete_all(ctx, &mut est, a.in_flight)?;
     sleep_until_deadline(ctx, SETTLE)?;
     let after = ctx.server_proc.sample();
