@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::task::JoinHandle;
 
-use super::udp::{bind_udp, register, setsockopt_int, RegisteredSocket};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::udp::{register, setsockopt_int, RegisteredSocket};
 use crate::proto::allocation::RelayId;
 use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
 
@@ -23,21 +25,37 @@ const RANDOM_PROBES: usize = 32;
 /// holds the sockets meanwhile.
 #[derive(Default)]
 pub struct Reservations {
-    held: Mutex<HashMap<u64, std::net::UdpSocket>>,
+    held: Mutex<HashMap<u64, Bound>>,
 }
 
 impl Reservations {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, std::net::UdpSocket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Bound>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn put(&self, token: u64, socket: std::net::UdpSocket) {
+    fn put(&self, token: u64, socket: Bound) {
         self.lock().insert(token, socket);
     }
 
-    fn take(&self, token: u64) -> Option<std::net::UdpSocket> {
+    fn take(&self, token: u64) -> Option<Bound> {
         self.lock().remove(&token)
     }
+}
+
+/// A relay socket and the address it is bound to: known from the bind, so no getsockname.
+type Bound = (std::net::UdpSocket, SocketAddr);
+
+/// A UDP socket for `ip`'s family, non-blocking and close-on-exec from its one `socket` call
+/// (no fcntl round trips), IPv6 sockets IPv6 only (one socket per family keeps address-family
+/// handling explicit). Not bound yet: a bind refused for a taken port leaves it unbound, so one
+/// socket serves every port probed.
+fn relay_socket(ip: IpAddr) -> io::Result<Socket> {
+    let domain = Domain::for_address(SocketAddr::new(ip, 0));
+    let socket = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
+    if ip.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
 }
 
 struct Entry {
@@ -89,7 +107,7 @@ impl ShardRelays {
         if want != e.df_now {
             // Only Send indications that differ from their predecessor pay these syscalls;
             // ChannelData never asks.
-            set_dont_fragment(e.socket.get_ref(), want);
+            set_dont_fragment(e.socket.get_ref(), id.v6, want);
             e.df_now = want;
         }
         Some(e.socket.get_ref())
@@ -124,12 +142,11 @@ impl ShardRelays {
     fn install(
         &mut self,
         id: RelayId,
-        socket: std::net::UdpSocket,
+        (socket, local): Bound,
         dont_fragment: bool,
     ) -> io::Result<SocketAddr> {
-        let local = socket.local_addr()?;
         if dont_fragment {
-            set_dont_fragment(&socket, true);
+            set_dont_fragment(&socket, id.v6, true);
         }
         let socket = Rc::new(register(socket)?);
         let slot = id.slot as usize;
@@ -151,38 +168,56 @@ impl ShardRelays {
     /// Binds a port from the range: random probes first (unpredictable ports, few collisions),
     /// then a scan so a nearly full range still finds its last free ports. Any error other than
     /// "port in use" (out of file descriptors, say) ends the search at once: no other port
-    /// would fare better, and scanning 16k ports per Allocate would stall the shard.
+    /// would fare better, and scanning 16k ports per Allocate would stall the shard. A probe
+    /// of a taken port costs one refused bind, not a socket opened and closed.
     fn bind_in_range(
         &self,
         ip: IpAddr,
         even: bool,
         with_next: bool,
-    ) -> Result<(std::net::UdpSocket, Option<std::net::UdpSocket>), io::Error> {
+    ) -> Result<(Bound, Option<Bound>), io::Error> {
         let (lo, hi) = self.ports;
         let span = (hi - lo) as u64 + 1;
+        let taken = |e: &io::Error| e.kind() == io::ErrorKind::AddrInUse;
+        // Unbound sockets carried from one probe to the next.
+        let mut spare: Option<Socket> = None;
+        let mut spare_next: Option<Socket> = None;
         // Ok(None): this port (or its neighbour) is taken, try another.
-        let try_port =
-            |port: u16| -> io::Result<Option<(std::net::UdpSocket, Option<std::net::UdpSocket>)>> {
-                if (even && port % 2 != 0) || (with_next && (port == u16::MAX || port + 1 > hi)) {
+        let mut try_port = |port: u16| -> io::Result<Option<(Bound, Option<Bound>)>> {
+            if (even && port % 2 != 0) || (with_next && (port == u16::MAX || port + 1 > hi)) {
+                return Ok(None);
+            }
+            let first = match spare.take() {
+                Some(s) => s,
+                None => relay_socket(ip)?,
+            };
+            let addr = SocketAddr::new(ip, port);
+            match first.bind(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if taken(&e) => {
+                    spare = Some(first);
                     return Ok(None);
                 }
-                let taken = |e: &io::Error| e.kind() == io::ErrorKind::AddrInUse;
-                let first = match bind_udp(SocketAddr::new(ip, port), false) {
-                    Ok(s) => s,
-                    Err(e) if taken(&e) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                let next = if with_next {
-                    match bind_udp(SocketAddr::new(ip, port + 1), false) {
-                        Ok(s) => Some(s.into()),
-                        Err(e) if taken(&e) => return Ok(None),
-                        Err(e) => return Err(e),
-                    }
-                } else {
-                    None
-                };
-                Ok(Some((first.into(), next)))
+                Err(e) => return Err(e),
+            }
+            if !with_next {
+                return Ok(Some(((first.into(), addr), None)));
+            }
+            let next = match spare_next.take() {
+                Some(s) => s,
+                None => relay_socket(ip)?,
             };
+            let next_addr = SocketAddr::new(ip, port + 1);
+            match next.bind(&next_addr.into()) {
+                Ok(()) => Ok(Some(((first.into(), addr), Some((next.into(), next_addr))))),
+                // `first` is bound now and closes here; the neighbour's socket is still unbound.
+                Err(e) if taken(&e) => {
+                    spare_next = Some(next);
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        };
         for _ in 0..RANDOM_PROBES {
             let port = lo + (self.random_u64() % span) as u16;
             let port = if even { port & !1 } else { port };
@@ -212,10 +247,10 @@ fn open_error(e: io::Error) -> RelayOpenError {
 
 /// DF on (never fragment locally, EMSGSIZE past the path MTU) or back to the kernel's default
 /// path-MTU discovery. A failure leaves the socket as it was, which costs at most a fragment.
-fn set_dont_fragment(socket: &std::net::UdpSocket, on: bool) {
-    let (level, name, value) = match socket.local_addr() {
-        Ok(SocketAddr::V6(_)) => (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, i32::from(on)),
-        _ => (
+fn set_dont_fragment(socket: &std::net::UdpSocket, v6: bool, on: bool) {
+    let (level, name, value) = match v6 {
+        true => (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, i32::from(on)),
+        false => (
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
             if on {
@@ -281,6 +316,23 @@ impl ShardRelays {
             }
         }
         self.pending.retain(|(p, _)| *p != id);
+        self.shrink();
+    }
+
+    /// Cuts the table's empty tail and gives back its room once it is mostly empty; the core
+    /// reuses its lowest free slots first, so after a burst of allocations ends the tail is
+    /// empty. Each cut entry was pushed once, so the work is amortised.
+    fn shrink(&mut self) {
+        while self
+            .table
+            .last()
+            .is_some_and(|e| e[0].is_none() && e[1].is_none())
+        {
+            self.table.pop();
+        }
+        if self.table.capacity() > 64.max(4 * self.table.len()) {
+            self.table.shrink_to(2 * self.table.len());
+        }
     }
 }
 

@@ -75,9 +75,8 @@ pub enum BindError {
 pub struct Allocation {
     pub five_tuple: FiveTuple,
     pub username: Box<str>,
-    /// The name the per-user quota counts by (the user part of a REST username).
-    pub quota_user: Box<str>,
-    /// What the allocation's quota unit is counted under.
+    /// What the allocation's quota unit is counted under; its user is the name the per-user
+    /// quota counts by (the user part of a REST username).
     pub quota_key: QuotaKey,
     /// Ends with the allocation unless claimed first.
     pub reservation: Option<Reservation>,
@@ -91,15 +90,56 @@ pub struct Allocation {
     pub tcp: bool,
     pub permissions: Vec<Permission>,
     pub channels: Vec<Channel>,
-    /// The last request's transaction id and our answer, so a retransmission gets the same answer.
-    pub last_txid: [u8; 12],
-    pub last_response: Vec<u8>,
-    /// The Allocate's own transaction id and success, kept for the allocation's life: a client
-    /// whose success was lost retransmits the Allocate, possibly after other requests.
-    pub allocate_answer: Option<([u8; 12], Box<[u8]>)>,
+    /// What a retransmitted request is answered with.
+    pub answers: Answers,
     pub counters: Counters,
     pub to_peer_budget: Option<TokenBucket>,
     pub to_client_budget: Option<TokenBucket>,
+}
+
+/// Room kept after the Allocate's success for the last other answer: a signed success with
+/// FINGERPRINT and a LIFETIME (60 bytes with MESSAGE-INTEGRITY, 72 with its SHA-256 form), so
+/// answers to CreatePermission, ChannelBind and Refresh never grow the buffer.
+const LAST_ANSWER_ROOM: usize = 96;
+
+/// The answers a retransmission gets again, in one buffer: the Allocate's success, kept for the
+/// allocation's life (a client whose success was lost retransmits the Allocate, possibly after
+/// other requests), then the latest other request's answer.
+#[derive(Debug, Default)]
+pub struct Answers {
+    buf: Vec<u8>,
+    allocate_len: usize,
+    allocate_txid: [u8; 12],
+    /// The latest other request's transaction id, once there is one.
+    last_txid: Option<[u8; 12]>,
+}
+
+impl Answers {
+    pub fn new(allocate_txid: [u8; 12], success: &[u8]) -> Self {
+        let mut buf = Vec::with_capacity(success.len() + LAST_ANSWER_ROOM);
+        buf.extend_from_slice(success);
+        Answers {
+            buf,
+            allocate_len: success.len(),
+            allocate_txid,
+            last_txid: None,
+        }
+    }
+
+    /// Our earlier answer to the request with this transaction id, if we keep it.
+    pub fn get(&self, txid: &[u8; 12]) -> Option<&[u8]> {
+        if *txid == self.allocate_txid && self.allocate_len > 0 {
+            return Some(&self.buf[..self.allocate_len]);
+        }
+        (self.last_txid.as_ref() == Some(txid)).then(|| &self.buf[self.allocate_len..])
+    }
+
+    /// Keeps `answer` as the latest answer, in place of the one before.
+    pub fn remember(&mut self, txid: [u8; 12], answer: &[u8]) {
+        self.buf.truncate(self.allocate_len);
+        self.buf.extend_from_slice(answer);
+        self.last_txid = Some(txid);
+    }
 }
 
 impl Allocation {
@@ -232,7 +272,6 @@ mod tests {
                 local: "192.0.2.2:3478".parse().unwrap(),
             },
             username: "u".into(),
-            quota_user: "u".into(),
             quota_key: QuotaKey::rest("u"),
             reservation: None,
             created: now,
@@ -241,9 +280,7 @@ mod tests {
             tcp: false,
             permissions: Vec::new(),
             channels: Vec::new(),
-            last_txid: [0; 12],
-            last_response: Vec::new(),
-            allocate_answer: None,
+            answers: Answers::default(),
             counters: Counters::default(),
             to_peer_budget: None,
             to_client_budget: None,
@@ -275,6 +312,26 @@ mod tests {
         a.permit(ip1, t0 + Duration::from_secs(300), t0, 2);
         assert!(a.can_permit_all(&[ip1, ip2, ip2], t0, 2));
         assert!(!a.can_permit_all(&[ip2, "198.51.100.3".parse().unwrap()], t0, 2));
+    }
+
+    #[test]
+    fn answers_keep_the_allocate_success_and_the_latest_other_answer() {
+        let mut a = Answers::new([1; 12], b"allocate");
+        assert_eq!(a.get(&[1; 12]), Some(&b"allocate"[..]));
+        assert_eq!(a.get(&[2; 12]), None);
+        let room = a.buf.capacity();
+        a.remember([2; 12], b"permission");
+        a.remember([3; 12], b"bind");
+        assert_eq!(a.get(&[1; 12]), Some(&b"allocate"[..]));
+        assert_eq!(
+            a.get(&[2; 12]),
+            None,
+            "only the latest other answer is kept"
+        );
+        assert_eq!(a.get(&[3; 12]), Some(&b"bind"[..]));
+        a.remember([4; 12], &[0; 72]);
+        assert_eq!(a.buf.capacity(), room, "a signed answer fits the room kept");
+        assert_eq!(Answers::default().get(&[0; 12]), None);
     }
 
     #[test]

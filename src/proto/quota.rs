@@ -9,6 +9,7 @@
 //! unauthenticated-reply limit counts them.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -47,16 +48,40 @@ pub enum QuotaError {
     Total,
 }
 
+/// Independent locks the per-key counts are spread over: shards allocating at once meet on the
+/// same lock only when their keys hash alike (1 in 64), never on one table for the whole server.
+const SHARDS: usize = 64;
+
 /// Units held: one per live allocation and one per unclaimed port reservation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Quotas {
-    held: Mutex<HashMap<QuotaKey, u32>>,
+    /// Per-key counts, each key in the shard its hash picks.
+    held: Box<[Mutex<HashMap<QuotaKey, u32>>]>,
+    hasher: RandomState,
+    /// Moved with compare-and-swap, so checking the cap takes no lock.
     total: AtomicU32,
-    /// Reservation token -> the key its unit is held under.
+    /// Reservation token -> the key its unit is held under (EVEN-PORT only: off the common path).
     reservations: Mutex<HashMap<u64, QuotaKey>>,
 }
 
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            held: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            total: AtomicU32::new(0),
+            reservations: Mutex::default(),
+        }
+    }
+}
+
 impl Quotas {
+    fn shard(&self, key: &QuotaKey) -> &Mutex<HashMap<QuotaKey, u32>> {
+        // Multiply-shift onto 0..SHARDS: the high bits of the hash, no division.
+        let h = self.hasher.hash_one(key);
+        &self.held[((u128::from(h) * SHARDS as u128) >> 64) as usize]
+    }
+
     /// Takes `units` for `key` if both caps allow them all (0 = no cap).
     pub fn take(
         &self,
@@ -65,27 +90,41 @@ impl Quotas {
         per_key: u32,
         total: u32,
     ) -> Result<(), QuotaError> {
-        let mut held = lock(&self.held);
-        let count = held.get(key).copied().unwrap_or(0);
-        if per_key != 0 && count + units > per_key {
+        let mut held = lock(self.shard(key));
+        let count = held.get_mut(key);
+        let before = count.as_ref().map_or(0, |c| **c);
+        if per_key != 0 && before + units > per_key {
             return Err(QuotaError::User);
         }
-        // The total moves only under this lock, so the check and the add cannot race.
-        if total != 0 && self.total.load(Ordering::Relaxed) + units > total {
-            return Err(QuotaError::Total);
+        self.take_total(units, total)?;
+        match count {
+            Some(c) => *c += units,
+            // Only a key's first unit copies the key.
+            None => {
+                held.insert(key.clone(), units);
+            }
         }
-        self.total.fetch_add(units, Ordering::Relaxed);
-        *held.entry(key.clone()).or_insert(0) += units;
         Ok(())
     }
 
+    /// The server-wide count moves by compare-and-swap: its cap is checked without a lock.
+    fn take_total(&self, units: u32, cap: u32) -> Result<(), QuotaError> {
+        self.total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (cap == 0 || t + units <= cap).then_some(t + units)
+            })
+            .map(drop)
+            .map_err(|_| QuotaError::Total)
+    }
+
     pub fn give_back(&self, key: &QuotaKey, units: u32) {
-        let mut held = lock(&self.held);
+        let mut held = lock(self.shard(key));
         if let Some(c) = held.get_mut(key) {
             let n = units.min(*c);
             *c -= n;
             if *c == 0 {
                 held.remove(key);
+                shrink(&mut held);
             }
             self.total.fetch_sub(n, Ordering::Relaxed);
         }
@@ -99,7 +138,12 @@ impl Quotas {
     /// Ends a reservation, claimed or not, and gives its unit back. False when the token is
     /// unknown: never issued, already claimed, or expired.
     pub fn end_reservation(&self, token: u64) -> bool {
-        let key = lock(&self.reservations).remove(&token);
+        let key = {
+            let mut reservations = lock(&self.reservations);
+            let key = reservations.remove(&token);
+            shrink(&mut reservations);
+            key
+        };
         match key {
             Some(key) => {
                 self.give_back(&key, 1);
@@ -121,13 +165,28 @@ impl Quotas {
 
     /// Units held by `key`.
     pub fn held_by(&self, key: &QuotaKey) -> u32 {
-        lock(&self.held).get(key).copied().unwrap_or(0)
+        lock(self.shard(key)).get(key).copied().unwrap_or(0)
     }
 
     /// Every key and its units (the soak test's accounting check).
     #[cfg(test)]
     pub fn snapshot(&self) -> HashMap<QuotaKey, u32> {
-        lock(&self.held).clone()
+        self.held.iter().flat_map(|s| lock(s).clone()).collect()
+    }
+
+    /// Table slots allocated over every shard (the shrink test's check).
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.held.iter().map(|s| lock(s).capacity()).sum()
+    }
+}
+
+/// Gives a table's memory back once it is mostly empty (a burst of users has left). Halving the
+/// capacity only below a quarter full keeps the cost amortised: a table that shrank must fill
+/// half way again before it grows.
+fn shrink<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -138,6 +197,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -189,5 +249,67 @@ mod tests {
         assert!(q.end_reservation(7));
         assert!(!q.end_reservation(7), "a token ends once");
         assert_eq!((q.held_by(&a), q.reserved_ports()), (1, 0));
+    }
+
+    #[test]
+    fn refusals_hold_nothing_and_the_user_cap_is_named_first() {
+        let q = Quotas::default();
+        let a = QuotaKey::rest("alice");
+        assert_eq!(q.take(&a, 3, 2, 0), Err(QuotaError::User));
+        assert_eq!(q.take(&a, 2, 2, 2), Ok(()));
+        assert_eq!(
+            q.take(&a, 1, 2, 2),
+            Err(QuotaError::User),
+            "both caps hit: 486"
+        );
+        assert_eq!(
+            q.take(&QuotaKey::rest("bob"), 1, 2, 2),
+            Err(QuotaError::Total)
+        );
+        assert_eq!(q.total(), 2);
+        assert!(q.held_by(&QuotaKey::rest("bob")) == 0);
+    }
+
+    #[test]
+    fn tables_shrink_after_many_users_leave() {
+        let q = Quotas::default();
+        let keys: Vec<QuotaKey> = (0..20_000)
+            .map(|i| QuotaKey::rest(&format!("user{i}")))
+            .collect();
+        for k in &keys {
+            q.take(k, 1, 1, 0).unwrap();
+        }
+        let full = q.capacity();
+        for k in &keys {
+            q.give_back(k, 1);
+        }
+        assert_eq!(q.total(), 0);
+        // Each shard keeps at most the small table not worth shrinking.
+        assert!(
+            q.capacity() <= SHARDS * 64 && q.capacity() * 4 < full,
+            "{} slots left of {full} after every user left",
+            q.capacity()
+        );
+    }
+
+    #[test]
+    fn concurrent_takes_never_pass_the_total() {
+        let q = Arc::new(Quotas::default());
+        let granted: u32 = (0..4)
+            .map(|t| {
+                let q = Arc::clone(&q);
+                std::thread::spawn(move || {
+                    (0..500)
+                        .filter(|i| {
+                            q.take(&QuotaKey::rest(&format!("u{t}-{i}")), 1, 1, 1000)
+                                .is_ok()
+                        })
+                        .count() as u32
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(granted, 1000);
+        assert_eq!(q.total(), 1000);
     }
 }

@@ -97,6 +97,22 @@ impl DeadlineQueue {
         self.heap.is_empty()
     }
 
+    /// Gives back room the queue no longer needs: ids from `ids` on are gone (their slots were
+    /// cut from the table, free and so without a deadline), and either vector keeps at most
+    /// twice what it holds once it is a quarter full. O(1) unless there is something to cut.
+    pub fn shrink(&mut self, ids: usize) {
+        if self.position.len() > ids {
+            debug_assert!(self.position[ids..].iter().all(|&p| p == ABSENT));
+            self.position.truncate(ids);
+        }
+        if self.position.capacity() > 64.max(4 * self.position.len()) {
+            self.position.shrink_to(2 * self.position.len());
+        }
+        if self.heap.capacity() > 64.max(4 * self.heap.len()) {
+            self.heap.shrink_to(2 * self.heap.len());
+        }
+    }
+
     fn swap(&mut self, a: usize, b: usize) {
         self.heap.swap(a, b);
         self.position[self.heap[a].1 as usize] = a as u32;
@@ -181,6 +197,30 @@ mod tests {
         assert_eq!(q.pop_due(t0 + Duration::from_secs(2)), Some(7));
         assert_eq!(q.deadline(8), Some(t0 + Duration::from_secs(50)));
         q.check();
+    }
+
+    #[test]
+    fn shrink_gives_back_the_room_of_ended_ids() {
+        let t0 = Instant::now();
+        let mut q = DeadlineQueue::default();
+        for id in 0..10_000 {
+            q.set(id, t0 + Duration::from_millis(u64::from(id)));
+        }
+        for id in 0..10_000 {
+            if id != 3 {
+                q.remove(id);
+            }
+        }
+        q.shrink(4);
+        q.check();
+        assert!(q.heap.capacity() <= 64 && q.position.capacity() <= 64);
+        assert_eq!(q.pop_due(t0 + Duration::from_secs(1)), Some(3));
+        q.set(9_000, t0);
+        assert_eq!(
+            q.deadline(9_000),
+            Some(t0),
+            "ids past the cut come back as new"
+        );
     }
 
     #[test]

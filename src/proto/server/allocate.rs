@@ -11,7 +11,7 @@ use super::command::{
 use super::respond::{Answer, Signer, Success};
 use super::{ClientAction, Core, RelayAddress};
 use crate::proto::allocation::{
-    Allocation, Counters, Relay, RelayId, Reservation, RESERVATION_LIFETIME,
+    Allocation, Answers, Counters, Relay, RelayId, Reservation, RESERVATION_LIFETIME,
 };
 use crate::proto::bucket::{Rate, TokenBucket};
 use crate::proto::codec::{attr, Class, MessageWriter};
@@ -20,15 +20,18 @@ use crate::proto::quota::{QuotaError, QuotaKey};
 use crate::proto::request::{Allocate, Refresh};
 use crate::proto::{FiveTuple, Transport};
 
+/// Permission and channel entries a new allocation has room for before its tables grow.
+const FIRST_PERMISSIONS: usize = 2;
+const FIRST_CHANNELS: usize = 1;
+
 /// An Allocate granted everything but its relay sockets, which the I/O layer is opening.
 pub(super) struct PendingAllocate {
     pub(super) ft: FiveTuple,
     pub(super) answer: Answer,
     signer: Signer,
-    slot: u32,
+    pub(super) slot: u32,
     gen: u32,
     username: Box<str>,
-    quota_user: Box<str>,
     quota_key: QuotaKey,
     /// Quota units taken: one, or two when a neighbour port is reserved too.
     units: u32,
@@ -126,7 +129,6 @@ impl Core {
             slot,
             gen,
             username: username.into(),
-            quota_user: quota_user.into(),
             quota_key,
             units,
             request,
@@ -256,25 +258,24 @@ impl Core {
         let bw = config.limits.bandwidth_bytes_per_sec;
         // One second of burst per direction.
         let budget = (bw > 0).then(|| TokenBucket::new(Rate::new(bw, bw), now));
-        let allocation = Allocation {
+        let allocation = Box::new(Allocation {
             five_tuple: ft,
             username: p.username,
-            quota_user: p.quota_user,
             quota_key: p.quota_key,
             reservation,
             created: now,
             expires: now + lifetime,
             relays,
             tcp,
-            permissions: Vec::new(),
-            channels: Vec::new(),
-            last_txid: [0; 12],
-            last_response: Vec::new(),
-            allocate_answer: None,
+            // Room for what nearly every allocation asks for next (ICE: a permission or two
+            // and a channel), so those requests find their table ready.
+            permissions: Vec::with_capacity(FIRST_PERMISSIONS),
+            channels: Vec::with_capacity(FIRST_CHANNELS),
+            answers: Answers::default(),
             counters: Counters::default(),
             to_peer_budget: budget,
             to_client_budget: budget,
-        };
+        });
         tracing::info!(
             user = &*allocation.username,
             client = %ft.client,
@@ -309,13 +310,7 @@ impl Core {
         }
         w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
         self.finish(&mut w, &answer, Some(&signer));
-        // The Allocate's success, kept for the allocation's life: a client whose success was
-        // lost retransmits, possibly after other requests.
-        let a = self.alloc_mut(p.slot);
-        a.allocate_answer = Some((answer.txid, reply.as_slice().into()));
-        a.last_txid = answer.txid;
-        a.last_response.clear();
-        a.last_response.extend_from_slice(reply);
+        self.alloc_mut(p.slot).answers = Answers::new(answer.txid, reply);
         ClientAction::Reply { to: ft }
     }
 

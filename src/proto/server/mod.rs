@@ -24,9 +24,11 @@ mod permissions;
 mod relay_path;
 mod respond;
 mod shared;
+mod shrink;
 mod tcp_relay;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,14 +146,23 @@ pub enum PeerAction {
 
 struct Slot {
     gen: u32,
-    alloc: Option<Allocation>,
+    /// Boxed: the table keeps 16 bytes per slot, and an ended allocation's memory goes back
+    /// to the allocator at once instead of staying in the table until the slot is reused.
+    alloc: Option<Box<Allocation>>,
 }
 
 pub struct Core {
     config: Arc<CoreConfig>,
     shared: Arc<Shared>,
     slots: Vec<Slot>,
-    free_slots: Vec<u32>,
+    /// Lowest first, so live allocations pack at the front and the table's tail can be cut.
+    free_slots: BinaryHeap<Reverse<u32>>,
+    /// The generation a slot appended to the table starts at: above every generation a cut
+    /// slot of the same index ever had, so no old id reaches the new occupant.
+    fresh_gen: u32,
+    /// The slot table's tail is cut only once live allocations number at most this (see
+    /// `shrink`).
+    shrink_below: usize,
     by_client: HashMap<FiveTuple, u32>,
     /// This core's UDP relay sockets by bound address: a datagram for one of them from another
     /// of our allocations is delivered here, without a kernel hop (see `relay_path`).
@@ -232,7 +243,9 @@ impl Core {
             config,
             shared,
             slots: Vec::new(),
-            free_slots: Vec::new(),
+            free_slots: BinaryHeap::new(),
+            fresh_gen: 0,
+            shrink_below: 0,
             by_client: HashMap::new(),
             own_relays: HashMap::new(),
             timers: DeadlineQueue::default(),
@@ -321,6 +334,7 @@ impl Core {
             }
             self.arm(slot);
         }
+        self.shrink_tables();
     }
 
     /// (Re)sets a live slot's one timer entry to its next deadline.
@@ -380,7 +394,7 @@ impl Core {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.alloc.as_ref().is_some_and(|a| &*a.quota_user == user))
+            .filter(|(_, s)| s.alloc.as_ref().is_some_and(|a| &*a.quota_key.user == user))
             .map(|(i, _)| i as u32)
             .collect();
         for &slot in &slots {
@@ -425,7 +439,7 @@ impl Core {
         self.slots
             .get(slot as usize)
             .filter(|s| s.gen == gen)
-            .and_then(|s| s.alloc.as_ref())
+            .and_then(|s| s.alloc.as_deref())
     }
 
     fn alloc_mut(&mut self, slot: u32) -> &mut Allocation {
@@ -437,13 +451,17 @@ impl Core {
 
     /// A free slot and its generation, for an allocation about to be made.
     fn take_slot(&mut self) -> (u32, u32) {
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.slots.push(Slot {
-                gen: 0,
-                alloc: None,
-            });
-            (self.slots.len() - 1) as u32
-        });
+        let slot = match self.free_slots.pop() {
+            Some(Reverse(slot)) => slot,
+            None => {
+                self.slots.push(Slot {
+                    gen: self.fresh_gen,
+                    alloc: None,
+                });
+                self.slots_grew();
+                (self.slots.len() - 1) as u32
+            }
+        };
         (slot, self.slots[slot as usize].gen)
     }
 
@@ -468,7 +486,7 @@ impl Core {
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
         s.gen = s.gen.wrapping_add(1);
-        self.free_slots.push(slot);
+        self.free_slots.push(Reverse(slot));
     }
 
     // ---------------------------------------------------------------- client side
@@ -608,13 +626,7 @@ impl Core {
         }
         let existing = self.by_client.get(ft).copied();
         if let Some(slot) = existing {
-            let a = self.alloc_mut(slot);
-            let cached = match &a.allocate_answer {
-                Some((t, bytes)) if *t == answer.txid => Some(&bytes[..]),
-                _ => (a.last_txid == answer.txid && !a.last_response.is_empty())
-                    .then_some(&a.last_response[..]),
-            };
-            if let Some(bytes) = cached {
+            if let Some(bytes) = self.alloc_mut(slot).answers.get(&answer.txid) {
                 reply.clear();
                 reply.extend_from_slice(bytes);
                 return ClientAction::Reply { to: *ft };
@@ -647,10 +659,7 @@ impl Core {
         }
         // Remember the answer for a retransmission of this request on this 5-tuple.
         if let Some(&slot) = self.by_client.get(ft) {
-            let a = self.alloc_mut(slot);
-            a.last_txid = answer.txid;
-            a.last_response.clear();
-            a.last_response.extend_from_slice(reply);
+            self.alloc_mut(slot).answers.remember(answer.txid, reply);
         }
         ClientAction::Reply { to: *ft }
     }

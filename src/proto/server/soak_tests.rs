@@ -299,7 +299,7 @@ impl Harness {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.alloc.as_ref().map(|a| (i as u32, a)))
+            .filter_map(|(i, s)| s.alloc.as_deref().map(|a| (i as u32, a)))
             .collect();
         assert_eq!(core.allocation_count(), live.len());
         assert_eq!(core.by_client.len(), live.len());
