@@ -5,6 +5,7 @@ pub mod gate;
 pub mod interfaces;
 pub mod proxy;
 pub mod relay;
+pub mod send_batch;
 pub mod shard;
 pub mod stream_stats;
 pub mod tcp;

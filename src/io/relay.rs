@@ -102,6 +102,16 @@ impl ShardRelays {
         id: RelayId,
         dont_fragment: bool,
     ) -> Option<&std::net::UdpSocket> {
+        self.registered_for_send(id, dont_fragment)
+            .map(|s| s.get_ref())
+    }
+
+    /// [`Self::socket_for_send`], shared: a send queue holds it until its flush.
+    pub fn registered_for_send(
+        &mut self,
+        id: RelayId,
+        dont_fragment: bool,
+    ) -> Option<&Rc<RegisteredSocket>> {
         let e = self.entry_mut(id)?;
         let want = e.dont_fragment || dont_fragment;
         if want != e.df_now {
@@ -110,7 +120,7 @@ impl ShardRelays {
             set_dont_fragment(e.socket.get_ref(), id.v6, want);
             e.df_now = want;
         }
-        Some(e.socket.get_ref())
+        Some(&e.socket)
     }
 
     pub fn take_pending(&mut self) -> Vec<(RelayId, Rc<RegisteredSocket>)> {

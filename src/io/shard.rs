@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::connection::{self, ListenerKind, StreamSettings};
 use super::relay::{Reservations, ShardRelays};
+use super::send_batch::{FlushSignal, SendQueue};
 use super::stream_stats::ConnectionStats;
 use super::tcp::StreamConn;
 use super::tcp_relay::{self, TcpRelays};
@@ -92,6 +93,11 @@ pub(super) struct ShardState {
     pub(super) connections: ConnectionStats,
     reply: Vec<u8>,
     peers: PeerBatch,
+    /// Datagrams for UDP clients, one queue per listener (same index), and for peers: flushed
+    /// together once every task of this reactor tick has run (see `flusher`).
+    client_out: Vec<SendQueue<Listener>>,
+    peer_out: SendQueue<RegisteredSocket>,
+    flush: Rc<FlushSignal>,
     send_errors: u64,
     pub(super) tcp_relays: TcpRelays,
     siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
@@ -134,28 +140,61 @@ impl ShardState {
             }
             return;
         }
-        let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
+        let Some(i) = self.listeners.iter().position(|l| l.serves(to.local)) else {
             return;
         };
+        let listener = &self.listeners[i];
         let frame = &self.peers.slot(slot)[start..end];
-        if let Err(e) = listener.try_send(frame, to.client, to.local) {
-            self.send_errors += 1;
-            tracing::trace!(error = %e, client = %to.client, "send to client failed");
-        }
+        enqueue(
+            &mut self.client_out[i],
+            listener,
+            to.client,
+            listener.source_for(to.local),
+            frame,
+            &self.flush,
+            &mut self.send_errors,
+        );
     }
 
     fn send_to_peer(&mut self, relay: RelayId, peer: SocketAddr, payload: &[u8], df: bool) {
-        let Some(socket) = self.relays.socket_for_send(relay, df) else {
+        if df {
+            // DONT-FRAGMENT is a socket option, read at send time: what is queued leaves first,
+            // then this datagram alone (Send indications with DF are rare).
+            self.flush_sends();
+            let Some(socket) = self.relays.socket_for_send(relay, true) else {
+                return;
+            };
+            // Straight to the kernel: tokio's try_send_to consults a readiness cache that is
+            // still empty for a socket opened a moment ago, and would drop the first datagram.
+            if let Err(e) = socket2::SockRef::from(socket).send_to(payload, &peer.into()) {
+                self.send_errors += 1;
+                tracing::trace!(error = %e, peer = %peer, "send to peer failed");
+            }
+            return;
+        }
+        let Some(socket) = self.relays.registered_for_send(relay, false) else {
             return;
         };
-        // Straight to the kernel: tokio's try_send_to consults a readiness cache that is still
-        // empty for a socket opened a moment ago, and would drop a client's first datagram.
         // An unreachable peer (ICMP, ENETUNREACH, a full buffer) costs this datagram, never the
         // allocation.
-        if let Err(e) = socket2::SockRef::from(socket).send_to(payload, &peer.into()) {
-            self.send_errors += 1;
-            tracing::trace!(error = %e, peer = %peer, "send to peer failed");
+        enqueue(
+            &mut self.peer_out,
+            socket,
+            peer,
+            None,
+            payload,
+            &self.flush,
+            &mut self.send_errors,
+        );
+    }
+
+    /// Sends every queued datagram: peers first, so echoes come back sooner.
+    pub(super) fn flush_sends(&mut self) {
+        let mut dropped = self.peer_out.flush().dropped;
+        for queue in &mut self.client_out {
+            dropped += queue.flush().dropped;
         }
+        self.send_errors += dropped as u64;
     }
 
     /// Queues a frame on a stream client's connection; a connection too far behind loses it.
@@ -170,13 +209,19 @@ impl ShardState {
         if to.transport != Transport::Udp {
             return self.queue_on_stream(to, reply);
         }
-        let Some(listener) = self.listeners.iter().find(|l| l.serves(to.local)) else {
+        let Some(i) = self.listeners.iter().position(|l| l.serves(to.local)) else {
             return;
         };
-        if let Err(e) = listener.try_send(reply, to.client, to.local) {
-            self.send_errors += 1;
-            tracing::trace!(error = %e, "reply send failed");
-        }
+        let listener = &self.listeners[i];
+        enqueue(
+            &mut self.client_out[i],
+            listener,
+            to.client,
+            listener.source_for(to.local),
+            reply,
+            &self.flush,
+            &mut self.send_errors,
+        );
     }
 
     /// One datagram or stream frame from a client, through the core and out again.
@@ -247,6 +292,33 @@ impl ShardState {
     }
 }
 
+/// Copies a datagram into `queue`, flushing first when it has no room and after when it is full;
+/// a flush is requested when the queue turns non-empty.
+fn enqueue<T: std::os::fd::AsRawFd>(
+    queue: &mut SendQueue<T>,
+    socket: &Rc<T>,
+    to: SocketAddr,
+    src: Option<std::net::IpAddr>,
+    frame: &[u8],
+    flush: &FlushSignal,
+    send_errors: &mut u64,
+) {
+    if !queue.has_room(frame.len()) {
+        *send_errors += queue.flush().dropped as u64;
+    }
+    if queue.is_empty() {
+        flush.request();
+    }
+    if !queue.push(socket, to, src, frame) {
+        // Larger than an empty queue holds: no datagram is.
+        *send_errors += 1;
+        return;
+    }
+    if queue.is_full() {
+        *send_errors += queue.flush().dropped as u64;
+    }
+}
+
 pub(super) type Shard = Rc<RefCell<ShardState>>;
 
 /// Binds the listeners and runs the shard until shutdown; returns its final counters. Reports
@@ -290,6 +362,13 @@ async fn serve(
     let _ = bound.send(Ok(listeners.iter().map(|l| l.bound).collect()));
 
     let relays = ShardRelays::new(setup.relay_ports, Arc::clone(&setup.reservations));
+    // GSO is a kernel feature: what the first listener found holds for relay sockets too.
+    let gso = listeners.first().map_or(1, |l| l.gso_segments());
+    let client_out = listeners
+        .iter()
+        .map(|l| SendQueue::new(l.gso_segments()))
+        .collect();
+    let flush = Rc::new(FlushSignal::default());
     let mut core = Core::new(setup.config, setup.shared, setup.seed);
     core.set_shard(setup.index);
     let state: Shard = Rc::new(RefCell::new(ShardState {
@@ -301,6 +380,9 @@ async fn serve(
         connections: ConnectionStats::default(),
         reply: Vec::with_capacity(1500),
         peers: PeerBatch::new(),
+        client_out,
+        peer_out: SendQueue::new(gso),
+        flush: Rc::clone(&flush),
         send_errors: 0,
         tcp_relays: TcpRelays::new(setup.relay_ports),
         siblings: setup.siblings,
@@ -318,6 +400,7 @@ async fn serve(
         }
     }
     tokio::task::spawn_local(timers(Rc::clone(&state)));
+    tokio::task::spawn_local(flusher(Rc::clone(&state), flush));
     tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
 
     let mut shutdown = setup.shutdown;
@@ -330,6 +413,7 @@ async fn serve(
     let now = Instant::now();
     st.core.close_all(now, EndReason::Shutdown);
     st.run_commands(now);
+    st.flush_sends();
     st.report()
 }
 
@@ -464,6 +548,15 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Flushes the send queues once the tasks woken in this reactor tick have run: tokio's LocalSet
+/// runs a task woken now after those already scheduled.
+async fn flusher(state: Shard, signal: Rc<FlushSignal>) {
+    loop {
+        signal.wait().await;
+        state.borrow_mut().flush_sends();
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState, BATCH_SIZE};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState, BATCH_SIZE};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
@@ -161,19 +161,16 @@ impl Listener {
         }
     }
 
-    /// Sends without blocking; a full socket buffer drops the datagram, as UDP may. Goes
-    /// straight to the kernel: we never wait for writability, so tokio's readiness cache (empty
-    /// until the reactor has polled the socket once) must not veto the send.
-    pub fn try_send(&self, data: &[u8], to: SocketAddr, from: SocketAddr) -> io::Result<()> {
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: None,
-            src_ip: self.is_wildcard().then_some(from.ip()),
-        };
-        self.state
-            .try_send(UdpSockRef::from(self.socket.get_ref()), &transmit)
+    /// The source address a datagram sent for 5-tuple local address `local` must name: a
+    /// wildcard listener answers from the address it was asked on (IP_PKTINFO), a bound one
+    /// needs none.
+    pub fn source_for(&self, local: SocketAddr) -> Option<IpAddr> {
+        self.is_wildcard().then_some(local.ip())
+    }
+
+    /// UDP GSO segments per send this socket supports (1: none).
+    pub fn gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
     }
 
     /// Whether datagrams for the 5-tuple local address `local` leave through this listener.
@@ -181,6 +178,15 @@ impl Listener {
         self.bound.port() == local.port()
             && self.bound.is_ipv4() == local.is_ipv4()
             && (self.is_wildcard() || self.bound.ip() == local.ip())
+    }
+}
+
+/// Sends go straight to the kernel (batched, see `send_batch`): we never wait for
+/// writability, so tokio's readiness cache (empty until the reactor has polled the socket
+/// once) must not veto a send.
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.get_ref().as_raw_fd()
     }
 }
 
