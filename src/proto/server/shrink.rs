@@ -24,6 +24,7 @@ impl Core {
             self.shrink_below = live / 2;
         }
         shrink_map(&mut self.by_client);
+        shrink_map(&mut self.own_relays);
         shrink_vec(&mut self.pending);
         shrink_deque(&mut self.commands);
         if self.free_slots.capacity() > FLOOR.max(4 * self.free_slots.len()) {
