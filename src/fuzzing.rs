@@ -1065,6 +1065,8 @@ pub struct Coverage {
     pub to_peer_channel: u64,
     pub to_client_data: u64,
     pub to_client_channel: u64,
+    /// Datagrams from one of the core's relays to another, delivered without the kernel.
+    pub relayed_in_process: u64,
     pub admin_ends: u64,
     /// RFC 5780 answers sent from another of the server's addresses.
     pub moved_replies: u64,
@@ -1088,6 +1090,7 @@ impl Coverage {
         self.to_peer_channel += o.to_peer_channel;
         self.to_client_data += o.to_client_data;
         self.to_client_channel += o.to_client_channel;
+        self.relayed_in_process += o.relayed_in_process;
         self.admin_ends += o.admin_ends;
         self.moved_replies += o.moved_replies;
         for (k, v) in &o.error_codes {
@@ -1452,6 +1455,14 @@ impl CoreHarness {
             t.push(bytes.to_vec());
         }
         match action {
+            ClientAction::Reply { to } if self.reply.first().is_some_and(|b| b >> 6 == 1) => {
+                self.on_in_process(c, to, &expect)
+            }
+            ClientAction::Reply { to }
+                if Message::parse(&self.reply).is_ok_and(|m| m.class == Class::Indication) =>
+            {
+                self.on_in_process(c, to, &expect)
+            }
             ClientAction::Reply { to } => {
                 assert_eq!(
                     (to.transport, to.client),
@@ -1825,6 +1836,53 @@ impl CoreHarness {
         }
     }
 
+    /// A Send or ChannelData to one of this core's own relays, delivered without the kernel:
+    /// checked as a ToPeer from client `c` and as what the receiving relay's owner gets.
+    fn on_in_process(&mut self, c: usize, to: FiveTuple, expect: &Expect) {
+        let now = self.now;
+        let frame = std::mem::take(&mut self.reply);
+        let o = (0..CLIENTS)
+            .find(|&o| five_tuple(o) == to)
+            .unwrap_or_else(|| panic!("relayed in process to {to:?}, no client of ours"));
+        let sender = self.clients[c]
+            .alloc
+            .as_ref()
+            .unwrap_or_else(|| panic!("relayed in process for a 5-tuple without an allocation"));
+        let receiver = self.clients[o]
+            .alloc
+            .as_ref()
+            .expect("receiver's allocation");
+        let policy = &self.config.policy;
+        let names = |target: SocketAddr| [canonical(target), canonical(policy.present(target))];
+        // The receiving relay is the one of the owner's relays the request named.
+        let named = |target: SocketAddr| match expect {
+            Expect::Send { peer, .. } => names(target).contains(&canonical(*peer)),
+            Expect::Channel { number, .. } => names(target)
+                .iter()
+                .any(|&n| sender.may_be_bound(*number, n, now)),
+            Expect::Nothing => true,
+        };
+        let (target, from) = receiver
+            .relays
+            .iter()
+            .filter(|t| named(**t))
+            .find_map(|&t| {
+                let from = sender.relays.iter().find(|r| r.is_ipv6() == t.is_ipv6())?;
+                Some((t, *from))
+            })
+            .unwrap_or_else(|| panic!("relayed in process to {to:?}, not to a relay it named"));
+        assert!(
+            names(target).iter().any(|&n| permitted(sender, n, now)),
+            "relayed in process to {target} without a permission"
+        );
+        let data = match expect {
+            Expect::Send { payload, .. } | Expect::Channel { payload, .. } => Some(payload.clone()),
+            Expect::Nothing => None,
+        };
+        self.coverage.relayed_in_process += 1;
+        self.check_to_client(o, from, &frame, data.as_deref());
+    }
+
     /// A drop is checked only where the model is sure the datagram had to go through.
     fn on_drop(&mut self, c: usize, expect: &Expect) {
         let now = self.now;
@@ -1899,42 +1957,7 @@ impl CoreHarness {
                 let o = owner.unwrap_or_else(|| panic!("ToClient from relay {id:?}, not open"));
                 assert_eq!(to, five_tuple(o), "ToClient to another client");
                 let frame = buf[start..end].to_vec();
-                if let Some(t) = self.trace.as_mut() {
-                    t.push(frame.clone());
-                }
-                let present = self.config.policy.present(from);
-                let a = self.clients[o].alloc.as_ref().expect("owner");
-                assert!(
-                    permitted(a, from, now),
-                    "peer data from {from} without a permission"
-                );
-                if frame.first().is_some_and(|b| b >> 6 == 1) {
-                    let cd = codec::parse_channel_data(&frame).expect("ChannelData frame parses");
-                    same_bytes(&frame[cd.start..cd.end], data);
-                    assert!(frame.len() - cd.end < 4, "ChannelData frame padding");
-                    assert!(
-                        a.may_be_bound(cd.channel, from, now),
-                        "data from {from} framed on {:#x}, not bound to it",
-                        cd.channel
-                    );
-                    self.coverage.to_client_channel += 1;
-                } else {
-                    let m = Message::parse(&frame).unwrap_or_else(|e| {
-                        panic!("Data indication does not parse ({e}): {}", hex(&frame))
-                    });
-                    assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
-                    let d = m.get(attr::DATA).expect("DATA");
-                    same_bytes(d.value, data);
-                    let p = m.get(attr::XOR_PEER_ADDRESS).expect("XOR-PEER-ADDRESS");
-                    let p = codec::decode_xor_address(p.value, &m.transaction_id());
-                    assert_eq!(p, Some(present), "XOR-PEER-ADDRESS of a Data indication");
-                    let bound = a
-                        .channels
-                        .iter()
-                        .any(|((_, p), (plain, s))| *p == from && *plain && s.lo > now);
-                    assert!(!bound, "Data indication although a channel is bound");
-                    self.coverage.to_client_data += 1;
-                }
+                self.check_to_client(o, from, &frame, Some(data));
             }
             PeerAction::Drop => {
                 if let Some(o) = owner {
@@ -1945,6 +1968,51 @@ impl CoreHarness {
                     assert!(!must, "data from permitted peer {from} dropped");
                 }
             }
+        }
+    }
+
+    /// A frame for client `o`'s relay from `from`, checked against the model: `data` is the
+    /// payload when the model knows it.
+    fn check_to_client(&mut self, o: usize, from: SocketAddr, frame: &[u8], data: Option<&[u8]>) {
+        let now = self.now;
+        if let Some(t) = self.trace.as_mut() {
+            t.push(frame.to_vec());
+        }
+        let present = self.config.policy.present(from);
+        let a = self.clients[o].alloc.as_ref().expect("owner");
+        assert!(
+            permitted(a, from, now),
+            "peer data from {from} without a permission"
+        );
+        if frame.first().is_some_and(|b| b >> 6 == 1) {
+            let cd = codec::parse_channel_data(frame).expect("ChannelData frame parses");
+            if let Some(data) = data {
+                same_bytes(&frame[cd.start..cd.end], data);
+            }
+            assert!(frame.len() - cd.end < 4, "ChannelData frame padding");
+            assert!(
+                a.may_be_bound(cd.channel, from, now),
+                "data from {from} framed on {:#x}, not bound to it",
+                cd.channel
+            );
+            self.coverage.to_client_channel += 1;
+        } else {
+            let m = Message::parse(frame)
+                .unwrap_or_else(|e| panic!("Data indication does not parse ({e}): {}", hex(frame)));
+            assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
+            let d = m.get(attr::DATA).expect("DATA");
+            if let Some(data) = data {
+                same_bytes(d.value, data);
+            }
+            let p = m.get(attr::XOR_PEER_ADDRESS).expect("XOR-PEER-ADDRESS");
+            let p = codec::decode_xor_address(p.value, &m.transaction_id());
+            assert_eq!(p, Some(present), "XOR-PEER-ADDRESS of a Data indication");
+            let bound = a
+                .channels
+                .iter()
+                .any(|((_, p), (plain, s))| *p == from && *plain && s.lo > now);
+            assert!(!bound, "Data indication although a channel is bound");
+            self.coverage.to_client_data += 1;
         }
     }
 
@@ -2647,6 +2715,18 @@ fn scripted_sessions() -> Vec<(&'static str, Vec<Op>)> {
                 req(q(1, ALLOCATE)),
                 req(q(1, CREATE_PERMISSION).peers(&[7])),
                 send(1, 7),
+                // Both relays share one IP: client 0's permission for its own relay lets client
+                // 1's datagrams in (delivered without the kernel), and its own come back to it.
+                req(q(0, CREATE_PERMISSION).peers(&[7])),
+                send(1, 7),
+                send(0, 7),
+                req(q(1, CHANNEL_BIND).channel(0x4001).peers(&[7])),
+                Op::ChannelData {
+                    client: client_sel(1),
+                    channel: 0x4001,
+                    len: 9,
+                    flags: 0,
+                },
                 Op::Raw {
                     client: 0,
                     bytes: unhex(RFC5769[0].1),

@@ -379,6 +379,10 @@ fn scripted_seed_sessions_reach_what_they_script() {
     }
     assert!(total.reservations > 0 && total.replays > 0 && total.admin_ends > 0);
     assert!(
+        total.relayed_in_process >= 3,
+        "relay to relay in process not reached: {total:#?}"
+    );
+    assert!(
         total.moved_replies > 0,
         "no RFC 5780 answer moved: {total:#?}"
     );
