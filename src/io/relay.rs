@@ -77,6 +77,8 @@ pub struct ShardRelays {
     reservations: Arc<Reservations>,
     rng: SystemRandom,
     open_count: usize,
+    /// The most sockets open since the heap was last trimmed (see `trim_heap`).
+    peak_since_trim: usize,
 }
 
 impl ShardRelays {
@@ -88,6 +90,7 @@ impl ShardRelays {
             reservations,
             rng: SystemRandom::new(),
             open_count: 0,
+            peak_since_trim: 0,
         }
     }
 
@@ -172,6 +175,7 @@ impl ShardRelays {
             df_now: dont_fragment,
         });
         self.open_count += 1;
+        self.peak_since_trim = self.peak_since_trim.max(self.open_count);
         Ok(local)
     }
 
@@ -245,6 +249,27 @@ impl ShardRelays {
             }
         }
         Err(io::ErrorKind::AddrInUse.into())
+    }
+}
+
+/// Trimming is worth its cost once this many allocations' memory (about 2 KiB each) is free.
+const TRIM_FROM: usize = 64;
+/// ... and once the last relay of at least this many closes.
+const TRIM_LAST_FROM: usize = 16;
+
+/// Hands the heap's free pages back to the system after half the relays open at the peak have
+/// closed (so at most once per halving, never per packet). glibc's malloc returns memory on
+/// its own only from the top of a heap: what ended allocations freed in the middle of the
+/// shard threads' arenas would stay resident for good (measured: 8% of the growth returned
+/// after 5000 allocations ended; 92% with this). It was chosen over jemalloc and mimalloc:
+/// jemalloc returns as much only with a background purging thread and a 1 s decay (and adds a
+/// C build and 17 MB of binary), and mimalloc held 5.3 KiB per allocation against glibc's
+/// 2.0 and returned 8%. One call walks every arena, a millisecond or so for tens of MB.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -327,6 +352,13 @@ impl ShardRelays {
         }
         self.pending.retain(|(p, _)| *p != id);
         self.shrink();
+        let halved = self.open_count <= self.peak_since_trim / 2;
+        // The last relay of a burst closing trims too, however small the last halving was.
+        let last = self.open_count == 0 && self.peak_since_trim >= TRIM_LAST_FROM;
+        if (self.peak_since_trim >= TRIM_FROM && halved) || last {
+            trim_heap();
+            self.peak_since_trim = self.open_count;
+        }
     }
 
     /// Cuts the table's empty tail and gives back its room once it is mostly empty; the core
