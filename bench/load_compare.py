@@ -8,7 +8,7 @@ and allocation tables start clean), the generator with --server-pid and --json:
 
   paced    relay: 20 clients, 160 B ChannelData, 20k msgs/s, 5 s
   flood    relay: 10 clients, --rate 0, 5 s
-  maxrate  the highest loss-free paced rate: 10 clients, 20k 30k 40k 60k 80k 100k msgs/s, 3 s
+  maxrate  the highest loss-free paced rate: 10 clients, 20k 40k 60k 80k ... 160k msgs/s, 3 s
            each, stopping at the first step with loss > 0.1 % or that delivers under 90 % of
            its rate (a rate the generator could not offer is not a rate the server sustained)
   c2c      relay --client-to-client: 20 clients (10 pairs on this server), paced 20k, 5 s
@@ -177,7 +177,8 @@ def scenario_table(quick):
 
 
 def search_steps(quick):
-    return [20000, 40000, 80000] if quick else [20000, 30000, 40000, 60000, 80000, 100000]
+    return [20000, 40000, 80000] if quick else [20000, 40000, 60000, 80000, 100000, 120000, 140000,
+                                                 160000]
 
 
 # --- the generator ---------------------------------------------------------------------------

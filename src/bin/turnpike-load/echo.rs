@@ -47,8 +47,7 @@ impl EchoPeer {
         )?;
         // Bursts from many allocations arrive at once: room for them beats drops we would
         // count as the server's loss.
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
+        sys::enlarge_buffers(sock.as_raw_fd(), 4 << 20);
         sock.set_read_timeout(Some(POLL))?;
         sock.bind(&bind.into())?;
         sys::enable_rx_timestamps(sock.as_raw_fd())?;
@@ -102,16 +101,21 @@ fn run(sock: Socket, pace: Pace, stop: &AtomicBool, echoed: &AtomicU64) {
     let fd = sock.as_raw_fd();
     let mut batch = Batch::new(64, true);
     let mut busy = false;
+    let mut batch_was_full = false;
     while !stop.load(Ordering::Relaxed) {
         // Idle: block until the first datagram (or the read timeout), then take what is
-        // queued. Busy and paced: sleep a tick, then take everything without blocking.
+        // queued. Busy and paced: sleep a tick, then take everything without blocking, batch
+        // after batch until one comes back short: a tick can hold more than one batch, and
+        // taking only one per tick would cap the echo rate and overflow the socket.
         let n = match (pace.tick, busy) {
+            _ if batch_was_full => batch.recv(fd, false).unwrap_or(0),
             (Some(tick), true) => {
                 std::thread::sleep(tick);
                 batch.recv(fd, false).unwrap_or(0)
             }
             _ => batch.recv(fd, true).unwrap_or(0),
         };
+        batch_was_full = n == batch.cap();
         busy = n > 0;
         if n == 0 {
             continue;

@@ -77,6 +77,28 @@ pub fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// Asks for `bytes` of receive and send buffer; as root past net.core.[rw]mem_max (the
+/// FORCE options), which otherwise caps it silently at about 208 KiB. Best effort.
+pub fn enlarge_buffers(fd: RawFd, bytes: i32) {
+    for opt in [
+        libc::SO_RCVBUF,
+        libc::SO_SNDBUF,
+        libc::SO_RCVBUFFORCE,
+        libc::SO_SNDBUFFORCE,
+    ] {
+        // SAFETY: a c_int option value of the size given, on a descriptor we own.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 /// One client socket per allocation (the server keys allocations by 5-tuple), non-blocking and
 /// connected to the server, so the kernel filters strangers and reports ICMP unreachables.
 pub fn client_socket(local: SocketAddr, server: SocketAddr) -> io::Result<Socket> {
