@@ -18,6 +18,7 @@ use md5::{Digest as _, Md5};
 use ring::{digest, hmac};
 
 use super::codec::constant_time_eq;
+use super::mac;
 
 /// RFC 8489 §18.5.1.1 PASSWORD-ALGORITHM values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,7 +302,7 @@ pub struct Unrevoked {
 
 #[derive(Clone)]
 struct RestState {
-    keys: Vec<hmac::Key>,
+    keys: Vec<mac::Sha1Key>,
     separator: char,
     max_ttl_secs: u64,
 }
@@ -359,11 +360,7 @@ impl Authenticator {
             })
             .collect();
         let rest = rest.map(|r| RestState {
-            keys: r
-                .secrets
-                .iter()
-                .map(|s| hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, s))
-                .collect(),
+            keys: r.secrets.iter().map(|s| mac::sha1_key(s)).collect(),
             separator: r.separator,
             max_ttl_secs: r.max_ttl_secs,
         });
@@ -598,13 +595,13 @@ fn parse_expiry(s: &str) -> Option<u64> {
 const REST_PASSWORD_LEN: usize = 28;
 
 fn rest_password_into<'a>(
-    key: &hmac::Key,
+    key: &mac::Sha1Key,
     username: &str,
     buf: &'a mut [u8; REST_PASSWORD_LEN],
 ) -> &'a str {
-    let tag = hmac::sign(key, username.as_bytes());
+    let tag = mac::sign_sha1(key, &[username.as_bytes()]);
     let n = STANDARD
-        .encode_slice(tag.as_ref(), buf)
+        .encode_slice(tag, buf)
         .expect("28 bytes hold base64 of a 20-byte tag");
     std::str::from_utf8(&buf[..n]).expect("base64 is ASCII")
 }
@@ -612,7 +609,7 @@ fn rest_password_into<'a>(
 /// password = base64(HMAC-SHA1(secret, username)), standard alphabet, padded:
 /// what coturn's `turnutils_uclient -W` and the usual REST snippets compute.
 pub fn rest_password(secret: &[u8], username: &str) -> String {
-    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let key = mac::sha1_key(secret);
     let mut buf = [0u8; REST_PASSWORD_LEN];
     rest_password_into(&key, username, &mut buf).to_owned()
 }

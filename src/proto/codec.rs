@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ring::hmac;
 
+use super::mac;
+
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 pub const HEADER_LEN: usize = 20;
 const FINGERPRINT_XOR: u32 = 0x5354_554e;
@@ -292,9 +294,9 @@ impl<'a> Message<'a> {
         let Some(at) = self.integrity_at else {
             return false;
         };
-        let k = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
-        let tag = &self.buf[at + 4..at + 24];
-        verify_mac(&k, self.buf, at, 24, tag)
+        let header = mac_header(self.buf, at, 24);
+        let full = mac::sign_sha1(&mac::sha1_key(key), &[&header, &self.buf[HEADER_LEN..at]]);
+        constant_time_eq(&full, &self.buf[at + 4..at + 24])
     }
 
     /// Verifies MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6), accepting truncated tags of 16..=32 bytes.
@@ -303,24 +305,23 @@ impl<'a> Message<'a> {
             return false;
         };
         let len = read_u16(self.buf, at + 2) as usize;
-        let k = hmac::Key::new(hmac::HMAC_SHA256, key);
         let tag = &self.buf[at + 4..at + 4 + len];
-        verify_mac(&k, self.buf, at, 4 + len, tag)
+        let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
+        ctx.update(&mac_header(self.buf, at, 4 + len));
+        ctx.update(&self.buf[HEADER_LEN..at]);
+        constant_time_eq(&ctx.sign().as_ref()[..len], tag)
     }
 }
 
 /// The MAC covers the message up to the integrity attribute, with the header length rewritten to end
-/// right after that attribute (RFC 8489 §14.5); the datagram itself is left untouched.
-fn verify_mac(key: &hmac::Key, buf: &[u8], at: usize, attr_total: usize, tag: &[u8]) -> bool {
+/// right after that attribute (RFC 8489 §14.5): this header, then the datagram's attributes up to
+/// `at`, which are left untouched.
+fn mac_header(buf: &[u8], at: usize, attr_total: usize) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header.copy_from_slice(&buf[..HEADER_LEN]);
     let fake_len = (at - HEADER_LEN + attr_total) as u16;
     header[2..4].copy_from_slice(&fake_len.to_be_bytes());
-    let mut ctx = hmac::Context::with_key(key);
-    ctx.update(&header);
-    ctx.update(&buf[HEADER_LEN..at]);
-    let full = ctx.sign();
-    constant_time_eq(&full.as_ref()[..tag.len()], tag)
+    header
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -508,9 +509,8 @@ impl<'b> MessageWriter<'b> {
     pub fn integrity(&mut self, key: &[u8]) -> &mut Self {
         let start = self.buf.len();
         self.attr(attr::MESSAGE_INTEGRITY, &[0u8; 20]);
-        let k = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
-        let tag = hmac::sign(&k, &self.buf[..start]);
-        self.buf[start + 4..start + 24].copy_from_slice(tag.as_ref());
+        let tag = mac::sign_sha1(&mac::sha1_key(key), &[&self.buf[..start]]);
+        self.buf[start + 4..start + 24].copy_from_slice(&tag);
         self
     }
 

@@ -10,6 +10,7 @@ pub mod bucket;
 pub mod codec;
 pub mod discovery;
 pub mod error;
+pub mod mac;
 pub mod policy;
 pub mod quota;
 pub mod ratelimit;
