@@ -11,4 +11,5 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod logging;
 pub mod proto;

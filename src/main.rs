@@ -1,6 +1,6 @@
 //! The `turnpike` command line: parse, call the library, print.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use turnpike::config::{Config, LogFormat};
 use turnpike::control::{api, client, credentials, unix_now};
+use turnpike::logging;
 
 #[derive(Parser)]
 #[command(name = "turnpike", version, about = "A STUN/TURN relay daemon")]
@@ -144,17 +145,29 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+/// Logging for `serve`: lines go out through a writer thread (see `turnpike::logging`) until the
+/// guard is dropped.
+fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<logging::FlushGuard> {
     let filter =
         EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+    // Colour only for a person at a terminal: journald, log files and pipes would keep the
+    // escape codes as text (and pay for writing them).
+    let (writer, guard) = logging::batched(std::io::stderr(), logging::QUEUE_LIMIT);
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer.clone());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-    Ok(())
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        writer.flush_now();
+        previous(info);
+    }));
+    Ok(guard)
 }
 
 fn credentials_command(
@@ -330,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => cfg.log_format,
             };
             let level = log_level.unwrap_or_else(|| cfg.log_level.clone());
-            init_logging(format, &level)?;
+            let _log = init_logging(format, &level)?;
             turnpike::control::warn_about_permissions(&cfg, &config);
             turnpike::daemon::serve(cfg, config, ready_file)?;
             Ok(())
