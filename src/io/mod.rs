@@ -4,6 +4,7 @@ pub mod connection;
 pub mod gate;
 pub mod interfaces;
 pub mod proxy;
+pub mod random;
 pub mod relay;
 pub mod send_batch;
 pub mod shard;

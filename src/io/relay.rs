@@ -8,11 +8,11 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::task::JoinHandle;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::random::RandomPool;
 use super::udp::{register, setsockopt_int, RegisteredSocket};
 use crate::proto::allocation::RelayId;
 use crate::proto::server::{OpenRelay, OpenedRelay, RelayOpenError, RelaySource};
@@ -75,7 +75,7 @@ pub struct ShardRelays {
     /// Sockets opened during a core call; the shard spawns their receive tasks right after.
     pending: Vec<(RelayId, Rc<RegisteredSocket>)>,
     reservations: Arc<Reservations>,
-    rng: SystemRandom,
+    rng: RandomPool,
     open_count: usize,
     /// The most sockets open since the heap was last trimmed (see `trim_heap`).
     peak_since_trim: usize,
@@ -88,7 +88,7 @@ impl ShardRelays {
             table: Vec::new(),
             pending: Vec::new(),
             reservations,
-            rng: SystemRandom::new(),
+            rng: RandomPool::default(),
             open_count: 0,
             peak_since_trim: 0,
         }
@@ -146,10 +146,7 @@ impl ShardRelays {
     }
 
     fn random_u64(&self) -> u64 {
-        let mut b = [0u8; 8];
-        // SystemRandom only fails if the OS RNG is unavailable; a zero token is still unique per map.
-        let _ = self.rng.fill(&mut b);
-        u64::from_le_bytes(b)
+        self.rng.next_u64()
     }
 
     fn install(

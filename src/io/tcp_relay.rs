@@ -16,7 +16,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use ring::rand::{SecureRandom, SystemRandom};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -28,6 +27,7 @@ use crate::proto::server::{
 };
 use crate::proto::FiveTuple;
 
+use super::random::RandomPool;
 use super::tcp::{self, StreamConn};
 
 /// Bytes one pipe direction holds at most.
@@ -85,7 +85,7 @@ pub enum Handover {
 /// One shard's TCP relays: listeners by relay, peer connections by id.
 pub struct TcpRelays {
     ports: (u16, u16),
-    rng: SystemRandom,
+    rng: RandomPool,
     listeners: HashMap<RelayId, JoinHandle<()>>,
     /// Listeners opened during a core call; the shard starts their accept tasks right after.
     pending: Vec<(RelayId, TcpListener)>,
@@ -100,7 +100,7 @@ impl TcpRelays {
     pub fn new(ports: (u16, u16)) -> Self {
         TcpRelays {
             ports,
-            rng: SystemRandom::new(),
+            rng: RandomPool::default(),
             listeners: HashMap::new(),
             pending: Vec::new(),
             peers: HashMap::new(),
@@ -144,10 +144,7 @@ impl TcpRelays {
     }
 
     fn random_u64(&self) -> u64 {
-        let mut b = [0u8; 8];
-        // Only the port choice depends on it; a failed draw probes port `lo` first.
-        let _ = self.rng.fill(&mut b);
-        u64::from_le_bytes(b)
+        self.rng.next_u64()
     }
 
     fn bind_in_range(&self, ip: IpAddr) -> io::Result<std::net::TcpListener> {
