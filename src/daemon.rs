@@ -590,6 +590,7 @@ pub fn serve(
     let (senders, mut receivers): (Vec<_>, Vec<_>) =
         (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
     let siblings: Arc<[_]> = senders.clone().into();
+    let mailboxes = crate::io::mailbox::Mailboxes::new(threads).map(Arc::new);
     for (index, command_rx) in receivers.drain(..).enumerate() {
         let setup = ShardSetup {
             index,
@@ -610,6 +611,7 @@ pub fn serve(
             shutdown: shutdown_rx.clone(),
             commands: command_rx,
             siblings: Arc::clone(&siblings),
+            mailboxes: mailboxes.clone(),
             seed: u64::from_le_bytes(random_bytes::<8>()?),
         };
         let (tx, rx) = std::sync::mpsc::channel();

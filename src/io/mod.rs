@@ -3,6 +3,7 @@
 pub mod connection;
 pub mod gate;
 pub mod interfaces;
+pub mod mailbox;
 pub mod proxy;
 pub mod random;
 pub mod relay;

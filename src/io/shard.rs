@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::connection::{self, ListenerKind, StreamSettings};
+use super::mailbox::{Mailboxes, Parcel};
 use super::relay::{Reservations, ShardRelays};
 use super::send_batch::{FlushSignal, SendQueue};
 use super::stream_stats::ConnectionStats;
@@ -79,6 +80,8 @@ pub struct ShardSetup {
     /// Every shard's command sender, by index (this one's included): where client connections
     /// are moved to (see `ShardCommand::Adopt`).
     pub siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
+    /// Where relay-to-relay datagrams for other shards' relays go (none with one shard).
+    pub mailboxes: Option<Arc<Mailboxes>>,
     pub seed: u64,
 }
 
@@ -101,6 +104,9 @@ pub(super) struct ShardState {
     send_errors: u64,
     pub(super) tcp_relays: TcpRelays,
     siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
+    mailboxes: Option<Arc<Mailboxes>>,
+    /// Datagrams for other shards' relays, by shard: posted with the flush.
+    handovers: Vec<Parcel>,
 }
 
 impl tcp_relay::Host for ShardState {
@@ -188,9 +194,29 @@ impl ShardState {
         );
     }
 
-    /// Sends every queued datagram: peers first, so echoes come back sooner.
+    fn hand_over(&mut self, shard: u8, to: SocketAddr, from: SocketAddr, payload: &[u8]) {
+        let shard = usize::from(shard);
+        if self.handovers.len() <= shard {
+            self.handovers.resize_with(shard + 1, Parcel::default);
+        }
+        if self.handovers[shard].is_empty() {
+            self.flush.request();
+        }
+        self.handovers[shard].push(to, from, payload);
+    }
+
+    /// Sends every queued datagram: peers first (other shards' relays among them), so echoes
+    /// come back sooner. A handover a shard cannot take counts as a send error, as a full
+    /// socket buffer would.
     pub(super) fn flush_sends(&mut self) {
         let mut dropped = self.peer_out.flush().dropped;
+        if let Some(mailboxes) = &self.mailboxes {
+            for (shard, parcel) in self.handovers.iter_mut().enumerate() {
+                if !parcel.is_empty() {
+                    dropped += mailboxes.post(shard as u8, parcel);
+                }
+            }
+        }
         for queue in &mut self.client_out {
             dropped += queue.flush().dropped;
         }
@@ -236,7 +262,13 @@ impl ShardState {
                 start,
                 end,
                 dont_fragment,
-            } => self.send_to_peer(relay, peer, &data[start..end], dont_fragment),
+            } => match self.core.handover_target(relay, &peer) {
+                // Another shard's relay: DF does not matter where nothing is fragmented.
+                Some((shard, from)) if self.mailboxes.is_some() => {
+                    self.hand_over(shard, peer, from, &data[start..end])
+                }
+                _ => self.send_to_peer(relay, peer, &data[start..end], dont_fragment),
+            },
         }
         self.reply = reply;
         self.run_commands(now);
@@ -386,6 +418,8 @@ async fn serve(
         send_errors: 0,
         tcp_relays: TcpRelays::new(setup.relay_ports),
         siblings: setup.siblings,
+        mailboxes: setup.mailboxes.clone(),
+        handovers: Vec::new(),
     }));
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
@@ -402,6 +436,9 @@ async fn serve(
     tokio::task::spawn_local(timers(Rc::clone(&state)));
     tokio::task::spawn_local(flusher(Rc::clone(&state), flush));
     tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
+    if let Some(mailboxes) = setup.mailboxes {
+        tokio::task::spawn_local(handovers(Rc::clone(&state), mailboxes, setup.index));
+    }
 
     let mut shutdown = setup.shutdown;
     while !*shutdown.borrow() {
@@ -548,6 +585,33 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Datagrams other shards' relays sent to this shard's relays: each goes through the core as if
+/// the relay socket had read it (see `mailbox`).
+async fn handovers(state: Shard, mailboxes: Arc<Mailboxes>, index: usize) {
+    let mut parcel = Parcel::default();
+    loop {
+        mailboxes.collect(index, &mut parcel).await;
+        let now = Instant::now();
+        let mut guard = state.borrow_mut();
+        let st = &mut *guard;
+        for (to, from, payload) in parcel.iter() {
+            let end = HEADROOM + payload.len();
+            let buf = st.peers.slot_mut(0);
+            if end + codec::TAILROOM > buf.len() {
+                continue; // longer than any datagram a relay socket reads
+            }
+            buf[HEADROOM..end].copy_from_slice(payload);
+            let action = st
+                .core
+                .deliver_from_shard(now, to, from, buf, HEADROOM, end);
+            if let PeerAction::ToClient { to, start, end } = action {
+                st.send_frame_to_client(&to, 0, start, end);
+            }
+        }
+        parcel.clear();
     }
 }
 

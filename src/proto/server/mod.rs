@@ -468,15 +468,18 @@ impl Core {
     /// A relay starts serving: it becomes a valid peer for every shard's clients and, when it
     /// is a UDP socket, a destination this core delivers to in-process.
     fn relay_live(&mut self, r: &Relay, tcp: bool) {
-        self.shared.live_relays.insert(&r.local);
+        let owner = (!tcp).then_some(self.shard);
+        self.shared.live_relays.insert(&r.local, owner);
         if !tcp {
             self.own_relays.insert(r.local, r.id);
         }
     }
 
     fn relay_gone(&mut self, r: &Relay) {
-        self.shared.live_relays.remove(&r.local);
-        if self.own_relays.get(&r.local) == Some(&r.id) {
+        // Only UDP relays are in `own_relays`; a TCP relay may share the port number.
+        let udp = self.own_relays.get(&r.local) == Some(&r.id);
+        self.shared.live_relays.remove(&r.local, udp);
+        if udp {
             self.own_relays.remove(&r.local);
         }
     }

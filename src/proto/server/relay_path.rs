@@ -145,6 +145,46 @@ impl Core {
         ClientAction::Reply { to }
     }
 
+    /// Where a datagram that relay `relay` is about to send to `peer` can go without the kernel:
+    /// the shard whose UDP relay socket `peer` is, when that is another shard, and the address
+    /// the datagram is from (`relay`'s own). The I/O layer then hands it to that shard, which
+    /// takes it through [`Self::deliver_from_shard`] as if its socket had read it.
+    pub fn handover_target(&self, relay: RelayId, peer: &SocketAddr) -> Option<(u8, SocketAddr)> {
+        let ours = match peer {
+            SocketAddr::V4(_) => self.config.relay_v4,
+            SocketAddr::V6(_) => self.config.relay_v6,
+        };
+        if ours.map(|r| r.local) != Some(peer.ip()) {
+            return None;
+        }
+        let owner = self.shared.live_relays.udp_owner(peer)?;
+        if owner == self.shard {
+            return None;
+        }
+        let a = self.slots.get(relay.slot as usize)?.alloc.as_deref()?;
+        let from = a.relays[relay.v6 as usize].filter(|r| r.id == relay)?.local;
+        Some((owner, from))
+    }
+
+    /// A datagram another shard's relay at `from` sent to this shard's relay at `to` (see
+    /// [`Self::handover_target`]), laid out in `buf` as [`Self::handle_peer`] expects. A relay
+    /// that has ended meanwhile drops it, as its closed port would have.
+    pub fn deliver_from_shard(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        from: SocketAddr,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+    ) -> PeerAction {
+        let Some(&relay) = self.own_relays.get(&to) else {
+            return PeerAction::Drop;
+        };
+        self.stats.relayed_in_process += 1;
+        self.handle_peer(now, relay, from, buf, start, end)
+    }
+
     /// A datagram a relay socket received from `from`. The payload sits at `buf[start..end]` with at
     /// least [`HEADROOM`] bytes before it and [`codec::TAILROOM`] after, so the frame is written in place.
     pub fn handle_peer(

@@ -151,12 +151,12 @@ fn a_stream_receiver_gets_padded_channel_data() {
 }
 
 #[test]
-fn a_relay_of_another_shard_is_reached_through_the_kernel() {
+fn a_relay_of_another_shard_is_handed_over_and_delivered_there_as_on_its_socket() {
     let cfg = Arc::new(config(limits(), false, false));
     let mut h = Harness::with((*cfg).clone());
     let a = client(1);
-    h.allocate(&a);
-    // Another core sharing this one's state (another shard) owns b's relay.
+    let relay_a = h.allocate(&a);
+    // Another core sharing this one's state (shard 1) owns b's relay.
     let mut other = Harness {
         core: TestCore::new(Arc::clone(&cfg), Arc::clone(&h.shared), 7),
         shared: Arc::clone(&h.shared),
@@ -165,14 +165,60 @@ fn a_relay_of_another_shard_is_reached_through_the_kernel() {
         reply: Vec::new(),
         txid_counter: 100,
     };
+    other.core.set_shard(1);
     other.core.relays.next_port = 60_000;
-    let relay_b = other.allocate(&client(2));
+    let b = client(2);
+    let relay_b = other.allocate(&b);
     assert_eq!(h.bind(&a, 0x4000, relay_b), (Class::Success, None));
-    match h.send(&a, &channel_data(0x4000, b"x")) {
-        ClientAction::ToPeer { peer, .. } => assert_eq!(peer, relay_b),
+    let relay = match h.send(&a, &channel_data(0x4000, b"x")) {
+        ClientAction::ToPeer { relay, peer, .. } => {
+            assert_eq!(peer, relay_b);
+            relay
+        }
         other => panic!("{other:?}"),
-    }
+    };
+    // Not delivered by this core, but addressed to shard 1, from a's relay.
     assert_eq!(h.core.stats().relayed_in_process, 0);
+    assert_eq!(h.core.handover_target(relay, &relay_b), Some((1, relay_a)));
+    let deliver = |other: &mut Harness| {
+        let mut buf = vec![0u8; HEADROOM + 1 + codec::TAILROOM];
+        buf[HEADROOM] = b'x';
+        let now = other.now;
+        let action =
+            other
+                .core
+                .deliver_from_shard(now, relay_b, relay_a, &mut buf, HEADROOM, HEADROOM + 1);
+        (action, buf)
+    };
+    // b never permitted a: dropped as its socket would have dropped it.
+    assert_eq!(deliver(&mut other).0, PeerAction::Drop);
+    assert_eq!(other.core.stats().dropped_no_permission, 1);
+    assert_eq!(other.permit(&b, relay_a), (Class::Success, None));
+    let (action, buf) = deliver(&mut other);
+    let PeerAction::ToClient { to, start, end } = action else {
+        panic!("{action:?}");
+    };
+    assert_eq!(to, b);
+    let m = Message::parse(&buf[start..end]).unwrap();
+    assert_eq!((m.method, m.class), (method::DATA, Class::Indication));
+    let from = m.get(attr::XOR_PEER_ADDRESS).unwrap();
+    assert_eq!(
+        codec::decode_xor_address(from.value, &m.transaction_id()),
+        Some(relay_a)
+    );
+    assert_eq!(m.get(attr::DATA).unwrap().value, b"x");
+    assert_eq!(other.core.stats().relayed_in_process, 2);
+    let sessions = other.core.sessions(other.now);
+    assert_eq!(sessions[0].counters.to_client_packets, 1);
+
+    // This core's own relay, or the same port at someone else's address: no handover.
+    assert_eq!(h.core.handover_target(relay, &relay_a), None);
+    let stranger = SocketAddr::new("198.51.100.9".parse().unwrap(), relay_b.port());
+    assert_eq!(h.core.handover_target(relay, &stranger), None);
+    // b's allocation ends: its port is nobody's, and a late handover is dropped.
+    assert_eq!(other.refresh(&b, 0), (Class::Success, None));
+    assert_eq!(h.core.handover_target(relay, &relay_b), None);
+    assert_eq!(deliver(&mut other).0, PeerAction::Drop);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! State every shard's core shares: nonces, quotas, the live relay ports, the reply limiter.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Instant;
 
 use super::Limits;
@@ -13,41 +13,66 @@ use crate::proto::ratelimit::SourceRateLimiter;
 /// peer only at one of these (relay to relay). Any other port there belongs to some other local
 /// process that happens to use a port inside the relay range (the kernel's ephemeral range
 /// overlaps the default one), and is no business of a TURN client.
+///
+/// For a UDP relay it also says which shard owns the socket, so a datagram for it from another
+/// shard's relay is handed over in-process (see `io::mailbox`). A UDP and a TCP relay may hold
+/// the same port number at once: each has its own part of the entry.
 pub struct LiveRelayPorts {
-    bits: [Box<[AtomicU64]>; 2],
+    /// Per port: [`TCP_LIVE`] and, in the low bits, the owning shard + 1 of a UDP relay (0: none).
+    ports: [Box<[AtomicU16]>; 2],
 }
+
+const TCP_LIVE: u16 = 1 << 15;
+const UDP_OWNER: u16 = TCP_LIVE - 1;
 
 impl Default for LiveRelayPorts {
     fn default() -> Self {
-        let bitset = || (0..1024).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
+        let table = || {
+            (0..=u16::MAX)
+                .map(|_| AtomicU16::new(0))
+                .collect::<Box<[_]>>()
+        };
         LiveRelayPorts {
-            bits: [bitset(), bitset()],
+            ports: [table(), table()],
         }
     }
 }
 
 impl LiveRelayPorts {
-    fn word(&self, addr: &SocketAddr) -> (&AtomicU64, u64) {
-        let port = addr.port() as usize;
-        (
-            &self.bits[addr.is_ipv6() as usize][port / 64],
-            1u64 << (port % 64),
-        )
+    fn entry(&self, addr: &SocketAddr) -> &AtomicU16 {
+        &self.ports[addr.is_ipv6() as usize][addr.port() as usize]
     }
 
-    pub(super) fn insert(&self, addr: &SocketAddr) {
-        let (w, bit) = self.word(addr);
-        w.fetch_or(bit, Ordering::Relaxed);
+    /// A UDP relay of shard `shard` (`None`: a TCP relay) starts serving at `addr`.
+    pub(super) fn insert(&self, addr: &SocketAddr, shard: Option<u8>) {
+        let e = self.entry(addr);
+        match shard {
+            Some(shard) => {
+                let owner = u16::from(shard) + 1;
+                let _ = e.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v & TCP_LIVE | owner)
+                });
+            }
+            None => {
+                e.fetch_or(TCP_LIVE, Ordering::Relaxed);
+            }
+        }
     }
 
-    pub(super) fn remove(&self, addr: &SocketAddr) {
-        let (w, bit) = self.word(addr);
-        w.fetch_and(!bit, Ordering::Relaxed);
+    /// The UDP (`udp`) or TCP relay at `addr` has ended.
+    pub(super) fn remove(&self, addr: &SocketAddr, udp: bool) {
+        let clear = if udp { UDP_OWNER } else { TCP_LIVE };
+        self.entry(addr).fetch_and(!clear, Ordering::Relaxed);
     }
 
     pub fn contains(&self, addr: &SocketAddr) -> bool {
-        let (w, bit) = self.word(addr);
-        w.load(Ordering::Relaxed) & bit != 0
+        self.entry(addr).load(Ordering::Relaxed) != 0
+    }
+
+    /// The shard whose UDP relay serves port `addr.port()` of this family, if one does.
+    pub fn udp_owner(&self, addr: &SocketAddr) -> Option<u8> {
+        let owner = self.entry(addr).load(Ordering::Relaxed) & UDP_OWNER;
+        (owner != 0).then(|| (owner - 1) as u8)
     }
 }
 
@@ -123,5 +148,33 @@ impl Shared {
             limits.allocations_per_user,
             limits.total_allocations,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_udp_and_a_tcp_relay_on_one_port_end_independently() {
+        let ports = LiveRelayPorts::default();
+        let addr: SocketAddr = "192.0.2.1:50000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:50000".parse().unwrap();
+        assert!(!ports.contains(&addr));
+        ports.insert(&addr, None);
+        ports.insert(&addr, Some(3));
+        assert_eq!(ports.udp_owner(&addr), Some(3));
+        assert!(!ports.contains(&v6), "families are apart");
+        ports.remove(&addr, false);
+        assert!(ports.contains(&addr), "the UDP relay still serves");
+        assert_eq!(ports.udp_owner(&addr), Some(3));
+        ports.insert(&addr, None);
+        ports.remove(&addr, true);
+        assert_eq!(ports.udp_owner(&addr), None);
+        assert!(ports.contains(&addr), "the TCP relay still serves");
+        ports.remove(&addr, false);
+        assert!(!ports.contains(&addr));
+        ports.insert(&v6, Some(255));
+        assert_eq!(ports.udp_owner(&v6), Some(255));
     }
 }
