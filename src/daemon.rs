@@ -448,6 +448,7 @@ pub fn serve(
 ) -> Result<(), DaemonError> {
     raise_fd_limit(&config);
     let mut rest_secrets = config.load_rest_secrets()?;
+    let nonce_keys = config.load_nonce_keys()?;
     let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config);
     let (listeners, holders) = concrete_listeners(&config.listen)?;
@@ -580,6 +581,7 @@ pub fn serve(
         Instant::now(),
         unix_now(),
     ));
+    shared.set_nonce_keys(&nonce_keys);
     let threads = match config.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -351,6 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             cfg.load_rest_secrets()?;
+            cfg.load_nonce_keys()?;
             cfg.load_api_token()?;
             let certificate = turnpike::control::load_certificate(&cfg)
                 .map_err(|e| anyhow::anyhow!("tls certificate: {e}"))?;

@@ -133,6 +133,58 @@ fn nonce_is_bound_to_the_client_port() {
     b.must_allocate();
 }
 
+/// Instances behind one name with the same `auth.nonce_key_file`: a nonce from one is good on
+/// the other (no 438 when a client's next request lands elsewhere), an instance without those
+/// keys refuses it, and a rotation by reload keeps the old key verifying.
+#[test]
+fn instances_sharing_nonce_keys_accept_each_others_nonces_across_a_rotation() {
+    let dir = common::TempDir::new("nonce-keys");
+    let (k1, k2) = ("1".repeat(64), "2".repeat(64));
+    let write = |name: &str, keys: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("# first issues\n{}\n", keys.join("\n"))).unwrap();
+        path
+    };
+    let with_keys = |path: std::path::PathBuf| {
+        Options::default().edit(move |c| c.auth.nonce_key_file = Some(path.clone()))
+    };
+    let a = Daemon::with(with_keys(write("a", &[&k1])));
+    let b_keys = write("b", &[&k1]);
+    let mut b = Daemon::with(with_keys(b_keys.clone()));
+    let c = Daemon::start();
+
+    // From one client socket (a nonce is bound to it): challenged by a, allocating on b.
+    let mut client = static_user(&a);
+    client.challenge();
+    let from_a = client.nonce.clone();
+    client.server = c.addr;
+    let r = client.allocate();
+    assert_eq!(
+        r.class_code(),
+        (Class::Error, Some(438)),
+        "c has its own key"
+    );
+    client.server = b.addr;
+    client.nonce = from_a;
+    client.must_allocate();
+
+    // Rotation on b: the new key first, the old one still verifying.
+    std::fs::write(&b_keys, format!("{k2}\n{k1}\n")).unwrap();
+    b.sighup();
+    b.wait_log(Duration::from_secs(5), "the reload", |l| {
+        l.contains("configuration reloaded")
+    });
+    let mut via_b = static_user(&b);
+    via_b.challenge();
+    let mut late = static_user(&a);
+    late.challenge();
+    // a still has only k1: b's new nonces are strangers there; a's are still good on b.
+    via_b.server = a.addr;
+    assert_eq!(via_b.allocate().class_code(), (Class::Error, Some(438)));
+    late.server = b.addr;
+    late.must_allocate();
+}
+
 #[test]
 fn expired_rest_credential_gets_401() {
     let d = Daemon::start();

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::secrets::{MIN_API_TOKEN_LEN, MIN_REST_SECRET_LEN};
+use super::secrets::MIN_API_TOKEN_LEN;
 
 /// One problem in a config file, located as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,13 +43,20 @@ pub enum ConfigError {
     /// Values that parse but are not acceptable; all of them, not just the first.
     #[error("{}", join_issues(.0))]
     Invalid(Vec<Issue>),
-    #[error("auth.secret_file: cannot read {}: {error}", path.display())]
+    /// `key` is `auth.secret_file` or `auth.nonce_key_file`.
+    #[error("{key}: cannot read {}: {error}", path.display())]
     SecretFile {
+        key: &'static str,
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("auth.secret_env: environment variable {name} {reason}")]
-    SecretEnv { name: String, reason: String },
+    /// `key` is `auth.secret_env` or `auth.nonce_key_env`.
+    #[error("{key}: environment variable {name} {reason}")]
+    SecretEnv {
+        key: &'static str,
+        name: String,
+        reason: String,
+    },
     #[error("api.token_file: cannot read {}: {error}", path.display())]
     TokenFile {
         path: PathBuf,
@@ -63,11 +70,17 @@ pub enum ConfigError {
     /// The file or variable exists but holds no secret; `what` names it.
     #[error("no secrets in {what}")]
     NoSecrets { what: String },
+    /// `what`: "REST secret" or "nonce key".
     #[error(
-        "{location}: REST secret is too short ({len} bytes, at least {MIN_REST_SECRET_LEN} \
-         required; e.g. generate one with `openssl rand -hex 32`)"
+        "{location}: {what} is too short ({len} bytes, at least {min} required; e.g. generate \
+         one with `openssl rand -hex 32`)"
     )]
-    WeakSecret { location: String, len: usize },
+    WeakSecret {
+        location: String,
+        what: &'static str,
+        len: usize,
+        min: usize,
+    },
 }
 
 impl ConfigError {

@@ -36,11 +36,11 @@ pub use schema::{
     ApiConfig, AuthConfig, Config, DiscoveryAddresses, LimitsConfig, LogFormat, NatDiscoveryConfig,
     PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
 };
-pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_REST_SECRET_LEN};
+pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_NONCE_KEY_LEN, MIN_REST_SECRET_LEN};
 
 impl Config {
     /// Read, parse and validate a config file. Relative `auth.secret_file`,
-    /// `api.token_file` and `tls` paths are resolved against the file's directory,
+    /// `auth.nonce_key_file`, `api.token_file` and `tls` paths are resolved against the file's directory,
     /// so the daemon finds them whatever its working directory (systemd
     /// starts it in `/`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -52,6 +52,7 @@ impl Config {
         let dir = path.parent().unwrap_or(Path::new(""));
         for file in [
             &mut config.auth.secret_file,
+            &mut config.auth.nonce_key_file,
             &mut config.api.token_file,
             &mut config.tls.cert_file,
             &mut config.tls.key_file,

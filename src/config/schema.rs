@@ -169,6 +169,11 @@ pub struct AuthConfig {
     pub secret_file: Option<PathBuf>,
     /// Environment variable holding REST secrets.
     pub secret_env: Option<String>,
+    /// File of nonce keys shared by the instances of a fleet (first issues, all verify);
+    /// resolved like `secret_file`. Neither this nor `nonce_key_env`: a random key per run.
+    pub nonce_key_file: Option<PathBuf>,
+    /// Environment variable holding nonce keys (comma- or space-separated).
+    pub nonce_key_env: Option<String>,
     /// Separator between expiry and user in REST usernames.
     pub rest_separator: char,
     pub rest_max_ttl_secs: u64,
@@ -181,6 +186,8 @@ impl Default for AuthConfig {
             nonce_lifetime_secs: 600,
             secret_file: None,
             secret_env: None,
+            nonce_key_file: None,
+            nonce_key_env: None,
             rest_separator: ':',
             rest_max_ttl_secs: 48 * 3600,
             users: Vec::new(),
@@ -389,6 +396,8 @@ pub(super) mod raw {
         pub nonce_lifetime_secs: i64,
         pub secret_file: String,
         pub secret_env: String,
+        pub nonce_key_file: String,
+        pub nonce_key_env: String,
         pub rest_separator: String,
         pub rest_max_ttl_secs: i64,
         pub users: Vec<User>,
@@ -544,6 +553,8 @@ pub(super) mod raw {
                 nonce_lifetime_secs: int(a.nonce_lifetime_secs),
                 secret_file: opt_path(&a.secret_file),
                 secret_env: opt(&a.secret_env),
+                nonce_key_file: opt_path(&a.nonce_key_file),
+                nonce_key_env: opt(&a.nonce_key_env),
                 rest_separator: a.rest_separator.to_string(),
                 rest_max_ttl_secs: int(a.rest_max_ttl_secs),
                 users: a

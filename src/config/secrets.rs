@@ -15,6 +15,11 @@ use super::{Config, ConfigError, UserSecret};
 /// will. 16 bytes of a random hex or base64 string is out of that reach.
 pub const MIN_REST_SECRET_LEN: usize = 16;
 
+/// Shortest nonce key accepted: whoever knows it can forge nonces for any client address (not
+/// credentials: a request still needs the user's key), so it gets a REST secret's care and
+/// twice its length.
+pub const MIN_NONCE_KEY_LEN: usize = 32;
+
 /// Bearer tokens shorter than this are refused: the token guards credential minting.
 pub const MIN_API_TOKEN_LEN: usize = 16;
 
@@ -53,70 +58,42 @@ impl Config {
         &self,
         getenv: impl Fn(&str) -> Option<OsString>,
     ) -> Result<Vec<Vec<u8>>, ConfigError> {
-        let mut secrets: Vec<Vec<u8>> = Vec::new();
-        let mut add = |secret: &[u8], location: &dyn Fn() -> String| {
-            if secret.len() < MIN_REST_SECRET_LEN {
-                return Err(ConfigError::WeakSecret {
-                    location: location(),
-                    len: secret.len(),
-                });
-            }
-            if !secrets.iter().any(|s| s == secret) {
-                secrets.push(secret.to_vec());
-            }
-            Ok(())
-        };
-
-        if let Some(path) = &self.auth.secret_file {
-            let bytes = std::fs::read(path).map_err(|error| ConfigError::SecretFile {
-                path: path.clone(),
-                error,
-            })?;
-            let mut found = 0;
-            // Bytes, not text: a secret need not be UTF-8. trim_ascii also
-            // strips the '\r' of CRLF files.
-            for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
-                let line = line.trim_ascii();
-                if line.is_empty() || line.starts_with(b"#") {
-                    continue;
-                }
-                found += 1;
-                add(line, &|| format!("{}:{}", path.display(), index + 1))?;
-            }
-            if found == 0 {
-                return Err(ConfigError::NoSecrets {
-                    what: path.display().to_string(),
-                });
-            }
+        SecretSource {
+            what: "REST secret",
+            min_len: MIN_REST_SECRET_LEN,
+            file_key: "auth.secret_file",
+            file: self.auth.secret_file.as_deref(),
+            env_key: "auth.secret_env",
+            env: self.auth.secret_env.as_deref(),
         }
+        .load(getenv)
+    }
 
-        if let Some(name) = &self.auth.secret_env {
-            let value = getenv(name).ok_or_else(|| ConfigError::SecretEnv {
-                name: name.clone(),
-                reason: "is not set".to_owned(),
-            })?;
-            let value = value.into_string().map_err(|_| ConfigError::SecretEnv {
-                name: name.clone(),
-                reason: "is not valid UTF-8".to_owned(),
-            })?;
-            let mut found = 0;
-            for secret in value
-                .split(|c: char| c == ',' || c.is_whitespace())
-                .filter(|s| !s.is_empty())
-            {
-                found += 1;
-                let n = found;
-                add(secret.as_bytes(), &|| {
-                    format!("environment variable {name}, secret #{n}")
-                })?;
-            }
-            if found == 0 {
-                return Err(ConfigError::NoSecrets {
-                    what: format!("environment variable {name}"),
-                });
-            }
+    /// Whether `auth.nonce_key_file` or `auth.nonce_key_env` is set.
+    pub fn nonce_keys_configured(&self) -> bool {
+        self.auth.nonce_key_file.is_some() || self.auth.nonce_key_env.is_some()
+    }
+
+    /// Nonce keys from `auth.nonce_key_file` and/or `auth.nonce_key_env`, in that order: the
+    /// first issues nonces, all of them verify. `Ok(empty)` when neither is set (the daemon then
+    /// uses a random key of its own).
+    pub fn load_nonce_keys(&self) -> Result<Vec<Vec<u8>>, ConfigError> {
+        self.load_nonce_keys_with(|name| std::env::var_os(name))
+    }
+
+    fn load_nonce_keys_with(
+        &self,
+        getenv: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Vec<Vec<u8>>, ConfigError> {
+        SecretSource {
+            what: "nonce key",
+            min_len: MIN_NONCE_KEY_LEN,
+            file_key: "auth.nonce_key_file",
+            file: self.auth.nonce_key_file.as_deref(),
+            env_key: "auth.nonce_key_env",
+            env: self.auth.nonce_key_env.as_deref(),
         }
-        Ok(secrets)
+        .load(getenv)
     }
 
     /// Files holding secrets that users other than the owner may access, or that belong to
@@ -143,6 +120,14 @@ impl Config {
                 "auth.secret_file",
                 path,
                 "REST secrets (whoever reads them can mint TURN credentials)",
+                "",
+            );
+        }
+        if let Some(path) = &self.auth.nonce_key_file {
+            check(
+                "auth.nonce_key_file",
+                path,
+                "nonce keys (whoever reads them can forge nonces for any client address)",
                 "",
             );
         }
@@ -276,6 +261,91 @@ fn in_supplementary_groups(gid: u32) -> bool {
     }
 }
 
+/// Secrets one per line of a file (`#` comments, blank lines and CRLF allowed) and/or
+/// separated by commas or whitespace in an environment variable: the union, duplicates
+/// dropped, file first.
+struct SecretSource<'a> {
+    what: &'static str,
+    min_len: usize,
+    file_key: &'static str,
+    file: Option<&'a Path>,
+    env_key: &'static str,
+    env: Option<&'a str>,
+}
+
+impl SecretSource<'_> {
+    fn load(&self, getenv: impl Fn(&str) -> Option<OsString>) -> Result<Vec<Vec<u8>>, ConfigError> {
+        let mut secrets: Vec<Vec<u8>> = Vec::new();
+        let mut add = |secret: &[u8], location: &dyn Fn() -> String| {
+            if secret.len() < self.min_len {
+                return Err(ConfigError::WeakSecret {
+                    location: location(),
+                    what: self.what,
+                    len: secret.len(),
+                    min: self.min_len,
+                });
+            }
+            if !secrets.iter().any(|s| s == secret) {
+                secrets.push(secret.to_vec());
+            }
+            Ok(())
+        };
+
+        if let Some(path) = self.file {
+            let bytes = std::fs::read(path).map_err(|error| ConfigError::SecretFile {
+                key: self.file_key,
+                path: path.to_owned(),
+                error,
+            })?;
+            let mut found = 0;
+            // Bytes, not text: a secret need not be UTF-8. trim_ascii also
+            // strips the '\r' of CRLF files.
+            for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                let line = line.trim_ascii();
+                if line.is_empty() || line.starts_with(b"#") {
+                    continue;
+                }
+                found += 1;
+                add(line, &|| format!("{}:{}", path.display(), index + 1))?;
+            }
+            if found == 0 {
+                return Err(ConfigError::NoSecrets {
+                    what: path.display().to_string(),
+                });
+            }
+        }
+
+        if let Some(name) = self.env {
+            let error = |reason: &str| ConfigError::SecretEnv {
+                key: self.env_key,
+                name: name.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let value = getenv(name).ok_or_else(|| error("is not set"))?;
+            let value = value
+                .into_string()
+                .map_err(|_| error("is not valid UTF-8"))?;
+            let mut found = 0;
+            for secret in value
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+            {
+                found += 1;
+                let n = found;
+                add(secret.as_bytes(), &|| {
+                    format!("environment variable {name}, secret #{n}")
+                })?;
+            }
+            if found == 0 {
+                return Err(ConfigError::NoSecrets {
+                    what: format!("environment variable {name}"),
+                });
+            }
+        }
+        Ok(secrets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::TempFile;
@@ -301,6 +371,48 @@ mod tests {
     const S1: &str = "0123456789abcdef0123";
     const S2: &str = "fedcba9876543210fedc";
     const S3: &str = "secret-number-three!";
+
+    // ---- nonce keys ------------------------------------------------------
+
+    #[test]
+    fn nonce_keys_in_order_from_file_then_env_with_their_own_length_rule() {
+        assert!(Config::default().load_nonce_keys().unwrap().is_empty());
+        assert!(!Config::default().nonce_keys_configured());
+        let k1 = "a".repeat(32);
+        let k2 = "b".repeat(64);
+        let file = TempFile::new(format!("# current first\n{k1}\r\n\n{k2}\n").as_bytes());
+        let mut c = Config::default();
+        c.auth.nonce_key_file = Some(file.0.clone());
+        c.auth.nonce_key_env = Some("TP_NONCE".to_owned());
+        assert!(c.nonce_keys_configured());
+        let k3 = "c".repeat(40);
+        let got = c
+            .load_nonce_keys_with(env("TP_NONCE", &format!("{k3},{k1}")))
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![k1.clone().into_bytes(), k2.into_bytes(), k3.into_bytes()]
+        );
+        // A REST secret's 16 bytes are not enough for a nonce key; the key is never echoed.
+        let short = "s".repeat(20);
+        let m = c
+            .load_nonce_keys_with(env("TP_NONCE", &short))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("environment variable TP_NONCE, secret #1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("nonce key is too short (20 bytes, at least 32"),
+            "{m}"
+        );
+        assert!(!m.contains(&short), "{m}");
+        c.auth.nonce_key_env = None;
+        c.auth.nonce_key_file = Some(file.0.with_extension("missing"));
+        let m = c.load_nonce_keys().unwrap_err().to_string();
+        assert!(m.starts_with("auth.nonce_key_file: cannot read"), "{m}");
+    }
 
     // ---- REST secrets ----------------------------------------------------
 

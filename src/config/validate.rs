@@ -684,21 +684,9 @@ fn build_auth(raw: raw::Auth, cx: &mut Cx<'_>) -> AuthConfig {
     );
 
     let secret_file = cx.opt_path("auth.secret_file", &raw.secret_file);
-
-    // std::env::var_os panics on names containing '=' or NUL; portable
-    // shell names are all anyone needs.
-    let secret_env = if raw.secret_env.is_empty() {
-        None
-    } else if is_env_name(&raw.secret_env) {
-        Some(raw.secret_env.clone())
-    } else {
-        cx.invalid(
-            "auth.secret_env",
-            Q(&raw.secret_env),
-            "must be an environment variable name (letters, digits, '_'; not starting with a digit)",
-        );
-        None
-    };
+    let secret_env = env_name(cx, "auth.secret_env", &raw.secret_env);
+    let nonce_key_file = cx.opt_path("auth.nonce_key_file", &raw.nonce_key_file);
+    let nonce_key_env = env_name(cx, "auth.nonce_key_env", &raw.nonce_key_env);
 
     let mut separator = raw.rest_separator.chars();
     let rest_separator = match (separator.next(), separator.next()) {
@@ -810,9 +798,28 @@ fn build_auth(raw: raw::Auth, cx: &mut Cx<'_>) -> AuthConfig {
         nonce_lifetime_secs,
         secret_file,
         secret_env,
+        nonce_key_file,
+        nonce_key_env,
         rest_separator,
         rest_max_ttl_secs,
         users,
+    }
+}
+
+/// `""` for none. std::env::var_os panics on names containing '=' or NUL; portable shell names
+/// are all anyone needs.
+fn env_name(cx: &mut Cx<'_>, key: &str, raw: &str) -> Option<String> {
+    if raw.is_empty() {
+        None
+    } else if is_env_name(raw) {
+        Some(raw.to_owned())
+    } else {
+        cx.invalid(
+            key,
+            Q(raw),
+            "must be an environment variable name (letters, digits, '_'; not starting with a digit)",
+        );
+        None
     }
 }
 

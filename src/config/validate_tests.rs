@@ -455,6 +455,16 @@ fn auth_scalar_rules() {
     fails("[auth]\nsecret_env = \"A=B\"\n", 2, "auth.secret_env");
     fails("[auth]\nsecret_env = \"1ABC\"\n", 2, "auth.secret_env");
     fails(
+        "[auth]\nnonce_key_env = \"1ABC\"\n",
+        2,
+        "auth.nonce_key_env = \"1ABC\" is invalid",
+    );
+    fails(
+        "[auth]\nnonce_key_file = \"a\\u0000b\"\n",
+        2,
+        "auth.nonce_key_file",
+    );
+    fails(
         "[auth]\nsecret_file = \"a\\u0000b\"\n",
         2,
         "auth.secret_file",

@@ -268,6 +268,7 @@ impl ControlState {
         let config = Config::load(&self.config_path)?;
         warn_about_permissions(&config, &self.config_path);
         let mut secrets = config.load_rest_secrets()?;
+        let nonce_keys = config.load_nonce_keys()?;
         let api_token = config.load_api_token()?;
         let mut live = self.lock_live();
         let old = &live.config;
@@ -325,6 +326,15 @@ impl ControlState {
             .gate
             .set_limits(limits.connections_total, limits.connections_per_source);
         self.streams.set_policy(stream_policy(&config));
+        match (nonce_keys.is_empty(), live.config.nonce_keys_configured()) {
+            (false, _) => self.shared.set_nonce_keys(&nonce_keys),
+            (true, true) => tracing::warn!(
+                "auth.nonce_key_file and auth.nonce_key_env are no longer set: the shared nonce \
+                 keys stay in force until a restart"
+            ),
+            // Still this process's own random key.
+            (true, false) => {}
+        }
         live.config = config;
         live.core = core;
         live.rest_secrets = secrets;

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -680,16 +681,22 @@ pub enum NonceStatus {
 /// Stateless nonces: the nonce carries its expiry and a MAC binding it to the
 /// client's transport address, so the server keeps no per-client state before
 /// a request authenticates.
-#[derive(Clone)]
+///
+/// Instances that share their keys (`auth.nonce_key_file`) accept each other's nonces: a
+/// client whose next request lands on another instance behind anycast or a UDP load balancer
+/// is not sent round a 438 loop. The first key issues, every key verifies, so a rotation adds
+/// the new key after the old one everywhere, then moves it first, then drops the old one.
 pub struct NonceIssuer {
-    key: hmac::Key,
+    /// Replaced whole on a reload; read (never contended but by a reload) per challenge and
+    /// per authenticated request, not per relayed packet.
+    keys: RwLock<Arc<[hmac::Key]>>,
     lifetime_secs: u64,
 }
 
 impl fmt::Debug for NonceIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NonceIssuer")
-            .field("key", &format_args!("<redacted>"))
+            .field("keys", &format_args!("<redacted>"))
             .field("lifetime_secs", &self.lifetime_secs)
             .finish()
     }
@@ -700,9 +707,23 @@ impl NonceIssuer {
     /// a zero in config cannot make every nonce stale on arrival).
     pub fn new(secret: [u8; 32], lifetime_secs: u64) -> Self {
         Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+            keys: RwLock::new(nonce_keys(&[secret])),
             lifetime_secs: lifetime_secs.max(1),
         }
+    }
+
+    /// From now on the first of `keys` issues and each of them verifies. An empty list
+    /// changes nothing.
+    pub fn set_keys<K: AsRef<[u8]>>(&self, keys: &[K]) {
+        if keys.is_empty() {
+            return;
+        }
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = nonce_keys(keys);
+    }
+
+    fn current_keys(&self) -> Arc<[hmac::Key]> {
+        // A poisoned lock still holds a whole key list: it is only ever replaced whole.
+        Arc::clone(&self.keys.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub fn lifetime_secs(&self) -> u64 {
@@ -719,7 +740,12 @@ impl NonceIssuer {
             let nibble = (expiry >> (4 * (EXPIRY_HEX_LEN - 1 - i))) & 0xf;
             *b = b"0123456789abcdef"[nibble as usize];
         }
-        let tag = self.tag(&buf[..MACED_LEN], transport, client);
+        let tag = tag(
+            &self.current_keys()[0],
+            &buf[..MACED_LEN],
+            transport,
+            client,
+        );
         // `tag` returns exactly TAG_B64_LEN base64url chars.
         buf[MACED_LEN..].copy_from_slice(&tag);
         NonceBuf {
@@ -750,8 +776,12 @@ impl NonceIssuer {
             };
             expiry = (expiry << 4) | u64::from(v);
         }
-        let expected = self.tag(maced, transport, client);
-        if !constant_time_eq(&expected, tag) {
+        let keys = self.current_keys();
+        // Every key is tried, matched or not, so the time taken says nothing about which.
+        let matched = keys.iter().fold(false, |found, key| {
+            constant_time_eq(&self::tag(key, maced, transport, client), tag) | found
+        });
+        if !matched {
             return NonceStatus::Invalid;
         }
         if unix_now >= expiry {
@@ -779,31 +809,37 @@ impl NonceIssuer {
         }
         bits & 0x80_0000 != 0
     }
+}
 
-    /// The MAC covers the printable prefix (cookie, features, expiry) and the
-    /// client's transport, IP and port, so a nonce is useless from elsewhere.
-    fn tag(&self, maced: &[u8], transport: u8, client: &SocketAddr) -> [u8; TAG_B64_LEN] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(maced);
-        ctx.update(&[transport]);
-        match client.ip() {
-            IpAddr::V4(ip) => {
-                ctx.update(&[4]);
-                ctx.update(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                ctx.update(&[6]);
-                ctx.update(&ip.octets());
-            }
+fn nonce_keys<K: AsRef<[u8]>>(keys: &[K]) -> Arc<[hmac::Key]> {
+    keys.iter()
+        .map(|k| hmac::Key::new(hmac::HMAC_SHA256, k.as_ref()))
+        .collect()
+}
+
+/// The MAC covers the printable prefix (cookie, features, expiry) and the
+/// client's transport, IP and port, so a nonce is useless from elsewhere.
+fn tag(key: &hmac::Key, maced: &[u8], transport: u8, client: &SocketAddr) -> [u8; TAG_B64_LEN] {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(maced);
+    ctx.update(&[transport]);
+    match client.ip() {
+        IpAddr::V4(ip) => {
+            ctx.update(&[4]);
+            ctx.update(&ip.octets());
         }
-        ctx.update(&client.port().to_be_bytes());
-        let full = ctx.sign();
-        let mut out = [0u8; TAG_B64_LEN];
-        URL_SAFE_NO_PAD
-            .encode_slice(&full.as_ref()[..TAG_BYTES], &mut out)
-            .expect("22 chars hold base64url of 16 bytes");
-        out
+        IpAddr::V6(ip) => {
+            ctx.update(&[6]);
+            ctx.update(&ip.octets());
+        }
     }
+    ctx.update(&client.port().to_be_bytes());
+    let full = ctx.sign();
+    let mut out = [0u8; TAG_B64_LEN];
+    URL_SAFE_NO_PAD
+        .encode_slice(&full.as_ref()[..TAG_BYTES], &mut out)
+        .expect("22 chars hold base64url of 16 bytes");
+    out
 }
 
 fn b64_std_value(c: u8) -> Option<u8> {
@@ -1606,6 +1642,54 @@ mod tests {
         assert_copy::<NonceBuf>();
         assert_copy::<LongTermKey>();
         assert!(std::mem::size_of::<NonceBuf>() <= 64);
+    }
+
+    #[test]
+    fn instances_sharing_keys_accept_each_others_nonces_through_a_rotation() {
+        let (old, new) = (
+            b"old key: 32 bytes of randomness!",
+            b"new key: 32 bytes of randomness!",
+        );
+        let (a, b) = (issuer(), issuer());
+        a.set_keys(&[old]);
+        b.set_keys(&[old]);
+        let c = client4();
+        let from_a = a.issue(NOW, UDP, &c);
+        assert_eq!(b.check(from_a.as_bytes(), NOW, UDP, &c), NonceStatus::Valid);
+        // Rotation, step 1 on b: the new key verifies, the old one still issues.
+        b.set_keys(&[&old[..], &new[..]]);
+        assert_eq!(b.issue(NOW, UDP, &c), from_a);
+        assert_eq!(b.check(from_a.as_bytes(), NOW, UDP, &c), NonceStatus::Valid);
+        // Step 2 on a: the new key issues; b accepts it, and a still accepts its old nonces.
+        a.set_keys(&[&new[..], &old[..]]);
+        let rotated = a.issue(NOW, UDP, &c);
+        assert_ne!(rotated, from_a);
+        assert_eq!(
+            b.check(rotated.as_bytes(), NOW, UDP, &c),
+            NonceStatus::Valid
+        );
+        assert_eq!(a.check(from_a.as_bytes(), NOW, UDP, &c), NonceStatus::Valid);
+        // Step 3: the old key is gone, and with it its nonces.
+        a.set_keys(&[new]);
+        assert_eq!(
+            a.check(from_a.as_bytes(), NOW, UDP, &c),
+            NonceStatus::Invalid
+        );
+        assert_eq!(
+            a.check(rotated.as_bytes(), NOW, UDP, &c),
+            NonceStatus::Valid
+        );
+        // An instance with other keys refuses them all; an empty list changes nothing.
+        let stranger = issuer();
+        assert_eq!(
+            stranger.check(rotated.as_bytes(), NOW, UDP, &c),
+            NonceStatus::Invalid
+        );
+        a.set_keys::<&[u8]>(&[]);
+        assert_eq!(
+            a.check(rotated.as_bytes(), NOW, UDP, &c),
+            NonceStatus::Valid
+        );
     }
 
     #[test]

@@ -118,6 +118,12 @@ impl Shared {
         }
     }
 
+    /// Nonce keys shared with the other instances of a fleet: the first issues, all verify
+    /// (see [`NonceIssuer`]). An empty list keeps the keys in force.
+    pub fn set_nonce_keys<K: AsRef<[u8]>>(&self, keys: &[K]) {
+        self.nonces.set_keys(keys);
+    }
+
     pub fn unix_time(&self, now: Instant) -> u64 {
         self.anchor_unix + now.saturating_duration_since(self.anchor).as_secs()
     }
