@@ -816,7 +816,9 @@ fn serve_warns_about_a_world_readable_secret_file() {
     let d = Daemon::start();
     let secret = d.dir().join("secret.txt");
     let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
-    let warned = d.log_lines()[..d.start_log_len()]
+    // The start-up lines first: the snapshot must be taken after they are all in.
+    let start = d.start_log_len();
+    let warned = d.log_lines()[..start]
         .iter()
         .any(|l| l.contains("WARN") && l.contains(path(&secret)) && l.contains("chmod 600"));
     // The harness writes files with the umask's mode (0644 under the usual 022).
