@@ -449,6 +449,19 @@ pub fn serve(
     raise_fd_limit(&config);
     let mut rest_secrets = config.load_rest_secrets()?;
     let nonce_keys = config.load_nonce_keys()?;
+    // Opened before serving, so a path that cannot be written stops the start. The guard lives
+    // to the end of `serve`: the shards' last records (their allocations ended by the shutdown)
+    // are written before it returns.
+    let (usage, _usage_guard) = match &config.usage.file {
+        Some(path) => {
+            let (log, guard) = crate::io::usage::UsageLog::open(path)
+                .map_err(|e| DaemonError::Setup(format!("usage.file {}: {e}", path.display())))?;
+            (Some(log), Some(guard))
+        }
+        None => (None, None),
+    };
+    let usage_interval =
+        (config.usage.interval_secs > 0).then(|| Duration::from_secs(config.usage.interval_secs));
     let api_token = config.load_api_token()?;
     let relays = resolve_relays(&config);
     let (listeners, holders) = concrete_listeners(&config.listen)?;
@@ -614,6 +627,7 @@ pub fn serve(
             commands: command_rx,
             siblings: Arc::clone(&siblings),
             mailboxes: mailboxes.clone(),
+            usage: usage.clone().map(|log| (log, usage_interval)),
             seed: u64::from_le_bytes(random_bytes::<8>()?),
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -646,6 +660,7 @@ pub fn serve(
     let state = Arc::new(ControlState {
         shards: Shards::new(senders),
         shared: Arc::clone(&shared),
+        usage,
         live: Mutex::new(Live {
             config: config.clone(),
             core,

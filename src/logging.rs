@@ -59,8 +59,21 @@ pub struct FlushGuard {
     thread: Option<JoinHandle<()>>,
 }
 
+/// What the writer puts in the sink after lines were dropped (how many): a line in the sink's
+/// own format.
+pub type DroppedNotice = fn(u64) -> String;
+
+/// The notice for a log: a plain line.
+pub fn dropped_log_lines(n: u64) -> String {
+    format!("turnpike: {n} log lines dropped: the log sink did not keep up\n")
+}
+
 /// A writer thread that drains into `sink`, and the handle that feeds it.
-pub fn batched<W: Write + Send + 'static>(sink: W, limit: usize) -> (BatchedWriter, FlushGuard) {
+pub fn batched<W: Write + Send + 'static>(
+    sink: W,
+    limit: usize,
+    notice: DroppedNotice,
+) -> (BatchedWriter, FlushGuard) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         wake: Condvar::new(),
@@ -69,7 +82,7 @@ pub fn batched<W: Write + Send + 'static>(sink: W, limit: usize) -> (BatchedWrit
     let worker = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
         .name("turnpike-log".into())
-        .spawn(move || drain(&worker, sink))
+        .spawn(move || drain(&worker, sink, notice))
         .expect("spawning the log writer thread");
     (
         BatchedWriter {
@@ -82,7 +95,7 @@ pub fn batched<W: Write + Send + 'static>(sink: W, limit: usize) -> (BatchedWrit
     )
 }
 
-fn drain<W: Write>(shared: &Shared, mut sink: W) {
+fn drain<W: Write>(shared: &Shared, mut sink: W, notice: DroppedNotice) {
     let mut batch = Vec::new();
     loop {
         let (dropped, closed) = {
@@ -97,10 +110,7 @@ fn drain<W: Write>(shared: &Shared, mut sink: W) {
         // Nowhere to report a failing stderr: the lines are lost either way, the daemon goes on.
         let _ = sink.write_all(&batch);
         if dropped > 0 {
-            let _ = writeln!(
-                sink,
-                "turnpike: {dropped} log lines dropped: the log sink did not keep up"
-            );
+            let _ = sink.write_all(notice(dropped).as_bytes());
         }
         let _ = sink.flush();
         batch.clear();
@@ -205,7 +215,7 @@ mod tests {
     #[test]
     fn every_line_from_every_thread_arrives_whole_before_the_guard_returns() {
         let sink = Sink::default();
-        let (writer, guard) = batched(sink.clone(), QUEUE_LIMIT);
+        let (writer, guard) = batched(sink.clone(), QUEUE_LIMIT, dropped_log_lines);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let w = writer.clone();
@@ -234,7 +244,7 @@ mod tests {
     #[test]
     fn a_line_after_a_quiet_spell_wakes_the_writer() {
         let sink = Sink::default();
-        let (writer, _guard) = batched(sink.clone(), QUEUE_LIMIT);
+        let (writer, _guard) = batched(sink.clone(), QUEUE_LIMIT, dropped_log_lines);
         for line in [&b"one\n"[..], b"two\n"] {
             let before = sink.out.lock().unwrap().len();
             (&writer).write_all(line).unwrap();
@@ -257,7 +267,7 @@ mod tests {
     fn a_stalled_sink_costs_counted_lines_not_a_blocked_caller() {
         let sink = Sink::default();
         let stall = sink.gate.lock().unwrap();
-        let (writer, guard) = batched(sink.clone(), 100);
+        let (writer, guard) = batched(sink.clone(), 100, dropped_log_lines);
         (&writer).write_all(b"first\n").unwrap();
         // Wait until the writer has taken "first" and is stuck writing it.
         while !writer.shared.lock().lines.is_empty() {

@@ -152,7 +152,11 @@ fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<logging::Flush
         EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
     // Colour only for a person at a terminal: journald, log files and pipes would keep the
     // escape codes as text (and pay for writing them).
-    let (writer, guard) = logging::batched(std::io::stderr(), logging::QUEUE_LIMIT);
+    let (writer, guard) = logging::batched(
+        std::io::stderr(),
+        logging::QUEUE_LIMIT,
+        logging::dropped_log_lines,
+    );
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

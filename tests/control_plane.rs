@@ -823,3 +823,121 @@ fn api_minted_uris_carry_the_bound_listener_port() {
         ])
     );
 }
+
+// ------------------------------------------------------------------ usage records
+
+/// The usage file's records once `done` holds for them (the writer thread is a few ms behind).
+fn usage_records(
+    path: &std::path::Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text.lines().map(json).collect();
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not yet in {}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client's traffic counted in its usage records exactly as it sent and received it: an
+/// interim record while it lives, an end record with the reason; logrotate's SIGHUP starts a
+/// new file; the allocations a shutdown ends are recorded before the process exits.
+#[test]
+fn usage_records_count_what_a_client_sent_and_follow_a_rotation_and_the_shutdown() {
+    let dir = common::TempDir::new("usage");
+    let path = dir.path().join("usage.jsonl");
+    let file = path.clone();
+    let mut d = Daemon::with(Options::with_api().edit(move |c| {
+        c.usage.file = Some(file.clone());
+        c.usage.interval_secs = 1;
+    }));
+    let peer = EchoPeer::start();
+    let mut a = TurnClient::new(d.addr, USER, PASSWORD);
+    let relay = a.must_allocate();
+    a.must_bind_channel(CHANNEL, peer.addr);
+    let sizes: Vec<usize> = (1..=20).map(|i| i * 10).collect();
+    let mut received = 0;
+    for &n in &sizes {
+        a.send_channel_data(CHANNEL, &vec![7u8; n]);
+        if a.recv(STEP).is_some() {
+            received += 1;
+        }
+    }
+    assert_eq!(received, sizes.len(), "every echo came back");
+    let sent_bytes: usize = sizes.iter().sum();
+    let sessions = d.api("GET", "/api/v1/sessions", None).json();
+    let allocation_id = sessions["sessions"][0]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Interim records each second, carrying the totals so far (a tick may have come while
+    // the packets were still going out).
+    let interim = usage_records(&path, |rs| rs.iter().any(|r| r["to_peer_packets"] == 20));
+    for r in &interim {
+        assert_eq!(r["type"], "interim", "{r}");
+        assert_eq!(r["allocation_id"], allocation_id.as_str(), "{r}");
+        assert!(r.get("reason").is_none(), "{r}");
+    }
+
+    assert_eq!(a.refresh(0).class(), turnpike::proto::codec::Class::Success);
+    let is_end = |r: &serde_json::Value| r["type"] == "end";
+    let records = usage_records(&path, |rs| rs.iter().any(is_end));
+    let end = records.iter().find(|r| is_end(r)).unwrap();
+    assert_eq!(
+        records.iter().filter(|r| is_end(r)).count(),
+        1,
+        "{records:?}"
+    );
+    assert_eq!(end["allocation_id"], allocation_id.as_str(), "{end}");
+    assert_eq!(end["reason"], "deleted by client", "{end}");
+    assert_eq!(end["user"], USER, "{end}");
+    assert_eq!(end["client"], a.local().to_string(), "{end}");
+    assert_eq!(end["transport"], "udp", "{end}");
+    assert_eq!(end["relays"][0], relay.to_string(), "{end}");
+    assert_eq!(end["to_peer_packets"], sizes.len(), "{end}");
+    assert_eq!(end["to_peer_bytes"], sent_bytes, "{end}");
+    assert_eq!(end["to_client_packets"], sizes.len(), "{end}");
+    assert_eq!(end["to_client_bytes"], sent_bytes, "{end}");
+    assert_eq!(end["dropped_packets"], 0, "{end}");
+    let (start, at) = (
+        end["start_unix"].as_u64().unwrap(),
+        end["at_unix"].as_u64().unwrap(),
+    );
+    assert!(
+        start <= at && at <= unix_now() && unix_now() - start < 60,
+        "{end}"
+    );
+
+    // logrotate: the file moves away, SIGHUP, the next records start a new file.
+    let rotated = dir.path().join("usage.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    d.sighup();
+    d.wait_metric("turnpike_reloads_total{result=\"ok\"}", 1.0, STEP);
+    let mut b = TurnClient::new(d.addr, USER, PASSWORD);
+    b.must_allocate();
+    // Left open: the shutdown ends it, and its record is written before the process exits.
+    d.sigterm();
+    assert!(
+        d.wait_exit(Duration::from_secs(40)).is_some(),
+        "the daemon exits"
+    );
+    let after = usage_records(&path, |rs| rs.iter().any(is_end));
+    let ends: Vec<_> = after.iter().filter(|r| is_end(r)).collect();
+    assert_eq!(ends.len(), 1, "{after:?}");
+    assert_eq!(ends[0]["client"], b.local().to_string(), "{after:?}");
+    assert_eq!(ends[0]["reason"], "server shutdown", "{after:?}");
+    let old = usage_records(&rotated, |rs| rs.iter().any(is_end));
+    assert!(
+        old.iter().all(|r| r["client"] == a.local().to_string()),
+        "only a's records before the rotation: {old:?}"
+    );
+}

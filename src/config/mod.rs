@@ -34,7 +34,8 @@ pub use error::{ConfigError, Issue};
 pub use print::REDACTED;
 pub use schema::{
     ApiConfig, AuthConfig, Config, DiscoveryAddresses, LimitsConfig, LogFormat, NatDiscoveryConfig,
-    PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UserEntry, UserSecret,
+    PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UsageConfig, UserEntry,
+    UserSecret,
 };
 pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_NONCE_KEY_LEN, MIN_REST_SECRET_LEN};
 
@@ -56,6 +57,7 @@ impl Config {
             &mut config.api.token_file,
             &mut config.tls.cert_file,
             &mut config.tls.key_file,
+            &mut config.usage.file,
         ]
         .into_iter()
         .flatten()

@@ -39,6 +39,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub proxy_protocol: ProxyProtocolConfig,
     pub nat_discovery: NatDiscoveryConfig,
+    pub usage: UsageConfig,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             proxy_protocol: ProxyProtocolConfig::default(),
             nat_discovery: NatDiscoveryConfig::default(),
+            usage: UsageConfig::default(),
         }
     }
 }
@@ -305,6 +307,16 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[usage]`: usage records, one JSON line per allocation when it ends; off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageConfig {
+    /// Where the records go (appended; reopened on SIGHUP, for logrotate). `Config::load`
+    /// resolves a relative path against the config file's directory.
+    pub file: Option<PathBuf>,
+    /// Also a record for each live allocation this often; 0 = only when allocations end.
+    pub interval_secs: u64,
+}
+
 /// `[nat_discovery]`: RFC 5780 NAT behaviour discovery, per family; off (both `None`) by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatDiscoveryConfig {
@@ -362,6 +374,7 @@ pub(super) mod raw {
         pub tls: Tls,
         pub proxy_protocol: ProxyProtocol,
         pub nat_discovery: NatDiscovery,
+        pub usage: Usage,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -453,6 +466,13 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
+    pub(crate) struct Usage {
+        pub file: String,
+        pub interval_secs: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
     pub(crate) struct NatDiscovery {
         pub primary: String,
         pub alternate: String,
@@ -499,6 +519,7 @@ pub(super) mod raw {
                 tls: Tls::from_typed(&c.tls),
                 proxy_protocol: ProxyProtocol::from_typed(&c.proxy_protocol),
                 nat_discovery: NatDiscovery::from_typed(&c.nat_discovery),
+                usage: Usage::from_typed(&c.usage),
             }
         }
     }
@@ -518,6 +539,15 @@ pub(super) mod raw {
             ProxyProtocol {
                 listeners: p.listeners.iter().map(ToString::to_string).collect(),
                 trusted: p.trusted.iter().map(ToString::to_string).collect(),
+            }
+        }
+    }
+
+    impl Usage {
+        fn from_typed(u: &typed::UsageConfig) -> Usage {
+            Usage {
+                file: opt_path(&u.file),
+                interval_secs: int(u.interval_secs),
             }
         }
     }
@@ -640,6 +670,7 @@ pub(super) mod raw {
         ProxyProtocol::from_typed
     );
     default_from_typed!(NatDiscovery, NatDiscoveryConfig, NatDiscovery::from_typed);
+    default_from_typed!(Usage, UsageConfig, Usage::from_typed);
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::schema::raw;
 use super::{
     ApiConfig, AuthConfig, Config, DiscoveryAddresses, Issue, LimitsConfig, LogFormat,
     NatDiscoveryConfig, PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig,
-    UserEntry, UserSecret,
+    UsageConfig, UserEntry, UserSecret,
 };
 use crate::proto::discovery::NatDiscovery;
 use crate::proto::policy::{self, AddressClass, Ipv4Spelling, Openness};
@@ -202,6 +202,10 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         listen
     };
     let nat_discovery = build_nat_discovery(raw.nat_discovery, &listen, &tcp_listen, &relay, cx);
+    let usage = UsageConfig {
+        file: cx.opt_path("usage.file", &raw.usage.file),
+        interval_secs: cx.int("usage.interval_secs", raw.usage.interval_secs, 0, 86400, 0),
+    };
 
     Config {
         realm: raw.realm,
@@ -222,6 +226,7 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         tls,
         proxy_protocol,
         nat_discovery,
+        usage,
     }
 }
 

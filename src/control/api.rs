@@ -330,6 +330,7 @@ async fn sessions(State(state): State<AppState>, headers: HeaderMap) -> Response
         .map(|(shard, s)| {
             json!({
                 "id": session_id(shard, s.slot, s.gen),
+                "allocation_id": format!("{:016x}", s.allocation_id),
                 "user": s.username,
                 "client": s.client.to_string(),
                 "transport": s.transport.as_str(),

@@ -226,6 +226,8 @@ pub fn certificate_warnings(config: &Config, cert: &ServedCertificate) -> Vec<St
 pub struct ControlState {
     pub shards: Shards,
     pub shared: Arc<Shared>,
+    /// The usage file, reopened on every reload (logrotate's postrotate).
+    pub usage: Option<crate::io::usage::UsageLog>,
     pub live: Mutex<Live>,
     pub config_path: PathBuf,
     pub build_core: Box<CoreBuilder>,
@@ -250,6 +252,10 @@ impl ControlState {
     /// SIGHUP: re-read the file; apply secrets, users, peer policy, limits and the API token to
     /// every shard without touching allocations. A broken file changes nothing.
     pub fn reload(&self) -> Result<(), ReloadError> {
+        // Whatever the file says now: a rotated usage file must not be written to on.
+        if let Some(usage) = &self.usage {
+            usage.reopen();
+        }
         let result = self.try_reload();
         match &result {
             Ok(()) => {
@@ -284,6 +290,7 @@ impl ControlState {
             ("relay", old.relay != config.relay),
             ("api.listen", old.api.listen != config.api.listen),
             ("nat_discovery", old.nat_discovery != config.nat_discovery),
+            ("usage", old.usage != config.usage),
             (
                 "auth.nonce_lifetime_secs",
                 old.auth.nonce_lifetime_secs != config.auth.nonce_lifetime_secs,
@@ -538,6 +545,7 @@ mod tests {
         let state = ControlState {
             shards: Shards::new(Vec::new()),
             shared: Arc::new(Shared::new([1; 32], 600, Instant::now(), NOW)),
+            usage: None,
             live: Mutex::new(Live {
                 config,
                 core,

@@ -14,3 +14,4 @@ pub mod tcp;
 pub mod tcp_relay;
 pub mod tls;
 pub mod udp;
+pub mod usage;

@@ -20,6 +20,7 @@ use super::stream_stats::ConnectionStats;
 use super::tcp::StreamConn;
 use super::tcp_relay::{self, TcpRelays};
 use super::udp::{recv_peer_batch, Listener, PeerBatch, RecvBatch, RegisteredSocket, PEER_BATCH};
+use super::usage::UsageLog;
 use crate::proto::allocation::RelayId;
 use crate::proto::codec::{self, HEADROOM};
 use crate::proto::error::EndReason;
@@ -82,6 +83,8 @@ pub struct ShardSetup {
     pub siblings: Arc<[mpsc::UnboundedSender<ShardCommand>]>,
     /// Where relay-to-relay datagrams for other shards' relays go (none with one shard).
     pub mailboxes: Option<Arc<Mailboxes>>,
+    /// Where usage records go, and how often live allocations get one (none: only at the end).
+    pub usage: Option<(UsageLog, Option<Duration>)>,
     pub seed: u64,
 }
 
@@ -107,6 +110,7 @@ pub(super) struct ShardState {
     mailboxes: Option<Arc<Mailboxes>>,
     /// Datagrams for other shards' relays, by shard: posted with the flush.
     handovers: Vec<Parcel>,
+    usage: Option<UsageLog>,
 }
 
 impl tcp_relay::Host for ShardState {
@@ -304,6 +308,11 @@ impl ShardState {
                 Command::ToClient { to, message } => self.send_reply(&to, &message),
             }
         }
+        while let Some(record) = self.core.poll_usage() {
+            if let Some(usage) = &self.usage {
+                usage.write(&record);
+            }
+        }
     }
 
     fn report(&mut self) -> ShardReport {
@@ -403,6 +412,8 @@ async fn serve(
     let flush = Rc::new(FlushSignal::default());
     let mut core = Core::new(setup.config, setup.shared, setup.seed);
     core.set_shard(setup.index);
+    core.set_usage_records(setup.usage.is_some());
+    let (usage, usage_interval) = setup.usage.unzip();
     let state: Shard = Rc::new(RefCell::new(ShardState {
         core,
         relays,
@@ -420,6 +431,7 @@ async fn serve(
         siblings: setup.siblings,
         mailboxes: setup.mailboxes.clone(),
         handovers: Vec::new(),
+        usage,
     }));
     for listener in listeners {
         tokio::task::spawn_local(listen(Rc::clone(&state), listener));
@@ -436,6 +448,9 @@ async fn serve(
     tokio::task::spawn_local(timers(Rc::clone(&state)));
     tokio::task::spawn_local(flusher(Rc::clone(&state), flush));
     tokio::task::spawn_local(commands(Rc::clone(&state), setup.commands));
+    if let Some(interval) = usage_interval.flatten() {
+        tokio::task::spawn_local(interim_usage(Rc::clone(&state), interval));
+    }
     if let Some(mailboxes) = setup.mailboxes {
         tokio::task::spawn_local(handovers(Rc::clone(&state), mailboxes, setup.index));
     }
@@ -585,6 +600,20 @@ async fn relay(state: Shard, id: RelayId, socket: Rc<RegisteredSocket>) {
         if handled >= BUDGET_PER_WAKE {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// An interim usage record for every live allocation, each `interval`.
+async fn interim_usage(state: Shard, interval: Duration) {
+    let mut ticks = tokio::time::interval_at((Instant::now() + interval).into(), interval);
+    // A stalled shard catches up with one round of records, not one per missed tick.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let mut st = state.borrow_mut();
+        st.core.interim_usage(now);
+        st.run_commands(now);
     }
 }
 

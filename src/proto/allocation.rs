@@ -55,7 +55,7 @@ pub struct Channel {
 }
 
 /// Traffic through one allocation, reported when it ends.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     pub to_peer_packets: u64,
     pub to_peer_bytes: u64,
@@ -73,6 +73,8 @@ pub enum BindError {
 }
 
 pub struct Allocation {
+    /// Random, for telling allocations apart in usage records, logs and the sessions API.
+    pub id: u64,
     pub five_tuple: FiveTuple,
     pub username: Box<str>,
     /// What the allocation's quota unit is counted under; its user is the name the per-user
@@ -266,6 +268,7 @@ mod tests {
 
     fn alloc(now: Instant) -> Allocation {
         Allocation {
+            id: 1,
             five_tuple: FiveTuple {
                 transport: Transport::Udp,
                 client: "192.0.2.1:1000".parse().unwrap(),

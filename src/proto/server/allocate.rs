@@ -259,6 +259,7 @@ impl Core {
         // One second of burst per direction.
         let budget = (bw > 0).then(|| TokenBucket::new(Rate::new(bw, bw), now));
         let allocation = Box::new(Allocation {
+            id: super::relay_path::next_random(&mut self.rng),
             five_tuple: ft,
             username: p.username,
             quota_key: p.quota_key,
@@ -277,6 +278,7 @@ impl Core {
             to_client_budget: budget,
         });
         tracing::info!(
+            allocation_id = %format_args!("{:016x}", allocation.id),
             user = &*allocation.username,
             client = %ft.client,
             transport = ft.transport.as_str(),

@@ -26,6 +26,7 @@ mod respond;
 mod shared;
 mod shrink;
 mod tcp_relay;
+mod usage;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -41,6 +42,7 @@ pub use self::command::{
 use self::respond::{Answer, Success};
 pub use self::shared::{LiveRelayPorts, Shared};
 pub use self::tcp_relay::{BIND_TIMEOUT, CONNECT_TIMEOUT, MAX_CONNECTIONS_PER_ALLOCATION};
+pub use self::usage::{UsageKind, UsageRecord};
 use super::allocation::{Allocation, Counters, Relay, RelayId};
 use super::auth::{Authenticator, LongTermKey};
 use super::codec::{attr, method, Class, Message, MessageWriter};
@@ -174,6 +176,9 @@ pub struct Core {
     pending: Vec<PendingAllocate>,
     /// Slow-path effects for the I/O layer, drained by `poll_command`.
     commands: VecDeque<Command>,
+    /// Usage records for the I/O layer (see `usage`), queued only while `usage_on`.
+    usage: VecDeque<UsageRecord>,
+    usage_on: bool,
     /// Failed relay opens not yet logged: an authenticated user must not be able to flood the log.
     relay_failures: LogThrottle,
     rng: u64,
@@ -222,6 +227,8 @@ impl std::ops::AddAssign for ByTransport {
 pub struct SessionInfo {
     pub slot: u32,
     pub gen: u32,
+    /// The allocation's own random id (its usage records and log lines carry it).
+    pub allocation_id: u64,
     pub username: String,
     pub client: SocketAddr,
     pub transport: Transport,
@@ -251,6 +258,8 @@ impl Core {
             timers: DeadlineQueue::default(),
             pending: Vec::new(),
             commands: VecDeque::new(),
+            usage: VecDeque::new(),
+            usage_on: false,
             relay_failures: LogThrottle::default(),
             rng: seed | 1,
             keys: Vec::with_capacity(4),
@@ -366,6 +375,7 @@ impl Core {
             .map(|(slot, gen, a)| SessionInfo {
                 slot,
                 gen,
+                allocation_id: a.id,
                 username: a.username.to_string(),
                 client: a.five_tuple.client,
                 transport: a.five_tuple.transport,
@@ -763,8 +773,10 @@ impl Core {
         }
         self.shared.quotas.give_back(&a.quota_key, 1);
         self.stats.allocations_ended += 1;
+        self.record_end(&a, now, why);
         let c = a.counters;
         tracing::info!(
+            allocation_id = %format_args!("{:016x}", a.id),
             user = &*a.username,
             client = %a.five_tuple.client,
             transport = a.five_tuple.transport.as_str(),

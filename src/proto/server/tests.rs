@@ -2086,3 +2086,52 @@ mod tcp_relays;
 
 #[path = "relay_to_relay_tests.rs"]
 mod relay_to_relay;
+
+#[test]
+fn usage_records_count_what_each_allocation_carried_once_turned_on() {
+    let mut h = Harness::new();
+    let (a, b) = (client(5001), client(5002));
+    let p = peer("198.51.100.1:4000");
+    // Off by default: nothing is queued.
+    h.allocate(&b);
+    h.advance(1);
+    assert_eq!(h.refresh(&b, 0), (Class::Success, None));
+    assert_eq!(h.core.poll_usage(), None);
+
+    h.core.set_usage_records(true);
+    let relay = h.allocate(&a);
+    let start = UNIX0 + 1;
+    assert_eq!(h.bind(&a, 0x4000, p), (Class::Success, None));
+    for payload in [&b"12345"[..], b"123"] {
+        let mut frame = 0x4000u16.to_be_bytes().to_vec();
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        frame.extend_from_slice(payload);
+        assert!(matches!(h.send(&a, &frame), ClientAction::ToPeer { .. }));
+    }
+    assert!(h.peer_sends(relay, p, b"back").is_some());
+    h.advance(30);
+    h.core.interim_usage(h.now);
+    let interim = h.core.poll_usage().expect("an interim record");
+    assert_eq!(h.core.poll_usage(), None, "one per live allocation");
+    assert_eq!(interim.kind, UsageKind::Interim);
+    assert_eq!((interim.start_unix, interim.at_unix), (start, start + 30));
+    h.advance(10);
+    assert_eq!(h.refresh(&a, 0), (Class::Success, None));
+    let end = h.core.poll_usage().expect("an end record");
+    assert_eq!(end.kind, UsageKind::End(EndReason::DeletedByClient));
+    assert_eq!(end.id, interim.id);
+    assert_eq!(&*end.user, "alice");
+    assert_eq!((end.client, end.transport), (a.client, Transport::Udp));
+    assert_eq!(end.relays, vec![relay]);
+    assert_eq!((end.start_unix, end.at_unix), (start, start + 40));
+    let c = end.counters;
+    assert_eq!((c.to_peer_packets, c.to_peer_bytes), (2, 8));
+    assert_eq!((c.to_client_packets, c.to_client_bytes), (1, 4));
+    // Every allocation has its own id.
+    let other = h.allocate(&client(5003));
+    h.advance(600);
+    let expired = h.core.poll_usage().expect("expiry ends it");
+    assert_eq!(expired.kind, UsageKind::End(EndReason::Expired));
+    assert_eq!(expired.relays, vec![other]);
+    assert_ne!(expired.id, end.id);
+}
