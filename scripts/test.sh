@@ -7,7 +7,8 @@
 # through which Chromium trusts the test CA for turns:), systemd (systemd-analyze verify of the
 # unit), and aiortc (with its aioice) from PyPI in a virtual environment, target/py-aiortc
 # (tests/firewall_call.rs: WebRTC peers with TURN over TCP and TLS; tests/streams.rs: aioice as
-# an independent TURN/TCP and TURN/TLS client). Ends with a
+# an independent TURN/TCP and TURN/TLS client), kubernetes-validate from PyPI (the manifests in
+# deploy/kubernetes). Ends with a
 # short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,6 +101,22 @@ if ! "$PY_VENV/bin/python3" -c "import aiortc, sys; sys.exit(aiortc.__version__ 
     python3 -m venv "$PY_VENV"
     "$PY_VENV/bin/python3" -m pip install -q --disable-pip-version-check "aiortc==$AIORTC_VERSION"
 fi
+
+# deploy/kubernetes/*.yaml against Kubernetes' own schemas: kubernetes-validate from PyPI,
+# pinned, in a virtual environment of its own; strict, so a misspelt field fails too.
+K8S_VALIDATE_VERSION=1.31.0
+K8S_VENV="${CARGO_TARGET_DIR:-target}/py-k8s"
+if [ "$("$K8S_VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$K8S_VALIDATE_VERSION" ]; then
+    step="python venv with kubernetes-validate $K8S_VALIDATE_VERSION"
+    echo "==> $step in $K8S_VENV"
+    rm -rf "$K8S_VENV"
+    python3 -m venv "$K8S_VENV"
+    "$K8S_VENV/bin/python3" -m pip install -q --disable-pip-version-check \
+        "kubernetes-validate==$K8S_VALIDATE_VERSION"
+fi
+step="kubernetes-validate deploy/kubernetes"
+echo "==> $step"
+"$K8S_VENV/bin/kubernetes-validate" --strict --quiet -k 1.31.0 deploy/kubernetes/*.yaml
 
 step="cargo fmt --check"
 echo "==> $step"

@@ -1068,3 +1068,72 @@ fn serve_refuses_to_start_without_its_ready_file() {
     let help = ok(&["serve", "--help"], None);
     assert!(help.contains("--ready-file"), "{help}");
 }
+
+/// The Kubernetes manifests agree with the daemon: the ConfigMap's turnserver.toml is a valid
+/// config, the probes reach its API where it listens, and the pod outlives the drain.
+/// (scripts/test.sh checks the manifests against Kubernetes' schemas with kubernetes-validate.)
+#[test]
+fn kubernetes_manifests_agree_with_the_daemon() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let configmap = std::fs::read_to_string(dir.join("configmap.yaml")).unwrap();
+    let (_, block) = configmap
+        .split_once("turnserver.toml: |\n")
+        .expect("configmap.yaml holds turnserver.toml");
+    let toml: String = block
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let config = turnpike::config::Config::parse(&toml, "configmap.yaml")
+        .unwrap_or_else(|e| panic!("configmap.yaml's turnserver.toml: {e}\n{toml}"));
+    let api = config.api.listen.expect("the probes need the API");
+    assert!(
+        api.ip().is_loopback(),
+        "{api}: the API stays on the node's loopback"
+    );
+    let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
+    let probes: Vec<&str> = daemonset
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("port: "))
+        .collect();
+    assert_eq!(
+        probes,
+        vec![format!("port: {}", api.port()); 2],
+        "probe ports"
+    );
+    assert_eq!(
+        daemonset.matches("host: 127.0.0.1").count(),
+        2,
+        "probes on loopback"
+    );
+    let grace: u64 = daemonset
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .expect("a grace period")
+        .parse()
+        .unwrap();
+    assert!(
+        config.drain_secs + 10 <= grace,
+        "drain {} vs grace {grace}",
+        config.drain_secs
+    );
+    for secret in [
+        &config.auth.secret_file,
+        &config.auth.nonce_key_file,
+        &config.api.token_file,
+    ] {
+        let path = secret.as_ref().expect("a secret file");
+        assert!(
+            path.starts_with("/etc/turnpike/secrets"),
+            "{}",
+            path.display()
+        );
+        let key = path.file_name().unwrap().to_str().unwrap();
+        let secrets = std::fs::read_to_string(dir.join("secret.yaml")).unwrap();
+        assert!(
+            secrets.contains(&format!("  {key}: \"\"")),
+            "secret.yaml has {key}, empty"
+        );
+    }
+}
