@@ -941,3 +941,62 @@ fn usage_records_count_what_a_client_sent_and_follow_a_rotation_and_the_shutdown
         "only a's records before the rotation: {old:?}"
     );
 }
+
+// ------------------------------------------------------------------ the Grafana dashboard
+
+/// Every query of deploy/grafana/turnpike.json names metrics a daemon (with TLS, so the
+/// certificate gauge is there) exports, and groups or filters only by labels they carry.
+#[test]
+fn the_grafana_dashboard_asks_only_for_metrics_and_labels_the_daemon_exports() {
+    let cert = common::TestCert::new();
+    let d = Daemon::with(Options::with_api().edit(cert.listen_on("127.0.0.1")));
+    let mut labels: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for series in d.metrics().keys() {
+        let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+        let entry = labels.entry(name.to_owned()).or_default();
+        for pair in rest.trim_end_matches('}').split(',').filter(|p| !p.is_empty()) {
+            entry.push(pair.split('=').next().unwrap().to_owned());
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/turnpike.json");
+    let dashboard = json(&std::fs::read_to_string(path).unwrap());
+    let word = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queries += 1;
+            let expr = target["expr"].as_str().unwrap();
+            let legend = target["legendFormat"].as_str().unwrap_or("");
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("turnpike_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for name in &names {
+                assert!(labels.contains_key(*name), "{name} (in {expr}) is not exported");
+            }
+            // Labels grouped by, filtered on, or shown in the legend.
+            let mut used: Vec<String> = Vec::new();
+            for part in expr.split("by (").skip(1) {
+                used.extend(part.split(')').next().unwrap().split(',').map(|l| l.trim().to_owned()));
+            }
+            for part in expr.split('{').skip(1) {
+                let inner = part.split('}').next().unwrap();
+                used.extend(inner.split(',').filter_map(|kv| {
+                    let k = kv.split(['=', '~', '!']).next()?.trim();
+                    (!k.is_empty() && word(k)).then(|| k.to_owned())
+                }));
+            }
+            for part in legend.split("{{").skip(1) {
+                used.push(part.split("}}").next().unwrap().trim().to_owned());
+            }
+            for label in used.iter().filter(|l| *l != "instance") {
+                assert!(
+                    names.iter().any(|n| labels[*n].contains(label)),
+                    "label {label} (in {expr}, legend {legend:?}) is on none of {names:?}"
+                );
+            }
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+}
