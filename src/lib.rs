@@ -5,6 +5,7 @@
 
 #![warn(unreachable_pub)]
 
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;

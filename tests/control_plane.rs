@@ -954,11 +954,16 @@ fn the_grafana_dashboard_asks_only_for_metrics_and_labels_the_daemon_exports() {
     for series in d.metrics().keys() {
         let (name, rest) = series.split_once('{').unwrap_or((series, ""));
         let entry = labels.entry(name.to_owned()).or_default();
-        for pair in rest.trim_end_matches('}').split(',').filter(|p| !p.is_empty()) {
+        for pair in rest
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
             entry.push(pair.split('=').next().unwrap().to_owned());
         }
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/turnpike.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/turnpike.json");
     let dashboard = json(&std::fs::read_to_string(path).unwrap());
     let word = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     let mut queries = 0;
@@ -973,12 +978,21 @@ fn the_grafana_dashboard_asks_only_for_metrics_and_labels_the_daemon_exports() {
                 .collect();
             assert!(!names.is_empty(), "{expr}");
             for name in &names {
-                assert!(labels.contains_key(*name), "{name} (in {expr}) is not exported");
+                assert!(
+                    labels.contains_key(*name),
+                    "{name} (in {expr}) is not exported"
+                );
             }
             // Labels grouped by, filtered on, or shown in the legend.
             let mut used: Vec<String> = Vec::new();
             for part in expr.split("by (").skip(1) {
-                used.extend(part.split(')').next().unwrap().split(',').map(|l| l.trim().to_owned()));
+                used.extend(
+                    part.split(')')
+                        .next()
+                        .unwrap()
+                        .split(',')
+                        .map(|l| l.trim().to_owned()),
+                );
             }
             for part in expr.split('{').skip(1) {
                 let inner = part.split('}').next().unwrap();
