@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -96,6 +97,38 @@ enum Command {
         /// The realm the client uses, if known.
         #[arg(long)]
         realm: Option<String>,
+    },
+    /// Check STUN/TURN servers from the outside, coturn included: Binding, Allocate (with the
+    /// 401 round), two allocations relaying to each other, this host's UDP socket as a peer,
+    /// RTTs. Exit status 0 when every check passes, 1 when one fails, 2 for bad arguments.
+    #[command(group(clap::ArgGroup::new("credential").required(false)))]
+    Probe {
+        /// stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT]
+        #[arg(required = true, value_name = "URI")]
+        uris: Vec<String>,
+        /// The long-term credential's user; with --secret-file, the user part of the REST
+        /// username minted for the probe.
+        #[arg(long, default_value = "probe")]
+        user: String,
+        /// Only "-": read the password from standard input (one line).
+        #[arg(long, group = "credential", value_name = "-")]
+        password: Option<String>,
+        /// Read the password from this file (its first line).
+        #[arg(long, group = "credential", value_name = "PATH")]
+        password_file: Option<PathBuf>,
+        /// A TURN REST shared secret (first line of the file): the probe mints its own
+        /// `EXPIRY:USER` credential, valid for 10 minutes.
+        #[arg(long, group = "credential", value_name = "PATH")]
+        secret_file: Option<PathBuf>,
+        /// Seconds one answer may take.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+        timeout_secs: u64,
+        /// PEM file of the roots to trust for turns: (default: the system's).
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
+        /// One JSON object on standard output instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// List or end sessions through the daemon's HTTP API (api.listen, api.token_file).
     Sessions {
@@ -419,12 +452,97 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sessions { config, action } => sessions_command(&Config::load(&config)?, action),
+        Command::Probe { .. } => unreachable!("main runs probe_command for its exit status"),
         Command::Revoke { config, user } => {
             revocation_command(&Config::load(&config)?, "/api/v1/revoke", &user)
         }
         Command::Unrevoke { config, user } => {
             revocation_command(&Config::load(&config)?, "/api/v1/unrevoke", &user)
         }
+    }
+}
+
+/// `turnpike probe`: 0 when every check of every URI passed, 1 when one failed, 2 when the
+/// arguments are wrong.
+#[allow(clippy::too_many_arguments)]
+fn probe_command(
+    uris: &[String],
+    user: String,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    timeout_secs: u64,
+    ca_file: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
+    use turnpike::control::probe::{probe, ProbeSettings, Scheme, Uri};
+    let uris: Vec<Uri> = match uris.iter().map(|u| Uri::parse(u)).collect() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("turnpike probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let needs_credential = uris.iter().any(|u| u.scheme != Scheme::Stun);
+    let credential = match (password, password_file, secret_file) {
+        (None, None, None) if needs_credential => Err(anyhow::anyhow!(
+            "turn: and turns: URIs need --password -, --password-file PATH or --secret-file PATH"
+        )),
+        (None, None, None) => Ok((user, String::new())),
+        (None, None, Some(path)) => std::fs::read(&path)
+            .with_context(|| format!("reading the secret from {}", path.display()))
+            .and_then(|bytes| {
+                let secret = bytes
+                    .split(|&b| b == b'\n')
+                    .next()
+                    .unwrap_or(&[])
+                    .trim_ascii();
+                if secret.is_empty() {
+                    bail!("{} holds no secret", path.display());
+                }
+                let expiry = unix_now() + 600;
+                Ok(turnpike::proto::auth::mint_rest_credential(
+                    secret, &user, expiry, ':',
+                ))
+            }),
+        (literal, file, None) => read_password(literal, file).map(|p| (user, p)),
+        _ => unreachable!("clap keeps the credential options apart"),
+    };
+    let (user, password) = match credential {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnpike probe: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = ProbeSettings {
+        user,
+        password,
+        timeout: Duration::from_secs(timeout_secs),
+        ca_file,
+    };
+    let reports: Vec<_> = uris.iter().map(|u| probe(u, &settings)).collect();
+    let ok = reports.iter().all(|r| r.ok());
+    if json {
+        let all: Vec<_> = reports.iter().map(|r| r.to_json()).collect();
+        println!("{}", serde_json::json!({ "ok": ok, "uris": all }));
+    } else {
+        for r in &reports {
+            print!("{}", r.to_text());
+        }
+        println!(
+            "{}",
+            if ok {
+                "all checks passed"
+            } else {
+                "some checks FAILED"
+            }
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -438,6 +556,28 @@ fn main() -> ExitCode {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+    }
+    if let Command::Probe {
+        uris,
+        user,
+        password,
+        password_file,
+        secret_file,
+        timeout_secs,
+        ca_file,
+        json,
+    } = cli.command
+    {
+        return probe_command(
+            &uris,
+            user,
+            password,
+            password_file,
+            secret_file,
+            timeout_secs,
+            ca_file,
+            json,
+        );
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

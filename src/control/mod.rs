@@ -7,6 +7,7 @@ pub mod client;
 pub mod credentials;
 pub mod metrics;
 pub mod notify;
+pub mod probe;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
