@@ -12,7 +12,6 @@
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -30,12 +29,17 @@ struct Queue {
     closed: bool,
     /// The writer waits for a notification (rather than lingering): the next line must wake it.
     writer_asleep: bool,
+    /// The queue passed a quarter of its limit and the writer was told (once per batch), so a
+    /// burst is written as it comes rather than dropped while the writer lingers.
+    nudged: bool,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     limit: usize,
+    /// Held while a batch goes into the sink, so that `flush_now` writes after it.
+    io: Mutex<()>,
 }
 
 impl Shared {
@@ -52,12 +56,17 @@ pub struct BatchedWriter {
     shared: Arc<Shared>,
 }
 
-/// Stops and joins the writer thread once everything queued is written; keep it alive for as
-/// long as the process logs.
+/// Stops the writer thread once everything queued is written; keep it alive for as long as
+/// the process logs.
 pub struct FlushGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Disconnects when the writer thread ends.
+    done: Option<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long the guard waits for a sink that stopped taking data (a stalled journald, a hung
+/// NFS mount) before the process goes on without the last lines.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// What the writer puts in the sink after lines were dropped (how many): a line in the sink's
 /// own format.
@@ -78,11 +87,16 @@ pub fn batched<W: Write + Send + 'static>(
         queue: Mutex::new(Queue::default()),
         wake: Condvar::new(),
         limit,
+        io: Mutex::new(()),
     });
     let worker = Arc::clone(&shared);
-    let thread = std::thread::Builder::new()
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
         .name("turnpike-log".into())
-        .spawn(move || drain(&worker, sink, notice))
+        .spawn(move || {
+            let _done = done_tx;
+            drain(&worker, sink, notice)
+        })
         .expect("spawning the log writer thread");
     (
         BatchedWriter {
@@ -90,7 +104,7 @@ pub fn batched<W: Write + Send + 'static>(
         },
         FlushGuard {
             shared,
-            thread: Some(thread),
+            done: Some(done),
         },
     )
 }
@@ -105,23 +119,28 @@ fn drain<W: Write>(shared: &Shared, mut sink: W, notice: DroppedNotice) {
                 q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
             std::mem::swap(&mut batch, &mut q.lines);
+            q.nudged = false;
             (std::mem::take(&mut q.dropped), q.closed)
         };
-        // Nowhere to report a failing stderr: the lines are lost either way, the daemon goes on.
-        let _ = sink.write_all(&batch);
-        if dropped > 0 {
-            let _ = sink.write_all(notice(dropped).as_bytes());
+        {
+            let _io = shared.io.lock().unwrap_or_else(PoisonError::into_inner);
+            // Nowhere to report a failing sink: the lines are lost either way, the daemon goes on.
+            let _ = sink.write_all(&batch);
+            if dropped > 0 {
+                let _ = sink.write_all(notice(dropped).as_bytes());
+            }
+            let _ = sink.flush();
         }
-        let _ = sink.flush();
         batch.clear();
         // Keep one ordinary batch's capacity, not a burst's.
         batch.shrink_to(64 << 10);
-        if closed {
-            if shared.lock().lines.is_empty() {
-                return;
-            }
-        } else {
-            std::thread::sleep(LINGER);
+        let q = shared.lock();
+        if closed && q.lines.is_empty() {
+            return;
+        }
+        if !closed && !q.nudged {
+            // Linger for more lines; a burst past the high-water mark cuts it short.
+            drop(shared.wake.wait_timeout(q, LINGER));
         }
     }
 }
@@ -139,8 +158,11 @@ impl Write for &BatchedWriter {
         } else {
             q.lines.extend_from_slice(buf);
         }
-        // A lingering writer finds the line on its next look; only a sleeping one needs waking.
-        let wake = std::mem::take(&mut q.writer_asleep);
+        // A lingering writer finds the line on its next look; only a sleeping one needs waking,
+        // or a lingering one once the queue passes a quarter of its limit.
+        let high_water = q.lines.len() >= self.shared.limit / 4 && !q.nudged;
+        q.nudged |= high_water;
+        let wake = std::mem::take(&mut q.writer_asleep) || high_water;
         drop(q);
         if wake {
             self.shared.wake.notify_one();
@@ -157,6 +179,12 @@ impl BatchedWriter {
     /// Writes what is queued from the calling thread, now: for a panic message, which goes to
     /// stderr directly and should follow the lines logged before it.
     pub fn flush_now(&self) {
+        // After the batch the writer may be writing: the order of the lines holds.
+        let _io = self
+            .shared
+            .io
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let lines = std::mem::take(&mut self.shared.lock().lines);
         let _ = io::stderr().write_all(&lines);
     }
@@ -178,8 +206,9 @@ impl FlushGuard {
             q.writer_asleep = false;
         }
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.done.take() {
+            // Returns when the writer thread ends (its sender drops) or gives up on it.
+            let _ = done.recv_timeout(CLOSE_WAIT);
         }
     }
 }

@@ -242,3 +242,30 @@ fn probes_coturn_with_a_static_user_and_a_rest_secret() {
     assert_eq!(code, 0, "{report}");
     passed(&report, 0, &ALL);
 }
+
+/// A "server" that accepts, then drips one byte every 300 ms forever: the TLS handshake must
+/// give up at the timeout instead of waiting on each byte afresh.
+#[test]
+fn a_server_dripping_bytes_does_not_hold_the_probe_past_its_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut conn, _)) = listener.accept() {
+            // A TLS record header that never completes: handshake type, version, length.
+            for b in [0x16u8, 0x03, 0x03, 0x40, 0x00].iter().cycle().take(200) {
+                if conn.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let (report, code) = probe(&[&format!("turns:{addr}"), "--password", "-"], Some("x"));
+    assert_eq!(code, 1, "{report}");
+    let connect = result(&report, 0, "connect");
+    assert_eq!(connect["result"], "fail", "{report}");
+    // --timeout-secs 2: well under the 60 s the drip would last.
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+}

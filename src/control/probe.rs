@@ -579,6 +579,9 @@ impl Conn {
                 let tcp = TcpStream::connect_timeout(&server, s.timeout)
                     .map_err(|e| format!("{server}: {e}"))?;
                 let _ = tcp.set_nodelay(true);
+                // A server that stops reading must not hold a send past the timeout either.
+                tcp.set_write_timeout(Some(s.timeout))
+                    .map_err(|e| e.to_string())?;
                 if uri.transport == Transport::Tcp {
                     Stream::Tcp(tcp)
                 } else {
@@ -651,8 +654,24 @@ impl Conn {
                     s.read(&mut buf)
                 }
                 Stream::Tls(s) => {
-                    s.sock.set_read_timeout(left).ok()?;
-                    s.read(&mut buf)
+                    // By hand rather than StreamOwned::read, which reads the socket again and
+                    // again with the same timeout while a record is incomplete: a server
+                    // dripping bytes would hold the probe past its deadline.
+                    match s.conn.reader().read(&mut buf) {
+                        Ok(n) => Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            s.sock.set_read_timeout(left).ok()?;
+                            match s.conn.read_tls(&mut s.sock) {
+                                Ok(0) => return None,
+                                Ok(_) => {
+                                    s.conn.process_new_packets().ok()?;
+                                    continue;
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             };
             match n {
@@ -847,15 +866,42 @@ fn tls_connect(
     let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
     let mut stream = rustls::StreamOwned::new(conn, tcp);
-    stream
-        .sock
-        .set_read_timeout(Some(s.timeout))
-        .map_err(|e| e.to_string())?;
-    // Complete the handshake now, so a certificate problem is the connect step's failure.
+    // Complete the handshake now, so a certificate problem is the connect step's failure; each
+    // read gets only what is left of the timeout.
+    let deadline = Instant::now() + s.timeout;
     while stream.conn.is_handshaking() {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or("TLS handshake: timed out")?;
+        stream
+            .sock
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        if stream.conn.wants_write() {
+            stream
+                .conn
+                .write_tls(&mut stream.sock)
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            continue;
+        }
+        match stream.conn.read_tls(&mut stream.sock) {
+            Ok(0) => return Err("TLS handshake: the server closed the connection".into()),
+            Ok(_) => {
+                stream
+                    .conn
+                    .process_new_packets()
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+            }
+            Err(e) if timed_out(&e) => return Err("TLS handshake: timed out".into()),
+            Err(e) => return Err(format!("TLS handshake: {e}")),
+        }
+    }
+    // The handshake's last flight (the client's Finished).
+    while stream.conn.wants_write() {
         stream
             .conn
-            .complete_io(&mut stream.sock)
+            .write_tls(&mut stream.sock)
             .map_err(|e| format!("TLS handshake: {e}"))?;
     }
     Ok(stream)

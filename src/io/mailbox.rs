@@ -13,9 +13,16 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-/// A mailbox holding this many payload bytes refuses more, as a full socket buffer would: the
-/// receiving shard is that far behind.
+/// A mailbox holding this many bytes (payloads plus [`HEADER_COST`] per datagram) refuses more,
+/// as a full socket buffer would: the receiving shard is that far behind.
 pub const MAILBOX_LIMIT: usize = 1 << 20;
+
+/// What a datagram costs against the limit besides its payload: its header's memory, so that
+/// a flood of empty datagrams is bounded too (like the kernel's per-skb overhead).
+pub const HEADER_COST: usize = std::mem::size_of::<Header>();
+
+/// Buffers grown past this by a burst are given back once it is over.
+const KEEP_CAPACITY: usize = 64 << 10;
 
 /// Datagrams in order: where each goes, where it is from, and its payload in `bytes`.
 #[derive(Default)]
@@ -58,9 +65,16 @@ impl Parcel {
         })
     }
 
+    /// Empties the parcel, and hands back the memory a burst grew it to.
     pub fn clear(&mut self) {
         self.headers.clear();
         self.bytes.clear();
+        self.headers.shrink_to(KEEP_CAPACITY / HEADER_COST);
+        self.bytes.shrink_to(KEEP_CAPACITY);
+    }
+
+    fn cost(&self) -> usize {
+        self.bytes.len() + self.headers.len() * HEADER_COST
     }
 
     fn append(&mut self, other: &mut Parcel) {
@@ -109,7 +123,7 @@ impl Mailboxes {
             out.clear();
             return n;
         };
-        if inbox.bytes.len() + out.bytes.len() > MAILBOX_LIMIT {
+        if inbox.cost() + out.cost() > MAILBOX_LIMIT {
             drop(inbox);
             let n = out.len();
             out.clear();
@@ -189,10 +203,27 @@ mod tests {
     }
 
     #[test]
+    fn empty_datagrams_count_against_the_limit() {
+        let boxes = Mailboxes::new(2).unwrap();
+        let mut out = Parcel::default();
+        let fit = MAILBOX_LIMIT / HEADER_COST;
+        for _ in 0..fit {
+            out.push(addr(1), addr(2), b"");
+        }
+        assert_eq!(boxes.post(1, &mut out), 0);
+        out.push(addr(1), addr(2), b"");
+        assert_eq!(
+            boxes.post(1, &mut out),
+            1,
+            "one more empty datagram is refused"
+        );
+    }
+
+    #[test]
     fn a_full_mailbox_or_an_unknown_shard_drops_the_parcel() {
         let boxes = Mailboxes::new(2).unwrap();
         let mut out = Parcel::default();
-        out.push(addr(1), addr(2), &vec![0u8; MAILBOX_LIMIT]);
+        out.push(addr(1), addr(2), &vec![0u8; MAILBOX_LIMIT - HEADER_COST]);
         assert_eq!(boxes.post(0, &mut out), 0);
         out.push(addr(1), addr(2), b"x");
         out.push(addr(1), addr(2), b"y");

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use crate::logging::{self, BatchedWriter, FlushGuard};
 use crate::proto::server::{UsageKind, UsageRecord};
 
-/// Records queued beyond this many bytes are dropped (and counted) until the file takes more.
-const QUEUE_LIMIT: usize = 8 << 20;
+/// Records queued beyond this many bytes (about 200k records) are dropped, and counted in the
+/// file, until it takes more. Large because the records come in bursts (every shard's interim
+/// round, a shutdown ending every allocation at once) and are someone's bill; past a quarter of
+/// it the writer stops lingering and writes as they come.
+const QUEUE_LIMIT: usize = 64 << 20;
 
 /// Where shards hand their records; cheap to clone, one per shard.
 #[derive(Clone)]

@@ -73,7 +73,8 @@ pub enum BindError {
 }
 
 pub struct Allocation {
-    /// Random, for telling allocations apart in usage records, logs and the sessions API.
+    /// For telling allocations apart in usage records, logs and the sessions API: unique (64
+    /// pseudo-random bits from the core's generator), not secret.
     pub id: u64,
     pub five_tuple: FiveTuple,
     pub username: Box<str>,

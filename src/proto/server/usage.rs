@@ -13,8 +13,8 @@ use crate::proto::Transport;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     pub kind: UsageKind,
-    /// Random per allocation; the same in its interim and end records, its log lines and
-    /// `turnpike sessions`.
+    /// Unique per allocation (not secret); the same in its interim and end records, its log
+    /// lines and `turnpike sessions`.
     pub id: u64,
     pub user: Box<str>,
     pub client: SocketAddr,
