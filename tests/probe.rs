@@ -267,5 +267,9 @@ fn a_server_dripping_bytes_does_not_hold_the_probe_past_its_timeout() {
     let connect = result(&report, 0, "connect");
     assert_eq!(connect["result"], "fail", "{report}");
     // --timeout-secs 2: well under the 60 s the drip would last.
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 }
