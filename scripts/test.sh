@@ -7,9 +7,9 @@
 # through which Chromium trusts the test CA for turns:), systemd (systemd-analyze verify of the
 # unit), and aiortc (with its aioice) from PyPI in a virtual environment, target/py-aiortc
 # (tests/firewall_call.rs: WebRTC peers with TURN over TCP and TLS; tests/streams.rs: aioice as
-# an independent TURN/TCP and TURN/TLS client), kubernetes-validate from PyPI (the manifests in
-# deploy/kubernetes). Ends with a
-# short run of every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
+# an independent TURN/TCP and TURN/TLS client), redis-server (tests/fleet.rs) and
+# kubernetes-validate from PyPI (the manifests in deploy/kubernetes). Ends with a short run of
+# every fuzz target (scripts/fuzz.sh; needs a nightly toolchain, installs cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,14 +19,14 @@ trap 'echo "test.sh: FAILED during: $step ($(( $(date +%s) - started ))s)" >&2' 
 
 need_apt=0
 [ -n "${CI:-}" ] && need_apt=1
-for tool in turnutils_uclient turnutils_peer turnutils_stunclient turnutils_natdiscovery nft ip chromium certutil systemd-analyze python3; do
+for tool in turnutils_uclient turnutils_peer turnutils_stunclient turnutils_natdiscovery nft ip chromium certutil systemd-analyze python3 redis-server; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 
-PACKAGES="coturn iproute2 nftables chromium fonts-liberation libnss3-tools systemd python3 python3-venv"
+PACKAGES="coturn iproute2 nftables chromium fonts-liberation libnss3-tools systemd python3 python3-venv redis-server"
 
 # Debian starts coturn's own turnserver when the package is installed; we only want its client
-# tools. Never touch a coturn (or any turnserver) that was here before this script ran: a
+# tools (and redis-server's binary, which tests/fleet.rs starts on a port of its own). Never touch a coturn (or any turnserver) that was here before this script ran: a
 # developer's machine may run a production one. So: when coturn is not installed yet, forbid
 # service starts during our apt-get install with a temporary policy-rc.d (only if the machine
 # has none of its own), and afterwards stop, by PID, only turnserver processes that did not exist
@@ -40,15 +40,16 @@ remove_policy_rc_d() {
     fi
 }
 
-coturn_installed() {
-    dpkg-query -W -f='${Status}' coturn 2>/dev/null | grep -q 'install ok installed'
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
 }
 
-turnserver_pids() {
+# The PIDs of the processes named $1 (turnserver, redis-server).
+server_pids() {
     if command -v pgrep >/dev/null 2>&1; then
-        pgrep -x turnserver 2>/dev/null | sort || true
+        pgrep -x "$1" 2>/dev/null | sort || true
     else
-        pidof turnserver 2>/dev/null | tr ' ' '\n' | sort || true
+        pidof "$1" 2>/dev/null | tr ' ' '\n' | sort || true
     fi
 }
 
@@ -62,10 +63,15 @@ if [ "$need_apt" = 1 ]; then
         }
         SUDO="sudo"
     fi
-    coturn_before=0
-    coturn_installed && coturn_before=1
-    pids_before=$(turnserver_pids)
-    if [ "$coturn_before" = 0 ] && [ ! -e "$POLICY_RC_D" ]; then
+    # Debian starts redis-server's own service on install too: the same care as for coturn.
+    declare -A before pids_before
+    for pkg in coturn redis-server; do
+        before[$pkg]=0
+        installed "$pkg" && before[$pkg]=1
+    done
+    pids_before[turnserver]=$(server_pids turnserver)
+    pids_before[redis-server]=$(server_pids redis-server)
+    if [ ! -e "$POLICY_RC_D" ]; then
         trap remove_policy_rc_d EXIT
         # invoke-rc.d and deb-systemd-invoke ask policy-rc.d; 101 = "action forbidden".
         printf '#!/bin/sh\n# temporary, from turnpike scripts/test.sh\nexit 101\n' |
@@ -79,14 +85,16 @@ if [ "$need_apt" = 1 ]; then
     # shellcheck disable=SC2086
     $SUDO apt-get install -y -q --no-install-recommends $PACKAGES
     remove_policy_rc_d
-    if [ "$coturn_before" = 0 ]; then
+    for pair in coturn:turnserver redis-server:redis-server; do
+        pkg=${pair%%:*} proc=${pair#*:}
+        [ "${before[$pkg]}" = 0 ] || continue
         # Only if something started it anyway (an existing policy-rc.d that allows starts):
-        # the turnserver processes that are new since the install began, by PID.
-        for pid in $(comm -13 <(printf '%s\n' "$pids_before") <(turnserver_pids)); do
-            echo "==> stopping turnserver pid $pid, started by the coturn install"
+        # the processes that are new since the install began, by PID.
+        for pid in $(comm -13 <(printf '%s\n' "${pids_before[$proc]}") <(server_pids "$proc")); do
+            echo "==> stopping $proc pid $pid, started by the $pkg install"
             $SUDO kill "$pid" 2>/dev/null || true
         done
-    fi
+    done
 fi
 
 # tests/firewall_call.rs runs its WebRTC peers with aiortc (webrtc-rs has no TURN over TCP or

@@ -661,6 +661,7 @@ pub fn serve(
         shards: Shards::new(senders),
         shared: Arc::clone(&shared),
         usage,
+        fleet: Default::default(),
         live: Mutex::new(Live {
             config: config.clone(),
             core,
@@ -696,6 +697,21 @@ pub fn serve(
     // Held until the shards have stopped: once the file is gone, its ports are free again.
     let mut published = None;
     let result = runtime.block_on(async {
+        if let Some(url) = &config.fleet.redis_url {
+            let instance = match config.fleet.instance.as_str() {
+                "" => control::fleet::default_instance(),
+                name => name.to_owned(),
+            };
+            tracing::info!(instance = %instance, "fleet: sharing revocations through Redis");
+            let fleet = control::fleet::Fleet::start(
+                url,
+                instance,
+                Arc::downgrade(&state),
+                tokio::runtime::Handle::current(),
+            )
+            .map_err(DaemonError::Setup)?;
+            let _ = state.fleet.set(fleet);
+        }
         let mut api_bound = None;
         if let Some(std_listener) = api_listener {
             let listener = tokio::net::TcpListener::from_std(std_listener)

@@ -33,9 +33,9 @@ use toml::de::DeTable;
 pub use error::{ConfigError, Issue};
 pub use print::REDACTED;
 pub use schema::{
-    ApiConfig, AuthConfig, Config, DiscoveryAddresses, LimitsConfig, LogFormat, NatDiscoveryConfig,
-    PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig, UsageConfig, UserEntry,
-    UserSecret,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, FleetConfig, LimitsConfig, LogFormat,
+    NatDiscoveryConfig, PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig,
+    UsageConfig, UserEntry, UserSecret,
 };
 pub use secrets::{PermissionWarning, MIN_API_TOKEN_LEN, MIN_NONCE_KEY_LEN, MIN_REST_SECRET_LEN};
 

@@ -40,6 +40,7 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocolConfig,
     pub nat_discovery: NatDiscoveryConfig,
     pub usage: UsageConfig,
+    pub fleet: FleetConfig,
 }
 
 impl Default for Config {
@@ -64,6 +65,7 @@ impl Default for Config {
             proxy_protocol: ProxyProtocolConfig::default(),
             nat_discovery: NatDiscoveryConfig::default(),
             usage: UsageConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -307,6 +309,15 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[fleet]`: several instances sharing revocations through Redis; off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// `redis://[user:password@]host[:port][/db]`; None = this instance works alone.
+    pub redis_url: Option<String>,
+    /// This instance's name in the fleet; empty = the host name.
+    pub instance: String,
+}
+
 /// `[usage]`: usage records, one JSON line per allocation when it ends; off by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageConfig {
@@ -375,6 +386,7 @@ pub(super) mod raw {
         pub proxy_protocol: ProxyProtocol,
         pub nat_discovery: NatDiscovery,
         pub usage: Usage,
+        pub fleet: Fleet,
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -466,6 +478,13 @@ pub(super) mod raw {
 
     #[derive(Debug, Deserialize, Serialize)]
     #[serde(deny_unknown_fields, default)]
+    pub(crate) struct Fleet {
+        pub redis_url: String,
+        pub instance: String,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields, default)]
     pub(crate) struct Usage {
         pub file: String,
         pub interval_secs: i64,
@@ -520,6 +539,7 @@ pub(super) mod raw {
                 proxy_protocol: ProxyProtocol::from_typed(&c.proxy_protocol),
                 nat_discovery: NatDiscovery::from_typed(&c.nat_discovery),
                 usage: Usage::from_typed(&c.usage),
+                fleet: Fleet::from_typed(&c.fleet, redact),
             }
         }
     }
@@ -539,6 +559,20 @@ pub(super) mod raw {
             ProxyProtocol {
                 listeners: p.listeners.iter().map(ToString::to_string).collect(),
                 trusted: p.trusted.iter().map(ToString::to_string).collect(),
+            }
+        }
+    }
+
+    impl Fleet {
+        fn from_typed(f: &typed::FleetConfig, redact: bool) -> Fleet {
+            // A password in the URL is a secret: check-config prints it redacted.
+            let url = match &f.redis_url {
+                Some(u) if redact && u.contains('@') => REDACTED.to_owned(),
+                u => opt(u),
+            };
+            Fleet {
+                redis_url: url,
+                instance: f.instance.clone(),
             }
         }
     }
@@ -671,6 +705,7 @@ pub(super) mod raw {
     );
     default_from_typed!(NatDiscovery, NatDiscoveryConfig, NatDiscovery::from_typed);
     default_from_typed!(Usage, UsageConfig, Usage::from_typed);
+    default_from_typed!(Fleet, FleetConfig, |f| Fleet::from_typed(f, false));
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::locate::Locator;
 use super::schema::raw;
 use super::{
-    ApiConfig, AuthConfig, Config, DiscoveryAddresses, Issue, LimitsConfig, LogFormat,
+    ApiConfig, AuthConfig, Config, DiscoveryAddresses, FleetConfig, Issue, LimitsConfig, LogFormat,
     NatDiscoveryConfig, PeersConfig, ProxyProtocolConfig, RelayConfig, RelayIp, TlsConfig,
     UsageConfig, UserEntry, UserSecret,
 };
@@ -202,6 +202,7 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         listen
     };
     let nat_discovery = build_nat_discovery(raw.nat_discovery, &listen, &tcp_listen, &relay, cx);
+    let fleet = build_fleet(raw.fleet, cx);
     let usage = UsageConfig {
         file: cx.opt_path("usage.file", &raw.usage.file),
         interval_secs: cx.int("usage.interval_secs", raw.usage.interval_secs, 0, 86400, 0),
@@ -227,6 +228,42 @@ fn build_config(raw: raw::Config, cx: &mut Cx<'_>) -> Config {
         proxy_protocol,
         nat_discovery,
         usage,
+        fleet,
+    }
+}
+
+fn build_fleet(raw: raw::Fleet, cx: &mut Cx<'_>) -> FleetConfig {
+    let redis_url = match raw.redis_url.as_str() {
+        "" => None,
+        url if url.starts_with("redis://") && redis::Client::open(url).is_ok() => {
+            Some(url.to_owned())
+        }
+        url => {
+            // Never echo it: the URL may hold a password.
+            let _ = url;
+            cx.invalid(
+                "fleet.redis_url",
+                Q("<redacted>"),
+                "must be a redis://[user:password@]host[:port][/db] URL (rediss:// is not supported)",
+            );
+            None
+        }
+    };
+    let instance = raw.instance.trim().to_owned();
+    if !instance
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || instance.len() > 64
+    {
+        cx.invalid(
+            "fleet.instance",
+            Q(&raw.instance),
+            "must be up to 64 letters, digits, '-', '_' or '.'",
+        );
+    }
+    FleetConfig {
+        redis_url,
+        instance,
     }
 }
 

@@ -78,6 +78,7 @@ async fn metrics_route(State(state): State<AppState>) -> Response {
         shards_unresponsive: unresponsive,
         uptime_secs: state.started.elapsed().as_secs(),
         tls_not_after: state.streams.tls.as_ref().map(|t| t.not_after()),
+        fleet_connected: state.fleet.get().map(|f| f.connected()),
     };
     (
         [(
@@ -247,6 +248,9 @@ async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Err(r) => return r,
     };
     let r = state.revoke(&req.user, unix_now()).await;
+    if let Some(fleet) = state.fleet.get() {
+        fleet.revoked(&req.user);
+    }
     let mut body = json!({
         "user": req.user,
         "ended_allocations": r.ended,
@@ -269,6 +273,9 @@ async fn unrevoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes
         Err(r) => return r,
     };
     let lifted = state.unrevoke(&req.user);
+    if let Some(fleet) = state.fleet.get() {
+        fleet.unrevoked(&req.user);
+    }
     Json(json!({
         "user": req.user,
         "was_revoked": lifted.rest || lifted.static_user,

@@ -20,6 +20,8 @@ pub struct Extra {
     pub uptime_secs: u64,
     /// When the served TLS certificate expires (unix seconds); None without TLS listeners.
     pub tls_not_after: Option<i64>,
+    /// Whether the fleet's Redis is reachable; None without `[fleet]`.
+    pub fleet_connected: Option<bool>,
 }
 
 /// The shards' counters added up.
@@ -162,6 +164,7 @@ fn all_series(reports: &[ShardReport], extra: &Extra) -> Vec<(Series, u64)> {
         shards_unresponsive,
         uptime_secs,
         tls_not_after,
+        fleet_connected,
     } = *extra;
     let mut out = Vec::with_capacity(48);
     core.for_each_series(|s, v| out.push((s, *v)));
@@ -185,6 +188,15 @@ fn all_series(reports: &[ShardReport], extra: &Extra) -> Vec<(Series, u64)> {
             None,
         );
         out.push((s, u64::try_from(not_after).unwrap_or(0)));
+    }
+    if let Some(connected) = fleet_connected {
+        let s = series(
+            "fleet_connected",
+            Gauge,
+            "1 while the fleet's Redis is reachable ([fleet]); 0: serving alone.",
+            None,
+        );
+        out.push((s, u64::from(connected)));
     }
     out.extend([
         (
@@ -311,6 +323,7 @@ mod tests {
             shards_unresponsive: 0,
             uptime_secs: 5,
             tls_not_after: Some(1_900_000_000),
+            fleet_connected: Some(true),
         }
     }
 
@@ -417,6 +430,7 @@ mod tests {
             "turnpike_allocations{transport=\"tcp\"}",
             "turnpike_allocations{transport=\"tls\"}",
             "turnpike_tls_certificate_expiry_seconds",
+            "turnpike_fleet_connected",
             "turnpike_allocations_created_total",
             "turnpike_allocations_ended_total",
             "turnpike_binding_requests_total",
@@ -484,6 +498,7 @@ mod tests {
             ("relay_sockets_open", "gauge"),
             ("relay_ports_free", "gauge"),
             ("draining", "gauge"),
+            ("fleet_connected", "gauge"),
             ("shards", "gauge"),
             ("shards_unresponsive", "gauge"),
             ("uptime_seconds", "gauge"),

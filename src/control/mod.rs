@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod credentials;
+pub mod fleet;
 pub mod metrics;
 pub mod notify;
 pub mod probe;
@@ -229,6 +230,8 @@ pub struct ControlState {
     pub shared: Arc<Shared>,
     /// The usage file, reopened on every reload (logrotate's postrotate).
     pub usage: Option<crate::io::usage::UsageLog>,
+    /// `[fleet]`: where revocations are published; set once the control runtime runs.
+    pub fleet: std::sync::OnceLock<fleet::Fleet>,
     pub live: Mutex<Live>,
     pub config_path: PathBuf,
     pub build_core: Box<CoreBuilder>,
@@ -292,6 +295,7 @@ impl ControlState {
             ("api.listen", old.api.listen != config.api.listen),
             ("nat_discovery", old.nat_discovery != config.nat_discovery),
             ("usage", old.usage != config.usage),
+            ("fleet", old.fleet != config.fleet),
             (
                 "auth.nonce_lifetime_secs",
                 old.auth.nonce_lifetime_secs != config.auth.nonce_lifetime_secs,
@@ -547,6 +551,7 @@ mod tests {
             shards: Shards::new(Vec::new()),
             shared: Arc::new(Shared::new([1; 32], 600, Instant::now(), NOW)),
             usage: None,
+            fleet: Default::default(),
             live: Mutex::new(Live {
                 config,
                 core,

@@ -526,6 +526,12 @@ impl Authenticator {
             .is_some_and(|(expiry, user)| self.rest_refused_until(user, expiry).is_some())
     }
 
+    /// Whether `user` is under a revocation of either kind (REST or static), whatever its
+    /// expiry: for the fleet's catch-up, which must not revoke the same user twice.
+    pub fn is_user_revoked(&self, user: &str) -> bool {
+        self.revoked.contains_key(user) || self.users.get(user).is_some_and(|k| k.revoked)
+    }
+
     /// Whether the static user `name` is revoked.
     #[cfg(test)]
     fn is_static_revoked(&self, name: &str) -> bool {

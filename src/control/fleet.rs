@@ -1,0 +1,327 @@
+//! `[fleet]`: instances that share revocations through Redis, and say they are alive.
+//!
+//! A revoke on one instance (the HTTP API or `turnpike revoke`) is stored in the hash
+//! `turnpike:revoked` (user -> the unix time it was revoked) and published on
+//! `turnpike:revocations`; every other instance applies it as its own revoke (ends the user's
+//! allocations there, refuses her credentials). An instance that was away (restarting, or cut
+//! off from Redis) catches up from the hash when it connects. An unrevoke deletes the entry and is
+//! published the same way. Every few seconds each instance writes `turnpike:instance:NAME`
+//! (allocations held, when), expiring unless renewed.
+//!
+//! Not shared (yet): the per-user allocation quota, which counts per instance, and an unrevoke
+//! made while an instance was cut off, which that instance misses until the user is revoked and
+//! un-revoked again or it restarts.
+//!
+//! Redis is never on the packet path, nor on the API's: one thread of its own talks to it, and
+//! the API hands it what to publish through a bounded queue. While Redis is unreachable the
+//! instance serves with its own view, says so once in the log, exports
+//! `turnpike_fleet_connected 0`, and publishes what it queued once Redis is back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::{unix_now, ControlState};
+
+const REVOKED: &str = "turnpike:revoked";
+const CHANNEL: &str = "turnpike:revocations";
+const INSTANCE_PREFIX: &str = "turnpike:instance:";
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A heartbeat key outlives three missed beats.
+const HEARTBEAT_TTL_SECS: u64 = 15;
+/// Revocations waiting for Redis beyond this many are dropped (and logged): they are in force
+/// on this instance already.
+const QUEUE: usize = 10_000;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Revoke(String),
+    Unrevoke(String),
+}
+
+/// The API's side: what to publish, and whether Redis is there.
+pub struct Fleet {
+    outgoing: SyncSender<Change>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Fleet {
+    /// Starts the fleet thread for `state` (it stops once the state is gone). `runtime` runs the
+    /// revokes other instances publish, as the API runs its own.
+    pub fn start(
+        url: &str,
+        instance: String,
+        state: Weak<ControlState>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Fleet, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("fleet.redis_url: {e}"))?;
+        let (outgoing, queue) = mpsc::sync_channel(QUEUE);
+        let connected = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            retry: Vec::new(),
+            client,
+            instance,
+            state,
+            runtime,
+            queue,
+            connected: Arc::clone(&connected),
+        };
+        std::thread::Builder::new()
+            .name("turnpike-fleet".into())
+            .spawn(move || worker.run())
+            .map_err(|e| format!("fleet thread: {e}"))?;
+        Ok(Fleet {
+            outgoing,
+            connected,
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn revoked(&self, user: &str) {
+        self.send(Change::Revoke(user.to_owned()));
+    }
+
+    pub fn unrevoked(&self, user: &str) {
+        self.send(Change::Unrevoke(user.to_owned()));
+    }
+
+    fn send(&self, change: Change) {
+        if let Err(TrySendError::Full(c)) = self.outgoing.try_send(change) {
+            tracing::error!(change = ?c, "fleet: too many changes waiting for Redis; this one stays local");
+        }
+    }
+}
+
+struct Worker {
+    /// Changes a failed publish left over: they go first after the reconnect.
+    retry: Vec<Change>,
+    client: redis::Client,
+    instance: String,
+    state: Weak<ControlState>,
+    runtime: tokio::runtime::Handle,
+    queue: Receiver<Change>,
+    connected: Arc<AtomicBool>,
+}
+
+/// A published change, as JSON: who, what, and which instance did it.
+fn message(instance: &str, change: &Change) -> String {
+    let (op, user) = match change {
+        Change::Revoke(u) => ("revoke", u),
+        Change::Unrevoke(u) => ("unrevoke", u),
+    };
+    serde_json::json!({ "op": op, "user": user, "origin": instance }).to_string()
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut backoff = Duration::from_secs(1);
+        let mut was_up = None;
+        while self.state.strong_count() > 0 {
+            let err = self.session(&mut was_up);
+            self.connected.store(false, Ordering::Relaxed);
+            match was_up {
+                Some(true) | None => tracing::warn!(
+                    error = %err,
+                    "fleet: Redis unreachable; serving alone with this instance's revocations until it is back"
+                ),
+                Some(false) => tracing::debug!(error = %err, "fleet: Redis still unreachable"),
+            }
+            if was_up == Some(true) {
+                backoff = Duration::from_secs(1);
+            }
+            was_up = Some(false);
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Connected until an error: catches up, then publishes, listens and beats.
+    fn session(&mut self, was_up: &mut Option<bool>) -> redis::RedisError {
+        let connect = || -> redis::RedisResult<redis::Connection> {
+            let c = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+            c.set_read_timeout(Some(IO_TIMEOUT))?;
+            c.set_write_timeout(Some(IO_TIMEOUT))?;
+            Ok(c)
+        };
+        let (mut commands, mut listen) = match (connect(), connect()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
+        let mut sub = listen.as_pubsub();
+        if let Err(e) = sub.subscribe(CHANNEL) {
+            return e;
+        }
+        // Short reads: the same thread publishes and beats between messages.
+        if let Err(e) = sub.set_read_timeout(Some(Duration::from_millis(200))) {
+            return e;
+        }
+        if let Err(e) = self.catch_up(&mut commands) {
+            return e;
+        }
+        self.connected.store(true, Ordering::Relaxed);
+        if *was_up != Some(true) {
+            tracing::info!(instance = %self.instance, "fleet: connected to Redis");
+        }
+        *was_up = Some(true);
+        let mut next_beat = Instant::now();
+        while let Some(change) = self.retry.first() {
+            if let Err(e) = self.publish(&mut commands, change) {
+                return e;
+            }
+            self.retry.remove(0);
+        }
+        loop {
+            if self.state.strong_count() == 0 {
+                return redis::RedisError::from((redis::ErrorKind::Client, "shutting down"));
+            }
+            if Instant::now() >= next_beat {
+                if let Err(e) = self.beat(&mut commands) {
+                    return e;
+                }
+                next_beat = Instant::now() + HEARTBEAT;
+            }
+            loop {
+                match self.queue.recv_timeout(Duration::ZERO) {
+                    Ok(change) => {
+                        if let Err(e) = self.publish(&mut commands, &change) {
+                            // Not lost: it goes first after the reconnect.
+                            self.retry.push(change);
+                            return e;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return redis::RedisError::from((redis::ErrorKind::Client, "stopped"))
+                    }
+                }
+            }
+            match sub.get_message() {
+                Ok(msg) => {
+                    if let Ok(payload) = msg.get_payload::<String>() {
+                        self.apply(&payload);
+                    }
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    fn publish(&self, con: &mut redis::Connection, change: &Change) -> redis::RedisResult<()> {
+        match change {
+            Change::Revoke(user) => redis::cmd("HSET")
+                .arg(REVOKED)
+                .arg(user)
+                .arg(unix_now())
+                .query::<()>(con)?,
+            Change::Unrevoke(user) => redis::cmd("HDEL").arg(REVOKED).arg(user).query::<()>(con)?,
+        }
+        redis::cmd("PUBLISH")
+            .arg(CHANNEL)
+            .arg(message(&self.instance, change))
+            .query::<()>(con)
+    }
+
+    /// Applies every revocation in the hash (what was published while this instance was away).
+    fn catch_up(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
+        let revoked: Vec<(String, u64)> = redis::cmd("HGETALL").arg(REVOKED).query(con)?;
+        let Some(state) = self.state.upgrade() else {
+            return Ok(());
+        };
+        for (user, _) in revoked {
+            if !state.lock_live().core.auth.is_user_revoked(&user) {
+                self.runtime.block_on(state.revoke(&user, unix_now()));
+            }
+        }
+        Ok(())
+    }
+
+    fn beat(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
+        let Some(state) = self.state.upgrade() else {
+            return Ok(());
+        };
+        let reports = self.runtime.block_on(state.shards.reports());
+        let allocations: usize = reports
+            .iter()
+            .flatten()
+            .map(|r| r.allocations.udp + r.allocations.tcp + r.allocations.tls)
+            .sum();
+        let beat = serde_json::json!({ "allocations": allocations, "at_unix": unix_now() });
+        redis::cmd("SET")
+            .arg(format!("{INSTANCE_PREFIX}{}", self.instance))
+            .arg(beat.to_string())
+            .arg("EX")
+            .arg(HEARTBEAT_TTL_SECS)
+            .query(con)
+    }
+
+    /// A change another instance published; our own come back too and are skipped.
+    fn apply(&self, payload: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+            return tracing::warn!("fleet: ignoring a message that is not JSON");
+        };
+        if v["origin"].as_str() == Some(&self.instance) {
+            return;
+        }
+        let (Some(op), Some(user)) = (v["op"].as_str(), v["user"].as_str()) else {
+            return tracing::warn!("fleet: ignoring a message without op and user");
+        };
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let origin = v["origin"].as_str().unwrap_or("?");
+        match op {
+            "revoke" => {
+                let r = self.runtime.block_on(state.revoke(user, unix_now()));
+                tracing::info!(
+                    user,
+                    origin,
+                    ended = r.ended,
+                    "fleet: revoked by another instance"
+                );
+            }
+            "unrevoke" => {
+                state.unrevoke(user);
+                tracing::info!(user, origin, "fleet: un-revoked by another instance");
+            }
+            _ => tracing::warn!(op, "fleet: ignoring an unknown operation"),
+        }
+    }
+}
+
+/// This host's name, for `fleet.instance` left empty.
+pub fn default_instance() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = buf.split(|&b| b == 0).next().unwrap_or(&[]);
+    match std::str::from_utf8(name) {
+        Ok(n) if ok && !n.is_empty() => n.to_owned(),
+        _ => format!("turnpike-{}", std::process::id()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_operation_the_user_and_the_origin() {
+        let m: serde_json::Value =
+            serde_json::from_str(&message("a", &Change::Revoke("alice".into()))).unwrap();
+        assert_eq!(
+            (m["op"].as_str(), m["user"].as_str(), m["origin"].as_str()),
+            (Some("revoke"), Some("alice"), Some("a"))
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&message("b", &Change::Unrevoke("bob".into()))).unwrap();
+        assert_eq!(m["op"], "unrevoke");
+        assert!(!default_instance().is_empty());
+    }
+}

@@ -1,0 +1,177 @@
+//! `[fleet]` against a real redis-server on loopback (started here, stopped by PID): a revoke on
+//! one instance ends the user's allocations on the other and refuses her there; an instance that
+//! starts later catches up; an unrevoke travels too; with Redis gone every instance keeps serving
+//! and says so in its metrics.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Options, TurnClient, PASSWORD, USER};
+
+/// redis-server on a free loopback port, no persistence, stopped by PID when dropped.
+struct Redis {
+    child: Child,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server missing in CI"
+            );
+            eprintln!("skipped: redis-server is not installed (scripts/test.sh installs it)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Some(Redis::start_on(port))
+    }
+
+    /// A fresh, empty Redis on `port`.
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn member(redis: &Redis, name: &'static str) -> Daemon {
+    let url = redis.url.clone();
+    let d = Daemon::with(Options::with_api().edit(move |c| {
+        c.fleet.redis_url = Some(url.clone());
+        c.fleet.instance = name.to_owned();
+    }));
+    d.wait_metric("turnpike_fleet_connected", 1.0, Duration::from_secs(10));
+    d
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn allocates(d: &Daemon) -> bool {
+    TurnClient::new(d.addr, USER, PASSWORD).allocate().outcome() == (true, None)
+}
+
+#[test]
+fn a_revoke_on_one_instance_holds_on_all_and_redis_going_away_stops_nothing() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let a = member(&redis, "a");
+    let b = member(&redis, "b");
+    let mut on_b = TurnClient::new(b.addr, USER, PASSWORD);
+    on_b.must_allocate();
+
+    let r = a.api(
+        "POST",
+        "/api/v1/revoke",
+        Some(&format!(r#"{{"user":"{USER}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // b ends her allocation and refuses her from now on.
+    b.wait_events("allocation ended", 1, Duration::from_secs(10), |e| {
+        e["reason"] == "user revoked"
+    });
+    assert!(!allocates(&b), "b still allocates for a revoked user");
+    assert!(!allocates(&a));
+
+    // An instance that was not there catches up when it connects.
+    let c = member(&redis, "c");
+    wait_until("c refuses the revoked user", || !allocates(&c));
+
+    // Heartbeats: each instance says it is alive.
+    let keys = Command::new("redis-cli")
+        .args(["-u", &redis.url, "--raw", "KEYS", "turnpike:instance:*"])
+        .output();
+    if let Ok(out) = keys {
+        let text = String::from_utf8_lossy(&out.stdout);
+        for name in ["a", "b", "c"] {
+            assert!(
+                text.contains(&format!("turnpike:instance:{name}")),
+                "{text}"
+            );
+        }
+    }
+
+    // Unrevoke on b: a and c accept her again.
+    let r = b.api(
+        "POST",
+        "/api/v1/unrevoke",
+        Some(&format!(r#"{{"user":"{USER}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until("a accepts her again", || allocates(&a));
+    wait_until("c accepts her again", || allocates(&c));
+
+    // Redis goes away: every instance keeps serving alone, and says so.
+    redis.stop();
+    for d in [&a, &b, &c] {
+        wait_until("turnpike_fleet_connected 0", || {
+            d.metric("turnpike_fleet_connected") == 0.0
+        });
+        assert!(allocates(d), "serving without Redis");
+    }
+    // A revoke while Redis is away still holds where it was made.
+    let r = a.api(
+        "POST",
+        "/api/v1/revoke",
+        Some(&format!(r#"{{"user":"{USER}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!allocates(&a));
+    assert!(a.log().contains("Redis unreachable"), "{}", a.log());
+    assert!(allocates(&b), "b has not heard of it yet");
+
+    // Redis is back (empty: no persistence): a publishes what it queued, and b follows.
+    let port: u16 = redis
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/0")
+        .parse()
+        .unwrap();
+    let _redis = Redis::start_on(port);
+    a.wait_metric("turnpike_fleet_connected", 1.0, Duration::from_secs(20));
+    wait_until("b refuses her again", || !allocates(&b));
+}
