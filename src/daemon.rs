@@ -778,6 +778,9 @@ pub fn serve(
     });
 
     tracing::info!("shutting down");
+    if let Some(fleet) = state.fleet.get() {
+        fleet.stop();
+    }
     let _ = shutdown_tx.send(true);
     let finals: Vec<ShardReport> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
     // The API's socket closes with its runtime.

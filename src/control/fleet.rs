@@ -46,6 +46,7 @@ enum Change {
 pub struct Fleet {
     outgoing: SyncSender<Change>,
     connected: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
 }
 
 impl Fleet {
@@ -60,7 +61,9 @@ impl Fleet {
         let client = redis::Client::open(url).map_err(|e| format!("fleet.redis_url: {e}"))?;
         let (outgoing, queue) = mpsc::sync_channel(QUEUE);
         let connected = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            stopped: Arc::clone(&stopped),
             retry: Vec::new(),
             client,
             instance,
@@ -76,7 +79,14 @@ impl Fleet {
         Ok(Fleet {
             outgoing,
             connected,
+            stopped,
         })
+    }
+
+    /// The daemon is stopping: the thread applies nothing more (the runtime it applies through
+    /// is about to go) and ends at its next look.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
     }
 
     pub fn connected(&self) -> bool {
@@ -99,6 +109,7 @@ impl Fleet {
 }
 
 struct Worker {
+    stopped: Arc<AtomicBool>,
     /// Changes a failed publish left over: they go first after the reconnect.
     retry: Vec<Change>,
     client: redis::Client,
@@ -119,11 +130,26 @@ fn message(instance: &str, change: &Change) -> String {
 }
 
 impl Worker {
+    fn stopping(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed) || self.state.strong_count() == 0
+    }
+
+    /// The state, unless the daemon is stopping.
+    fn live_state(&self) -> Option<Arc<ControlState>> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.state.upgrade()
+    }
+
     fn run(mut self) {
         let mut backoff = Duration::from_secs(1);
         let mut was_up = None;
-        while self.state.strong_count() > 0 {
+        while !self.stopping() {
             let err = self.session(&mut was_up);
+            if self.stopping() {
+                return;
+            }
             self.connected.store(false, Ordering::Relaxed);
             match was_up {
                 Some(true) | None => tracing::warn!(
@@ -177,7 +203,7 @@ impl Worker {
             self.retry.remove(0);
         }
         loop {
-            if self.state.strong_count() == 0 {
+            if self.stopping() {
                 return redis::RedisError::from((redis::ErrorKind::Client, "shutting down"));
             }
             if Instant::now() >= next_beat {
@@ -231,7 +257,7 @@ impl Worker {
     /// Applies every revocation in the hash (what was published while this instance was away).
     fn catch_up(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
         let revoked: Vec<(String, u64)> = redis::cmd("HGETALL").arg(REVOKED).query(con)?;
-        let Some(state) = self.state.upgrade() else {
+        let Some(state) = self.live_state() else {
             return Ok(());
         };
         for (user, _) in revoked {
@@ -243,7 +269,7 @@ impl Worker {
     }
 
     fn beat(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
-        let Some(state) = self.state.upgrade() else {
+        let Some(state) = self.live_state() else {
             return Ok(());
         };
         let reports = self.runtime.block_on(state.shards.reports());
@@ -272,7 +298,7 @@ impl Worker {
         let (Some(op), Some(user)) = (v["op"].as_str(), v["user"].as_str()) else {
             return tracing::warn!("fleet: ignoring a message without op and user");
         };
-        let Some(state) = self.state.upgrade() else {
+        let Some(state) = self.live_state() else {
             return;
         };
         let origin = v["origin"].as_str().unwrap_or("?");
