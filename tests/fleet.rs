@@ -71,8 +71,12 @@ impl Drop for Redis {
 }
 
 fn member(redis: &Redis, name: &'static str) -> Daemon {
+    member_with(redis, name, Options::with_api())
+}
+
+fn member_with(redis: &Redis, name: &'static str, opts: Options) -> Daemon {
     let url = redis.url.clone();
-    let d = Daemon::with(Options::with_api().edit(move |c| {
+    let d = Daemon::with(opts.edit(move |c| {
         c.fleet.redis_url = Some(url.clone());
         c.fleet.instance = name.to_owned();
     }));
@@ -85,6 +89,28 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `d` with Allocates, deleting each one that succeeds, until one gets `code` (None:
+/// success): how a test waits for a quota view that follows the heartbeats.
+fn wait_for_allocate_outcome(d: &Daemon, code: Option<u16>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = TurnClient::new(d.addr, USER, PASSWORD);
+        let r = c.allocate();
+        let got = r.outcome().1;
+        if r.outcome().0 && code.is_some() {
+            c.refresh(0);
+        }
+        if got == code {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Allocate never answered {code:?}; last {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -174,4 +200,28 @@ fn a_revoke_on_one_instance_holds_on_all_and_redis_going_away_stops_nothing() {
     let _redis = Redis::start_on(port);
     a.wait_metric("turnpike_fleet_connected", 1.0, Duration::from_secs(20));
     wait_until("b refuses her again", || !allocates(&b));
+}
+
+#[test]
+fn the_per_user_quota_holds_across_the_fleet() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let two = || Options::with_api().edit(|c| c.limits.allocations_per_user = 2);
+    let a = member_with(&redis, "qa", two());
+    let b = member_with(&redis, "qb", two());
+    // Both of the user's allocations (from this source) on a: b refuses a third once a's
+    // heartbeat has told it.
+    let mut held: Vec<TurnClient> = (0..2)
+        .map(|_| TurnClient::new(a.addr, USER, PASSWORD))
+        .collect();
+    for c in &mut held {
+        c.must_allocate();
+    }
+    wait_for_allocate_outcome(&b, Some(486));
+    // a lets go: b allocates again.
+    for c in &mut held {
+        assert!(c.refresh(0).outcome().0);
+    }
+    wait_for_allocate_outcome(&b, None);
 }

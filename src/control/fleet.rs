@@ -8,15 +8,21 @@
 //! published the same way. Every few seconds each instance writes `turnpike:instance:NAME`
 //! (allocations held, when), expiring unless renewed.
 //!
-//! Not shared (yet): the per-user allocation quota, which counts per instance, and an unrevoke
-//! made while an instance was cut off, which that instance misses until the user is revoked and
-//! un-revoked again or it restarts.
+//! The per-user allocation quota holds across the fleet too: with each heartbeat an instance
+//! writes its per-key counts to `turnpike:quota:NAME` (expiring with the heartbeat) and reads
+//! the others', which its Allocates then add to their own count. It is as fresh as the last
+//! heartbeat (up to 5 s behind, so a burst of Allocates across instances can pass the cap by
+//! that much); while Redis is away each instance counts only its own.
+//!
+//! Not shared yet: an unrevoke made while an instance was cut off, which that instance misses
+//! until the user is revoked and un-revoked again or it restarts.
 //!
 //! Redis is never on the packet path, nor on the API's: one thread of its own talks to it, and
 //! the API hands it what to publish through a bounded queue. While Redis is unreachable the
 //! instance serves with its own view, says so once in the log, exports
 //! `turnpike_fleet_connected 0`, and publishes what it queued once Redis is back.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Weak};
@@ -27,6 +33,8 @@ use super::{unix_now, ControlState};
 const REVOKED: &str = "turnpike:revoked";
 const CHANNEL: &str = "turnpike:revocations";
 const INSTANCE_PREFIX: &str = "turnpike:instance:";
+/// Per instance, a hash of quota key -> units held there (see `QuotaKey::fleet_name`).
+const QUOTA_PREFIX: &str = "turnpike:quota:";
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A heartbeat key outlives three missed beats.
 const HEARTBEAT_TTL_SECS: u64 = 15;
@@ -151,6 +159,10 @@ impl Worker {
                 return;
             }
             self.connected.store(false, Ordering::Relaxed);
+            // Alone now: the quota counts what this instance holds, as without a fleet.
+            if let Some(state) = self.live_state() {
+                state.shared.quotas().set_held_elsewhere(HashMap::new());
+            }
             match was_up {
                 Some(true) | None => tracing::warn!(
                     error = %err,
@@ -279,12 +291,46 @@ impl Worker {
             .map(|r| r.allocations.udp + r.allocations.tcp + r.allocations.tls)
             .sum();
         let beat = serde_json::json!({ "allocations": allocations, "at_unix": unix_now() });
-        redis::cmd("SET")
+        let quotas = state.shared.quotas();
+        let mine = format!("{QUOTA_PREFIX}{}", self.instance);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
             .arg(format!("{INSTANCE_PREFIX}{}", self.instance))
             .arg(beat.to_string())
             .arg("EX")
             .arg(HEARTBEAT_TTL_SECS)
-            .query(con)
+            .ignore()
+            .cmd("DEL")
+            .arg(&mine)
+            .ignore();
+        let held = quotas.held_here();
+        if !held.is_empty() {
+            pipe.cmd("HSET").arg(&mine);
+            for (key, n) in &held {
+                pipe.arg(key).arg(n);
+            }
+            pipe.ignore()
+                .cmd("EXPIRE")
+                .arg(&mine)
+                .arg(HEARTBEAT_TTL_SECS)
+                .ignore();
+        }
+        pipe.query::<()>(con)?;
+        // What the others hold, for the per-user quota (an instance that stopped beating drops
+        // out when its hash expires).
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{QUOTA_PREFIX}*"))
+            .query(con)?;
+        let mut elsewhere: HashMap<String, u32> = HashMap::new();
+        for key in keys.iter().filter(|k| **k != mine) {
+            let counts: HashMap<String, u32> = redis::cmd("HGETALL").arg(key).query(con)?;
+            for (name, n) in counts {
+                *elsewhere.entry(name).or_insert(0) += n;
+            }
+        }
+        quotas.set_held_elsewhere(elsewhere);
+        Ok(())
     }
 
     /// A change another instance published; our own come back too and are skipped.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use super::ratelimit::SourceKey;
 
@@ -25,6 +25,21 @@ pub struct QuotaKey {
 }
 
 impl QuotaKey {
+    /// How the fleet names this key between instances: `u:USER` for a REST user, `s:USER@SOURCE`
+    /// for a static user from one source (an IPv4 address or an IPv6 /64 in hex).
+    pub fn fleet_name(&self) -> String {
+        match self.source {
+            None => format!("u:{}", self.user),
+            Some(SourceKey::V4(o)) => {
+                format!("s:{}@{}.{}.{}.{}", self.user, o[0], o[1], o[2], o[3])
+            }
+            Some(SourceKey::V6Prefix(o)) => {
+                let hex: String = o.iter().map(|b| format!("{b:02x}")).collect();
+                format!("s:{}@{hex}::/64", self.user)
+            }
+        }
+    }
+
     pub fn rest(user: &str) -> Self {
         QuotaKey {
             user: user.into(),
@@ -62,6 +77,10 @@ pub struct Quotas {
     total: AtomicU32,
     /// Reservation token -> the key its unit is held under (EVEN-PORT only: off the common path).
     reservations: Mutex<HashMap<u64, QuotaKey>>,
+    /// What the fleet's other instances hold, by [`QuotaKey::fleet_name`]: added to the local
+    /// count when a per-key cap is checked. Replaced whole by the fleet thread every few
+    /// seconds; empty (and never looked into) without `[fleet]`.
+    remote: RwLock<HashMap<String, u32>>,
 }
 
 impl Default for Quotas {
@@ -71,6 +90,7 @@ impl Default for Quotas {
             hasher: RandomState::new(),
             total: AtomicU32::new(0),
             reservations: Mutex::default(),
+            remote: RwLock::default(),
         }
     }
 }
@@ -90,10 +110,15 @@ impl Quotas {
         per_key: u32,
         total: u32,
     ) -> Result<(), QuotaError> {
+        let elsewhere = if per_key == 0 {
+            0
+        } else {
+            self.held_elsewhere(key)
+        };
         let mut held = lock(self.shard(key));
         let count = held.get_mut(key);
         let before = count.as_ref().map_or(0, |c| **c);
-        if per_key != 0 && before + units > per_key {
+        if per_key != 0 && before + elsewhere + units > per_key {
             return Err(QuotaError::User);
         }
         self.take_total(units, total)?;
@@ -115,6 +140,31 @@ impl Quotas {
             })
             .map(drop)
             .map_err(|_| QuotaError::Total)
+    }
+
+    /// Units the fleet's other instances hold for `key` (0 without `[fleet]`).
+    fn held_elsewhere(&self, key: &QuotaKey) -> u32 {
+        let remote = self.remote.read().unwrap_or_else(PoisonError::into_inner);
+        if remote.is_empty() {
+            return 0;
+        }
+        remote.get(&key.fleet_name()).copied().unwrap_or(0)
+    }
+
+    /// The fleet's other instances' counts, replacing the last ones.
+    pub fn set_held_elsewhere(&self, counts: HashMap<String, u32>) {
+        *self.remote.write().unwrap_or_else(PoisonError::into_inner) = counts;
+    }
+
+    /// Every key's units held here, by fleet name: what this instance tells the others.
+    pub fn held_here(&self) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for shard in self.held.iter() {
+            for (key, &n) in lock(shard).iter() {
+                *out.entry(key.fleet_name()).or_insert(0) += n;
+            }
+        }
+        out
     }
 
     pub fn give_back(&self, key: &QuotaKey, units: u32) {
@@ -201,6 +251,45 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_fleets_other_instances_count_against_the_per_key_cap() {
+        let q = Quotas::default();
+        let alice = QuotaKey::rest("alice");
+        let bob_here = QuotaKey::per_source("bob", ip("192.0.2.7"));
+        let bob_v6 = QuotaKey::per_source("bob", ip("2001:db8:1:2::9"));
+        assert_eq!(bob_here.fleet_name(), "s:bob@192.0.2.7");
+        assert_eq!(bob_v6.fleet_name(), "s:bob@20010db800010002::/64");
+        assert_eq!(alice.fleet_name(), "u:alice");
+        q.set_held_elsewhere(HashMap::from([
+            ("u:alice".to_owned(), 2),
+            (bob_here.fleet_name(), 3),
+        ]));
+        assert_eq!(q.take(&alice, 1, 3, 0), Ok(()));
+        assert_eq!(
+            q.take(&alice, 1, 3, 0),
+            Err(QuotaError::User),
+            "2 elsewhere + 1 here"
+        );
+        assert_eq!(q.take(&bob_here, 1, 3, 0), Err(QuotaError::User));
+        assert_eq!(
+            q.take(&bob_v6, 1, 3, 0),
+            Ok(()),
+            "another source counts apart"
+        );
+        assert_eq!(
+            q.take(&alice, 5, 0, 0),
+            Ok(()),
+            "no cap: the fleet is not consulted"
+        );
+        assert_eq!(
+            q.held_here(),
+            HashMap::from([("u:alice".to_owned(), 6), (bob_v6.fleet_name(), 1)])
+        );
+        // The other instances let go.
+        q.set_held_elsewhere(HashMap::new());
+        assert_eq!(q.take(&bob_here, 1, 3, 0), Ok(()));
     }
 
     #[test]
