@@ -272,9 +272,24 @@ impl Worker {
         let Some(state) = self.live_state() else {
             return Ok(());
         };
-        for (user, _) in revoked {
-            if !state.lock_live().core.auth.is_user_revoked(&user) {
-                self.runtime.block_on(state.revoke(&user, unix_now()));
+        let now = unix_now();
+        for (user, revoked_at) in revoked {
+            let (already, still_counts) = {
+                let live = state.lock_live();
+                // A REST revocation runs rest_max_ttl_secs from when it was made (every
+                // credential minted before it has expired by then); a static user's holds until
+                // an unrevoke.
+                let rest_live = revoked_at + live.config.auth.rest_max_ttl_secs > now;
+                let auth = &live.core.auth;
+                (
+                    auth.is_user_revoked(&user),
+                    rest_live || auth.is_static_user(&user),
+                )
+            };
+            if !already && still_counts {
+                // As of when it was made, so the REST cut-off is the one the others apply.
+                self.runtime
+                    .block_on(state.revoke(&user, revoked_at.min(now)));
             }
         }
         Ok(())
