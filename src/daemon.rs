@@ -710,6 +710,9 @@ pub fn serve(
                 tokio::runtime::Handle::current(),
             )
             .map_err(DaemonError::Setup)?;
+            if let Some(usage) = &state.usage {
+                usage.mirror_to(fleet.usage_sender());
+            }
             let _ = state.fleet.set(fleet);
         }
         let mut api_bound = None;

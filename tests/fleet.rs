@@ -228,3 +228,49 @@ fn the_per_user_quota_holds_across_the_fleet() {
     }
     wait_for_allocate_outcome(&b, None);
 }
+
+#[test]
+fn usage_records_also_go_to_the_fleets_stream() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let dir = common::TempDir::new("fleet-usage");
+    let file = dir.path().join("usage.jsonl");
+    let path = file.clone();
+    let d = member_with(
+        &redis,
+        "us",
+        Options::with_api().edit(move |c| c.usage.file = Some(path.clone())),
+    );
+    let mut c = TurnClient::new(d.addr, USER, PASSWORD);
+    c.must_allocate();
+    assert!(c.refresh(0).outcome().0);
+    let client = c.local().to_string();
+    wait_until("the end record in the stream", || {
+        let out = Command::new("redis-cli")
+            .args([
+                "-u",
+                &redis.url,
+                "--raw",
+                "XRANGE",
+                "turnpike:usage",
+                "-",
+                "+",
+            ])
+            .output()
+            .expect("redis-cli (redis-tools, installed with redis-server)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().any(|l| {
+            l.starts_with('{')
+                && serde_json::from_str::<serde_json::Value>(l).is_ok_and(|r| {
+                    r["type"] == "end"
+                        && r["client"] == client.as_str()
+                        && r["reason"] == "deleted by client"
+                })
+        }) && text.lines().any(|l| l == "us")
+    });
+    // The file has the same record (written by its own thread, a few ms apart).
+    wait_until("the end record in the file", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&client))
+    });
+}

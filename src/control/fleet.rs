@@ -14,6 +14,11 @@
 //! heartbeat (up to 5 s behind, so a burst of Allocates across instances can pass the cap by
 //! that much); while Redis is away each instance counts only its own.
 //!
+//! With `[usage] file` set too, every usage record is also added to the stream
+//! `turnpike:usage` (fields `instance` and `record`, the file's JSON line; trimmed to about a
+//! million entries), for a billing consumer that reads the whole fleet in one place. The file
+//! stays the record of truth: what Redis misses while away (beyond 100k queued) is only there.
+//!
 //! Not shared yet: an unrevoke made while an instance was cut off, which that instance misses
 //! until the user is revoked and un-revoked again or it restarts.
 //!
@@ -41,6 +46,11 @@ const HEARTBEAT_TTL_SECS: u64 = 15;
 /// Revocations waiting for Redis beyond this many are dropped (and logged): they are in force
 /// on this instance already.
 const QUEUE: usize = 10_000;
+/// Usage records waiting for Redis beyond this many are left to the file alone.
+const USAGE_QUEUE: usize = 100_000;
+/// The stream of usage records, trimmed to about this many entries.
+const USAGE_STREAM: &str = "turnpike:usage";
+const USAGE_STREAM_LEN: u64 = 1_000_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,6 +63,7 @@ enum Change {
 /// The API's side: what to publish, and whether Redis is there.
 pub struct Fleet {
     outgoing: SyncSender<Change>,
+    usage: SyncSender<String>,
     connected: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
 }
@@ -68,6 +79,7 @@ impl Fleet {
     ) -> Result<Fleet, String> {
         let client = redis::Client::open(url).map_err(|e| format!("fleet.redis_url: {e}"))?;
         let (outgoing, queue) = mpsc::sync_channel(QUEUE);
+        let (usage, usage_queue) = mpsc::sync_channel(USAGE_QUEUE);
         let connected = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let worker = Worker {
@@ -78,6 +90,7 @@ impl Fleet {
             state,
             runtime,
             queue,
+            usage_queue,
             connected: Arc::clone(&connected),
         };
         std::thread::Builder::new()
@@ -86,9 +99,15 @@ impl Fleet {
             .map_err(|e| format!("fleet thread: {e}"))?;
         Ok(Fleet {
             outgoing,
+            usage,
             connected,
             stopped,
         })
+    }
+
+    /// Where usage records go to be added to the stream `turnpike:usage`.
+    pub fn usage_sender(&self) -> SyncSender<String> {
+        self.usage.clone()
     }
 
     /// The daemon is stopping: the thread applies nothing more (the runtime it applies through
@@ -125,6 +144,7 @@ struct Worker {
     state: Weak<ControlState>,
     runtime: tokio::runtime::Handle,
     queue: Receiver<Change>,
+    usage_queue: Receiver<String>,
     connected: Arc<AtomicBool>,
 }
 
@@ -237,6 +257,27 @@ impl Worker {
                     Err(RecvTimeoutError::Disconnected) => {
                         return redis::RedisError::from((redis::ErrorKind::Client, "stopped"))
                     }
+                }
+            }
+            // Usage records, a bounded number per round so revocations never wait long.
+            for _ in 0..1000 {
+                let Ok(record) = self.usage_queue.try_recv() else {
+                    break;
+                };
+                let added = redis::cmd("XADD")
+                    .arg(USAGE_STREAM)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(USAGE_STREAM_LEN)
+                    .arg("*")
+                    .arg("instance")
+                    .arg(&self.instance)
+                    .arg("record")
+                    .arg(&record)
+                    .query::<String>(&mut commands);
+                if let Err(e) = added {
+                    // The file has it; the stream misses this one.
+                    return e;
                 }
             }
             match sub.get_message() {

@@ -7,7 +7,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, OnceLock};
 
 use crate::logging::{self, BatchedWriter, FlushGuard};
 use crate::proto::server::{UsageKind, UsageRecord};
@@ -23,6 +24,9 @@ const QUEUE_LIMIT: usize = 64 << 20;
 pub struct UsageLog {
     writer: BatchedWriter,
     reopen: Arc<AtomicBool>,
+    /// With `[fleet]`: every record also goes to the fleet thread, for the Redis stream. Set
+    /// once the fleet has started (after the shards).
+    mirror: Arc<OnceLock<SyncSender<String>>>,
 }
 
 impl UsageLog {
@@ -36,16 +40,33 @@ impl UsageLog {
             reopen: Arc::clone(&reopen),
         };
         let (writer, guard) = logging::batched(file, QUEUE_LIMIT, dropped_records);
-        Ok((UsageLog { writer, reopen }, guard))
+        let mirror = Arc::new(OnceLock::new());
+        Ok((
+            UsageLog {
+                writer,
+                reopen,
+                mirror,
+            },
+            guard,
+        ))
     }
 
     pub fn write(&self, record: &UsageRecord) {
         let mut line = Vec::with_capacity(320);
         // Writing JSON into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut line, &to_json(record));
+        if let Some(mirror) = self.mirror.get() {
+            // Full (Redis away for long): the file has it; the stream misses it.
+            let _ = mirror.try_send(String::from_utf8_lossy(&line).into_owned());
+        }
         line.push(b'\n');
         // The batched writer never fails a write: it queues or counts the line as dropped.
         let _ = (&self.writer).write_all(&line);
+    }
+
+    /// From now on every record is also handed to `to` (the fleet's Redis stream).
+    pub fn mirror_to(&self, to: SyncSender<String>) {
+        let _ = self.mirror.set(to);
     }
 
     /// The file is opened again by path before the next records are written (SIGHUP).
