@@ -274,3 +274,95 @@ fn usage_records_also_go_to_the_fleets_stream() {
         std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&client))
     });
 }
+
+/// A TCP proxy in front of Redis that the test can cut and restore: one instance cut off while
+/// the others still reach Redis.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn to(redis: &Redis) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let target: String = redis
+            .url
+            .trim_start_matches("redis://")
+            .trim_end_matches("/0")
+            .into();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, l) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while cut
+                }
+                let Ok(up) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut list = l.lock().unwrap();
+                list.push(conn.try_clone().unwrap());
+                list.push(up.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, cut, live }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_instance_cut_off_during_an_unrevoke_lifts_the_revocation_when_it_is_back() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let proxy = Proxy::to(&redis);
+    let a = member(&redis, "ua");
+    let url = proxy.url();
+    let c = Daemon::with(Options::with_api().edit(move |cfg| {
+        cfg.fleet.redis_url = Some(url.clone());
+        cfg.fleet.instance = "uc".to_owned();
+    }));
+    c.wait_metric("turnpike_fleet_connected", 1.0, Duration::from_secs(10));
+    let body = format!(r#"{{"user":"{USER}"}}"#);
+    assert_eq!(a.api("POST", "/api/v1/revoke", Some(&body)).status, 200);
+    wait_until("c refuses her", || !allocates(&c));
+
+    proxy.cut();
+    wait_until("c is cut off", || {
+        c.metric("turnpike_fleet_connected") == 0.0
+    });
+    assert_eq!(a.api("POST", "/api/v1/unrevoke", Some(&body)).status, 200);
+    assert!(allocates(&a));
+    assert!(!allocates(&c), "c cannot have heard of it");
+
+    proxy.restore();
+    c.wait_metric("turnpike_fleet_connected", 1.0, Duration::from_secs(30));
+    wait_until("c accepts her again", || allocates(&c));
+}

@@ -4,8 +4,8 @@
 //! `turnpike:revoked` (user -> the unix time it was revoked) and published on
 //! `turnpike:revocations`; every other instance applies it as its own revoke (ends the user's
 //! allocations there, refuses her credentials). An instance that was away (restarting, or cut
-//! off from Redis) catches up from the hash when it connects. An unrevoke deletes the entry and is
-//! published the same way. Every few seconds each instance writes `turnpike:instance:NAME`
+//! off from Redis) catches up from the hash when it connects. An unrevoke moves the user to
+//! `turnpike:unrevoked` and is published the same way. Every few seconds each instance writes `turnpike:instance:NAME`
 //! (allocations held, when), expiring unless renewed.
 //!
 //! The per-user allocation quota holds across the fleet too: with each heartbeat an instance
@@ -19,8 +19,8 @@
 //! million entries), for a billing consumer that reads the whole fleet in one place. The file
 //! stays the record of truth: what Redis misses while away (beyond 100k queued) is only there.
 //!
-//! Not shared yet: an unrevoke made while an instance was cut off, which that instance misses
-//! until the user is revoked and un-revoked again or it restarts.
+//! An unrevoke leaves a tombstone in `turnpike:unrevoked`, so an instance cut off at the time
+//! lifts the revocation when it is back; a Redis that lost its data lifts nothing.
 //!
 //! Redis is never on the packet path, nor on the API's: one thread of its own talks to it, and
 //! the API hands it what to publish through a bounded queue. While Redis is unreachable the
@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 use super::{unix_now, ControlState};
 
 const REVOKED: &str = "turnpike:revoked";
+/// User -> when she was un-revoked: what an instance cut off at the time applies when it is back
+/// (a tombstone, so that a Redis that lost its data un-revokes nobody).
+const UNREVOKED: &str = "turnpike:unrevoked";
 const CHANNEL: &str = "turnpike:revocations";
 const INSTANCE_PREFIX: &str = "turnpike:instance:";
 /// Per instance, a hash of quota key -> units held there (see `QuotaKey::fleet_name`).
@@ -219,6 +222,21 @@ impl Worker {
         if let Err(e) = sub.set_read_timeout(Some(Duration::from_millis(200))) {
             return e;
         }
+        // What this instance did while away goes first, so the catch-up below reads a state
+        // that includes it (a revoke here after an unrevoke elsewhere wins, and vice versa).
+        let pending = std::mem::take(&mut self.retry);
+        for (i, change) in pending.iter().enumerate() {
+            if let Err(e) = self.publish(&mut commands, change) {
+                self.retry = pending[i..].to_vec();
+                return e;
+            }
+        }
+        while let Ok(change) = self.queue.try_recv() {
+            if let Err(e) = self.publish(&mut commands, &change) {
+                self.retry.push(change);
+                return e;
+            }
+        }
         if let Err(e) = self.catch_up(&mut commands) {
             return e;
         }
@@ -228,12 +246,6 @@ impl Worker {
         }
         *was_up = Some(true);
         let mut next_beat = Instant::now();
-        while let Some(change) = self.retry.first() {
-            if let Err(e) = self.publish(&mut commands, change) {
-                return e;
-            }
-            self.retry.remove(0);
-        }
         loop {
             if self.stopping() {
                 return redis::RedisError::from((redis::ErrorKind::Client, "shutting down"));
@@ -293,26 +305,45 @@ impl Worker {
     }
 
     fn publish(&self, con: &mut redis::Connection, change: &Change) -> redis::RedisResult<()> {
-        match change {
-            Change::Revoke(user) => redis::cmd("HSET")
-                .arg(REVOKED)
-                .arg(user)
-                .arg(unix_now())
-                .query::<()>(con)?,
-            Change::Unrevoke(user) => redis::cmd("HDEL").arg(REVOKED).arg(user).query::<()>(con)?,
-        }
-        redis::cmd("PUBLISH")
+        let (set, clear, user) = match change {
+            Change::Revoke(user) => (REVOKED, UNREVOKED, user),
+            Change::Unrevoke(user) => (UNREVOKED, REVOKED, user),
+        };
+        redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(set)
+            .arg(user)
+            .arg(unix_now())
+            .ignore()
+            .cmd("HDEL")
+            .arg(clear)
+            .arg(user)
+            .ignore()
+            .cmd("PUBLISH")
             .arg(CHANNEL)
             .arg(message(&self.instance, change))
+            .ignore()
             .query::<()>(con)
     }
 
-    /// Applies every revocation in the hash (what was published while this instance was away).
+    /// Applies every revocation and unrevocation in the hashes: what the others did while this
+    /// instance was away.
     fn catch_up(&self, con: &mut redis::Connection) -> redis::RedisResult<()> {
         let revoked: Vec<(String, u64)> = redis::cmd("HGETALL").arg(REVOKED).query(con)?;
+        let unrevoked: Vec<(String, u64)> = redis::cmd("HGETALL").arg(UNREVOKED).query(con)?;
         let Some(state) = self.live_state() else {
             return Ok(());
         };
+        for (user, _) in unrevoked {
+            if state.lock_live().core.auth.is_user_revoked(&user) {
+                state.unrevoke(&user);
+                tracing::info!(
+                    user,
+                    "fleet: un-revoked by another instance while this one was away"
+                );
+            }
+        }
         let now = unix_now();
         for (user, revoked_at) in revoked {
             let (already, still_counts) = {
