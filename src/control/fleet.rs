@@ -43,6 +43,9 @@ const CHANNEL: &str = "turnpike:revocations";
 const INSTANCE_PREFIX: &str = "turnpike:instance:";
 /// Per instance, a hash of quota key -> units held there (see `QuotaKey::fleet_name`).
 const QUOTA_PREFIX: &str = "turnpike:quota:";
+/// The names of the instances that have beaten: where the others find their quota hashes
+/// without KEYS, which would block a Redis that holds much else.
+const MEMBERS: &str = "turnpike:members";
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A heartbeat key outlives three missed beats.
 const HEARTBEAT_TTL_SECS: u64 = 15;
@@ -388,6 +391,10 @@ impl Worker {
             .arg("EX")
             .arg(HEARTBEAT_TTL_SECS)
             .ignore()
+            .cmd("SADD")
+            .arg(MEMBERS)
+            .arg(&self.instance)
+            .ignore()
             .cmd("DEL")
             .arg(&mine)
             .ignore();
@@ -404,16 +411,23 @@ impl Worker {
                 .ignore();
         }
         pipe.query::<()>(con)?;
-        // What the others hold, for the per-user quota (an instance that stopped beating drops
-        // out when its hash expires).
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{QUOTA_PREFIX}*"))
-            .query(con)?;
+        // What the others hold, for the per-user quota. An instance that stopped beating drops
+        // out when its hash expires, and from the member set once its heartbeat has too.
+        let members: Vec<String> = redis::cmd("SMEMBERS").arg(MEMBERS).query(con)?;
         let mut elsewhere: HashMap<String, u32> = HashMap::new();
-        for key in keys.iter().filter(|k| **k != mine) {
-            let counts: HashMap<String, u32> = redis::cmd("HGETALL").arg(key).query(con)?;
-            for (name, n) in counts {
-                *elsewhere.entry(name).or_insert(0) += n;
+        for name in members.iter().filter(|n| **n != self.instance) {
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(format!("{INSTANCE_PREFIX}{name}"))
+                .query(con)?;
+            if !alive {
+                redis::cmd("SREM").arg(MEMBERS).arg(name).query::<()>(con)?;
+                continue;
+            }
+            let counts: HashMap<String, u32> = redis::cmd("HGETALL")
+                .arg(format!("{QUOTA_PREFIX}{name}"))
+                .query(con)?;
+            for (key, n) in counts {
+                *elsewhere.entry(key).or_insert(0) += n;
             }
         }
         quotas.set_held_elsewhere(elsewhere);
