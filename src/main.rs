@@ -101,35 +101,7 @@ enum Command {
     /// Check STUN/TURN servers from the outside, coturn included: Binding, Allocate (with the
     /// 401 round), two allocations relaying to each other, this host's UDP socket as a peer,
     /// RTTs. Exit status 0 when every check passes, 1 when one fails, 2 for bad arguments.
-    #[command(group(clap::ArgGroup::new("credential").required(false)))]
-    Probe {
-        /// stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT]
-        #[arg(required = true, value_name = "URI")]
-        uris: Vec<String>,
-        /// The long-term credential's user; with --secret-file, the user part of the REST
-        /// username minted for the probe.
-        #[arg(long, default_value = "probe")]
-        user: String,
-        /// Only "-": read the password from standard input (one line).
-        #[arg(long, group = "credential", value_name = "-")]
-        password: Option<String>,
-        /// Read the password from this file (its first line).
-        #[arg(long, group = "credential", value_name = "PATH")]
-        password_file: Option<PathBuf>,
-        /// A TURN REST shared secret (first line of the file): the probe mints its own
-        /// `EXPIRY:USER` credential, valid for 10 minutes.
-        #[arg(long, group = "credential", value_name = "PATH")]
-        secret_file: Option<PathBuf>,
-        /// Seconds one answer may take.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
-        timeout_secs: u64,
-        /// PEM file of the roots to trust for turns: (default: the system's).
-        #[arg(long, value_name = "PATH")]
-        ca_file: Option<PathBuf>,
-        /// One JSON object on standard output instead of the report.
-        #[arg(long)]
-        json: bool,
-    },
+    Probe(ProbeArgs),
     /// List or end sessions through the daemon's HTTP API (api.listen, api.token_file).
     Sessions {
         #[arg(short, long, default_value = "turnserver.toml", global = true)]
@@ -151,6 +123,38 @@ enum Command {
         config: PathBuf,
         user: String,
     },
+}
+
+/// `turnpike probe`'s arguments.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("credential").required(false)))]
+struct ProbeArgs {
+    /// stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT]
+    #[arg(required = true, value_name = "URI")]
+    uris: Vec<String>,
+    /// The long-term credential's user; with --secret-file, the user part of the REST
+    /// username minted for the probe.
+    #[arg(long, default_value = "probe")]
+    user: String,
+    /// Only "-": read the password from standard input (one line).
+    #[arg(long, group = "credential", value_name = "-")]
+    password: Option<String>,
+    /// Read the password from this file (its first line).
+    #[arg(long, group = "credential", value_name = "PATH")]
+    password_file: Option<PathBuf>,
+    /// A TURN REST shared secret (first line of the file): the probe mints its own
+    /// `EXPIRY:USER` credential, valid for 10 minutes.
+    #[arg(long, group = "credential", value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+    /// Seconds one answer may take.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    timeout_secs: u64,
+    /// PEM file of the roots to trust for turns: (default: the system's).
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
+    /// One JSON object on standard output instead of the report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -452,7 +456,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sessions { config, action } => sessions_command(&Config::load(&config)?, action),
-        Command::Probe { .. } => unreachable!("main runs probe_command for its exit status"),
+        Command::Probe(_) => unreachable!("main runs probe_command for its exit status"),
         Command::Revoke { config, user } => {
             revocation_command(&Config::load(&config)?, "/api/v1/revoke", &user)
         }
@@ -464,17 +468,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `turnpike probe`: 0 when every check of every URI passed, 1 when one failed, 2 when the
 /// arguments are wrong.
-#[allow(clippy::too_many_arguments)]
-fn probe_command(
-    uris: &[String],
-    user: String,
-    password: Option<String>,
-    password_file: Option<PathBuf>,
-    secret_file: Option<PathBuf>,
-    timeout_secs: u64,
-    ca_file: Option<PathBuf>,
-    json: bool,
-) -> ExitCode {
+fn probe_command(args: ProbeArgs) -> ExitCode {
+    let ProbeArgs {
+        uris,
+        user,
+        password,
+        password_file,
+        secret_file,
+        timeout_secs,
+        ca_file,
+        json,
+    } = args;
     use turnpike::control::probe::{probe, ProbeSettings, Scheme, Uri};
     let uris: Vec<Uri> = match uris.iter().map(|u| Uri::parse(u)).collect() {
         Ok(u) => u,
@@ -557,27 +561,8 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    if let Command::Probe {
-        uris,
-        user,
-        password,
-        password_file,
-        secret_file,
-        timeout_secs,
-        ca_file,
-        json,
-    } = cli.command
-    {
-        return probe_command(
-            &uris,
-            user,
-            password,
-            password_file,
-            secret_file,
-            timeout_secs,
-            ca_file,
-            json,
-        );
+    if let Command::Probe(args) = cli.command {
+        return probe_command(args);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

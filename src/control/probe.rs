@@ -436,11 +436,7 @@ fn direct_peer(
         let why = "the Binding answer had no XOR-MAPPED-ADDRESS: cannot tell this host's address";
         return report.push("direct peer", Outcome::Skip, why.into(), None);
     };
-    let bind: SocketAddr = match relayed {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let peer = match UdpSocket::bind(bind) {
+    let peer = match UdpSocket::bind(any_port_like(relayed)) {
         Ok(s) => s,
         Err(e) => return report.push("direct peer", Outcome::Skip, e.to_string(), None),
     };
@@ -527,16 +523,28 @@ fn ms_since(t: Instant) -> f64 {
 /// Over UDP, a request or a data leg is sent again after this long without an answer.
 const RESEND: Duration = Duration::from_millis(250);
 
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
+/// The wildcard address of `addr`'s family, any port: where a socket that talks to it binds.
+fn any_port_like(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // Without an OS generator the bytes stay zero: payloads and transaction ids are then merely
+    // predictable, which a probe can live with.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    u64::from_le_bytes(b)
+    b
+}
+
+fn rand_u64() -> u64 {
+    u64::from_le_bytes(random())
 }
 
 fn txid() -> [u8; 12] {
-    let mut t = [0u8; 12];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut t);
-    t
+    random()
 }
 
 /// Application data that reached a client.
@@ -567,11 +575,7 @@ impl Conn {
         let started = Instant::now();
         let stream = match uri.transport {
             Transport::Udp => {
-                let bind: SocketAddr = match server {
-                    SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-                    SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-                };
-                let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+                let sock = UdpSocket::bind(any_port_like(server)).map_err(|e| e.to_string())?;
                 sock.connect(server).map_err(|e| e.to_string())?;
                 Stream::Udp(sock)
             }

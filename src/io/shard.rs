@@ -266,13 +266,18 @@ impl ShardState {
                 start,
                 end,
                 dont_fragment,
-            } => match self.core.handover_target(relay, &peer) {
-                // Another shard's relay: DF does not matter where nothing is fragmented.
-                Some((shard, from)) if self.mailboxes.is_some() => {
-                    self.hand_over(shard, peer, from, &data[start..end])
+            } => {
+                // One shard (no mailboxes): nothing to look up per datagram.
+                let target = match self.mailboxes {
+                    Some(_) => self.core.handover_target(relay, &peer),
+                    None => None,
+                };
+                match target {
+                    // Another shard's relay: DF does not matter where nothing is fragmented.
+                    Some((shard, from)) => self.hand_over(shard, peer, from, &data[start..end]),
+                    None => self.send_to_peer(relay, peer, &data[start..end], dont_fragment),
                 }
-                _ => self.send_to_peer(relay, peer, &data[start..end], dont_fragment),
-            },
+            }
         }
         self.reply = reply;
         self.run_commands(now);
